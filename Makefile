@@ -1,0 +1,29 @@
+# make test  — create .venv if needed, install xdsd with its test dependencies, run the whole suite
+# make demo  — run a local mesh of real Envoys driven by xdsd, print what it observed, stop everything
+# make lint  — ruff
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint venv clean bench
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m xdsd.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check xdsd tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,95 @@
+"""The ``xdsd`` command: serve, validate, bootstrap."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from xdsd.errors import MeshError
+    from xdsd.model import load_mesh_file
+
+    try:
+        mesh = load_mesh_file(args.file)
+    except MeshError as exc:
+        for err in exc.errors:
+            print(f"{args.file}: {err}", file=sys.stderr)
+        print(f"{args.file}: invalid ({len(exc.errors)} error{'s' if len(exc.errors) != 1 else ''})", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid: {mesh.summary()}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from xdsd.app import run_serve
+
+    return run_serve(args)
+
+
+def _cmd_bootstrap(args: argparse.Namespace) -> int:
+    from xdsd.bootstrap import BootstrapOptions, render_text
+
+    opts = BootstrapOptions(
+        node_id=args.node_id,
+        cluster=args.cluster,
+        xds_host=args.xds_address[0],
+        xds_port=args.xds_address[1],
+        admin_address=args.admin_address,
+        admin_port=args.admin_port,
+        ads=not args.no_ads,
+        delta=args.delta,
+    )
+    sys.stdout.write(render_text(opts, fmt=args.format))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xdsd", description="xDS control plane for meshes of VMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the control plane")
+    p.add_argument("--config", required=True, help="mesh config file (YAML); watched for changes")
+    p.add_argument("--xds-address", type=_host_port, default=("0.0.0.0", 18000), metavar="HOST:PORT",
+                   help="gRPC address for xDS (default 0.0.0.0:18000)")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT",
+                   help="HTTP admin address: /metrics /healthz /readyz /debug/* (default 127.0.0.1:19000)")
+    p.add_argument("--debounce", type=float, default=0.05, metavar="SECONDS",
+                   help="quiet period that coalesces bursts of changes (default 0.05)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("validate", help="check a mesh config file and print its errors")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that points at xdsd")
+    p.add_argument("--node-id", required=True, help="node.id: unique per Envoy")
+    p.add_argument("--cluster", required=True, help="node.cluster: the service or gateway this Envoy serves")
+    p.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000), metavar="HOST:PORT",
+                   help="where xdsd's xDS port is (default 127.0.0.1:18000)")
+    p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin listen address (default 127.0.0.1)")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
+    p.add_argument("--no-ads", action="store_true",
+                   help="use the standalone CDS/LDS (and EDS/RDS) services instead of ADS")
+    p.add_argument("--delta", action="store_true", help="use the incremental (DELTA_GRPC) protocol variant")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.set_defaults(func=_cmd_bootstrap)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
