@@ -1,0 +1,40 @@
+"""Admin HTTP: /metrics, /healthz, /readyz, /debug/proxies, /debug/config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from xdsd.controller import Controller
+from xdsd.observability.metrics import Metrics
+from xdsd.server.xds import XdsServer
+
+
+def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_serving: Callable[[], bool]) -> web.Application:
+    async def metrics_page(_: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        # Ready only once a complete valid config is loaded and the xDS port is serving.
+        if controller.cache.ready and is_serving():
+            return web.json_response({"ready": True, "revision": controller.cache.revision})
+        reason = "no valid config loaded yet" if not controller.cache.ready else "xDS server not started"
+        return web.json_response({"ready": False, "reason": reason, "config": controller.status.as_json()}, status=503)
+
+    async def proxies(_: web.Request) -> web.Response:
+        return web.json_response(server.status())
+
+    async def config(_: web.Request) -> web.Response:
+        return web.json_response(controller.status.as_json())
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_page)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/debug/proxies", proxies)
+    app.router.add_get("/debug/config", config)
+    return app

@@ -1,0 +1,80 @@
+"""Snapshots per node group, regenerated on each mesh revision; wakes the streams whose
+resources changed. The cache knows neither the protocol nor the mesh's meaning: it calls a
+generator and hands out snapshots."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from google.protobuf.message import Message
+
+from xdsd.cache.snapshot import Snapshot
+from xdsd.generators import NodeGroup
+from xdsd.model import Mesh
+
+log = logging.getLogger(__name__)
+
+Generator = Callable[[Mesh, NodeGroup], dict[str, list[Message]]]
+Watcher = Callable[[Snapshot, set[str]], None]
+
+
+class SnapshotCache:
+    def __init__(self, generator: Generator) -> None:
+        self._generate = generator
+        self._mesh: Mesh | None = None
+        self.revision = 0
+        self._snapshots: dict[NodeGroup, Snapshot] = {}
+        self._watchers: dict[NodeGroup, set[Watcher]] = {}
+
+    @property
+    def ready(self) -> bool:
+        """False until the first complete mesh is set: nothing is served before that."""
+        return self._mesh is not None
+
+    @property
+    def mesh(self) -> Mesh | None:
+        return self._mesh
+
+    def _build(self, mesh: Mesh, group: NodeGroup, revision: int) -> Snapshot:
+        return Snapshot.build(group, revision, self._generate(mesh, group))
+
+    def set_mesh(self, mesh: Mesh) -> dict[NodeGroup, set[str]]:
+        """Regenerate every watched group. All or nothing: if one group fails, nothing changes and
+        the error propagates. Returns the changed types per group (watchers already woken)."""
+        revision = self.revision + 1
+        fresh = {group: self._build(mesh, group, revision) for group in self._watchers}
+        self._mesh = mesh
+        self.revision = revision
+        changed: dict[NodeGroup, set[str]] = {}
+        for group, snap in fresh.items():
+            types = snap.changed_types(self._snapshots.get(group))
+            if not types:
+                continue  # keep the old snapshot object: identical content, nothing to wake
+            self._snapshots[group] = snap
+            changed[group] = types
+            for watcher in list(self._watchers.get(group, ())):
+                watcher(snap, types)
+        return changed
+
+    def snapshot(self, group: NodeGroup) -> Snapshot | None:
+        snap = self._snapshots.get(group)
+        if snap is None and self._mesh is not None:
+            snap = self._build(self._mesh, group, self.revision)
+            self._snapshots[group] = snap
+        return snap
+
+    def watch(self, group: NodeGroup, watcher: Watcher) -> None:
+        self._watchers.setdefault(group, set()).add(watcher)
+
+    def unwatch(self, group: NodeGroup, watcher: Watcher) -> None:
+        watchers = self._watchers.get(group)
+        if watchers is None:
+            return
+        watchers.discard(watcher)
+        if not watchers:
+            del self._watchers[group]
+            self._snapshots.pop(group, None)
+
+    def groups(self) -> dict[NodeGroup, int]:
+        return {g: len(w) for g, w in self._watchers.items()}

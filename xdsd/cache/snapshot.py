@@ -1,0 +1,87 @@
+"""A consistent, versioned set of resources for one node group."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from google.protobuf.message import Message
+
+from xdsd import typeurls
+from xdsd.cache.resources import Resource, TypeSnapshot
+from xdsd.generators.node import NodeGroup
+
+
+class InconsistentSnapshot(ValueError):
+    """The generated resources reference each other wrongly: a bug in a generator, never sent."""
+
+
+def _resource_name(message: Message) -> str:
+    if isinstance(message, cluster_pb2.Cluster | listener_pb2.Listener):
+        return message.name
+    name = getattr(message, "cluster_name", None) or getattr(message, "name", None)
+    if not name:
+        raise InconsistentSnapshot(f"{type(message).__name__} without a name")
+    return str(name)
+
+
+def _rds_names(listener: listener_pb2.Listener) -> set[str]:
+    names: set[str] = set()
+    chains = list(listener.filter_chains)
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    for chain in chains:
+        for f in chain.filters:
+            if f.typed_config.type_url.endswith("HttpConnectionManager"):
+                hcm = hcm_pb2.HttpConnectionManager()
+                f.typed_config.Unpack(hcm)
+                if hcm.HasField("rds"):
+                    names.add(hcm.rds.route_config_name)
+    return names
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    group: NodeGroup
+    revision: int
+    types: dict[str, TypeSnapshot]
+    created: float = field(default_factory=time.monotonic)
+
+    def get(self, type_url: str) -> TypeSnapshot:
+        ts = self.types.get(type_url)
+        return ts if ts is not None else TypeSnapshot.empty(type_url)
+
+    @classmethod
+    def build(cls, group: NodeGroup, revision: int, generated: dict[str, list[Message]]) -> Snapshot:
+        """Serialize every resource once and check that references resolve (DESIGN: cache)."""
+        eds_names = frozenset(
+            c.name
+            for c in generated.get(typeurls.CLUSTER, [])
+            if isinstance(c, cluster_pb2.Cluster) and c.type == cluster_pb2.Cluster.EDS
+        )
+        cla_names = {_resource_name(m) for m in generated.get(typeurls.ENDPOINT, [])}
+        if missing := eds_names - cla_names:
+            raise InconsistentSnapshot(f"EDS clusters without a ClusterLoadAssignment: {sorted(missing)}")
+        route_names = {_resource_name(m) for m in generated.get(typeurls.ROUTE, [])}
+        for listener in generated.get(typeurls.LISTENER, []):
+            assert isinstance(listener, listener_pb2.Listener)
+            if missing := _rds_names(listener) - route_names:
+                raise InconsistentSnapshot(f"listener {listener.name!r} references unknown routes {sorted(missing)}")
+        types = {
+            type_url: TypeSnapshot.build(
+                type_url,
+                (Resource.from_message(_resource_name(m), m) for m in messages),
+                eds_names if type_url == typeurls.CLUSTER else frozenset(),
+            )
+            for type_url, messages in generated.items()
+        }
+        return cls(group, revision, types)
+
+    def changed_types(self, previous: Snapshot | None) -> set[str]:
+        if previous is None:
+            return set(self.types)
+        urls = set(self.types) | set(previous.types)
+        return {t for t in urls if self.get(t).version != previous.get(t).version}

@@ -1,0 +1,96 @@
+"""Feeds validated mesh revisions from the sources into the cache; keeps the last good one when a
+revision is rejected, and remembers why it was."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from xdsd.cache import InconsistentSnapshot, SnapshotCache
+from xdsd.errors import FieldError, MeshError
+from xdsd.model import Mesh
+from xdsd.observability.metrics import Metrics
+from xdsd.sources.file import FileSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConfigStatus:
+    source: str
+    revision: int = 0
+    loaded_at: float | None = None
+    summary: str = ""
+    last_error: list[str] = field(default_factory=list)
+    last_error_at: float | None = None
+    rejections: int = 0
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "revision": self.revision,
+            "loaded_at": self.loaded_at,
+            "summary": self.summary,
+            "valid": not self.last_error,
+            "last_error": self.last_error or None,
+            "last_error_at": self.last_error_at,
+            "rejections": self.rejections,
+        }
+
+
+class Controller:
+    def __init__(self, source: FileSource, cache: SnapshotCache, metrics: Metrics) -> None:
+        self.source = source
+        self.cache = cache
+        self.metrics = metrics
+        self.status = ConfigStatus(source=str(source.path))
+
+    def reload(self) -> bool:
+        """Load the source once; apply it if valid. Returns True if a new revision is served."""
+        try:
+            mesh = self.source.load()
+            if mesh is None:
+                return False
+            self._apply(mesh)
+        except MeshError as exc:
+            self._reject(exc.errors)
+            return False
+        except InconsistentSnapshot as exc:
+            self.source.forget()
+            self._reject([FieldError("", f"internal: generated resources are inconsistent: {exc}")])
+            return False
+        self.status.last_error = []
+        self.metrics.config_valid.set(1)
+        return True
+
+    def _apply(self, mesh: Mesh) -> None:
+        self.cache.set_mesh(mesh)
+        self.status.revision = self.cache.revision
+        self.status.loaded_at = time.time()
+        self.status.summary = mesh.summary()
+        self.metrics.config_reloads.labels("accepted").inc()
+        self.metrics.config_revision.set(self.cache.revision)
+        self.metrics.ready.set(1)
+        log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
+
+    def _reject(self, errors: list[FieldError]) -> None:
+        self.status.last_error = [str(e) for e in errors]
+        self.status.last_error_at = time.time()
+        self.status.rejections += 1
+        self.metrics.config_reloads.labels("rejected").inc()
+        self.metrics.config_rejections.inc()
+        self.metrics.config_valid.set(0)
+        keeping = f"keeping revision {self.cache.revision}" if self.cache.ready else "nothing is served yet"
+        log.error(
+            "config %s rejected (%d errors; %s):\n  %s",
+            self.source.path,
+            len(errors),
+            keeping,
+            "\n  ".join(str(e) for e in errors),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async for _ in self.source.changes(stop):
+            self.reload()

@@ -1,0 +1,52 @@
+"""What a generator knows about the Envoy it generates for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from envoy.config.core.v3 import config_source_pb2
+
+from xdsd.bootstrap import XDS_CLUSTER
+
+
+class Transport(StrEnum):
+    """How the node fetches resources; decides the ConfigSource of the EDS/RDS references."""
+
+    ADS = "ads"  # everything on one aggregated stream (SotW or delta)
+    GRPC = "grpc"  # standalone per-type services, state of the world
+    DELTA_GRPC = "delta_grpc"  # standalone per-type services, incremental
+
+
+@dataclass(frozen=True, slots=True)
+class NodeGroup:
+    """Nodes of one group receive identical resources, generated and serialized once for all of them.
+
+    ``cluster`` is the node's ``node.cluster``: a gateway or service name of the mesh. Which role
+    that makes the node is decided by the generators against the current mesh.
+    """
+
+    cluster: str
+    transport: Transport = Transport.ADS
+    xds_cluster: str = XDS_CLUSTER
+
+    def __str__(self) -> str:
+        return f"{self.cluster}/{self.transport}"
+
+
+def config_source(group: NodeGroup) -> config_source_pb2.ConfigSource:
+    """Where the node fetches resources referenced by other resources (EDS from CDS, RDS from LDS)."""
+    cs = config_source_pb2.ConfigSource(resource_api_version=config_source_pb2.V3)
+    if group.transport is Transport.ADS:
+        cs.ads.SetInParent()
+        return cs
+    api = cs.api_config_source
+    api.api_type = (
+        config_source_pb2.ApiConfigSource.DELTA_GRPC
+        if group.transport is Transport.DELTA_GRPC
+        else config_source_pb2.ApiConfigSource.GRPC
+    )
+    api.transport_api_version = config_source_pb2.V3
+    api.set_node_on_first_message_only = True
+    api.grpc_services.add().envoy_grpc.cluster_name = group.xds_cluster
+    return cs

@@ -1,0 +1,97 @@
+"""Prometheus metrics of xdsd itself, fed by the stream observer seam and the controller."""
+
+from __future__ import annotations
+
+from collections import Counter as _Counter
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from xdsd import typeurls
+
+if TYPE_CHECKING:
+    from xdsd.server.stream import Stream
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """All of xdsd's metrics in one private registry (no global state, one per process/test)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connected_proxies = Gauge(
+            "xdsd_connected_proxies", "Distinct Envoy nodes with at least one open xDS stream", registry=r
+        )
+        self.connected_streams = Gauge(
+            "xdsd_connected_streams", "Open xDS streams", ["protocol", "transport"], registry=r
+        )
+        self.streams_refused = Counter("xdsd_streams_refused", "xDS streams refused", ["reason"], registry=r)
+        self.pushes = Counter("xdsd_pushes", "xDS responses sent", ["type"], registry=r)
+        self.push_bytes = Counter("xdsd_push_bytes", "Bytes of xDS responses sent", ["type"], registry=r)
+        self.push_resources = Counter("xdsd_push_resources", "Resources carried by xDS responses", ["type"], registry=r)
+        self.acks = Counter("xdsd_acks", "ACKs received", ["type"], registry=r)
+        self.nacks = Counter("xdsd_nacks", "NACKs received (requests with error_detail)", ["type"], registry=r)
+        self.push_latency = Histogram(
+            "xdsd_push_latency_seconds",
+            "From a snapshot being built to a response carrying it being sent",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ack_latency = Histogram(
+            "xdsd_ack_latency_seconds",
+            "From a response being sent to its ACK",
+            ["type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "xdsd_config_reloads", "Mesh config loads by result", ["result"], registry=r
+        )
+        self.config_rejections = Counter(
+            "xdsd_config_rejections", "Mesh config revisions rejected (invalid); the last good one stays", registry=r
+        )
+        self.config_revision = Gauge("xdsd_config_revision", "Revision of the mesh being served", registry=r)
+        self.config_valid = Gauge(
+            "xdsd_config_last_load_valid", "1 if the last load of the mesh config was valid, else 0", registry=r
+        )
+        self.ready = Gauge("xdsd_ready", "1 once a complete valid config is loaded and served", registry=r)
+        self._nodes: _Counter[str] = _Counter()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # -- StreamObserver -------------------------------------------------------------------
+
+    def stream_opened(self, stream: Stream) -> None:
+        self.connected_streams.labels("delta" if stream.delta else "sotw", str(stream.transport)).inc()
+        self._nodes[stream.node_id] += 1
+        self.connected_proxies.set(len(self._nodes))
+
+    def stream_closed(self, stream: Stream) -> None:
+        self.connected_streams.labels("delta" if stream.delta else "sotw", str(stream.transport)).dec()
+        self._nodes[stream.node_id] -= 1
+        if self._nodes[stream.node_id] <= 0:
+            del self._nodes[stream.node_id]
+        self.connected_proxies.set(len(self._nodes))
+
+    def stream_refused(self, reason: str, peer: str) -> None:
+        self.streams_refused.labels(reason).inc()
+
+    def response_sent(self, stream: Stream, type_url: str, version: str, size: int, count: int, latency: float) -> None:
+        t = typeurls.short(type_url)
+        self.pushes.labels(t).inc()
+        self.push_bytes.labels(t).inc(size)
+        self.push_resources.labels(t).inc(count)
+        self.push_latency.labels(t).observe(latency)
+
+    def ack(self, stream: Stream, type_url: str, version: str, latency: float | None) -> None:
+        t = typeurls.short(type_url)
+        self.acks.labels(t).inc()
+        if latency is not None:
+            self.ack_latency.labels(t).observe(latency)
+
+    def nack(self, stream: Stream, type_url: str, version: str, error: str) -> None:
+        self.nacks.labels(typeurls.short(type_url)).inc()

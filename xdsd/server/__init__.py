@@ -1,0 +1,3 @@
+"""Protocol servers: they speak xDS and nothing else."""
+
+from __future__ import annotations

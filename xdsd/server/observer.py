@@ -1,0 +1,54 @@
+"""The seam through which observability watches the protocol. Protocol code calls these hooks;
+metrics, traces and status pages implement them. Nothing here imports prometheus."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from xdsd.server.stream import Stream
+
+
+class StreamObserver(Protocol):
+    def stream_opened(self, stream: Stream) -> None: ...
+    def stream_closed(self, stream: Stream) -> None: ...
+    def stream_refused(self, reason: str, peer: str) -> None: ...
+    def response_sent(self, stream: Stream, type_url: str, version: str, size: int, count: int, latency: float) -> None: ...
+    def ack(self, stream: Stream, type_url: str, version: str, latency: float | None) -> None: ...
+    def nack(self, stream: Stream, type_url: str, version: str, error: str) -> None: ...
+
+
+class NullObserver:
+    def stream_opened(self, stream: Stream) -> None:
+        pass
+
+    def stream_closed(self, stream: Stream) -> None:
+        pass
+
+    def stream_refused(self, reason: str, peer: str) -> None:
+        pass
+
+    def response_sent(self, stream: Stream, type_url: str, version: str, size: int, count: int, latency: float) -> None:
+        pass
+
+    def ack(self, stream: Stream, type_url: str, version: str, latency: float | None) -> None:
+        pass
+
+    def nack(self, stream: Stream, type_url: str, version: str, error: str) -> None:
+        pass
+
+
+class FanOut:
+    """Calls several observers in turn."""
+
+    def __init__(self, *observers: StreamObserver) -> None:
+        self._observers = observers
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        methods = [getattr(o, name) for o in self._observers]
+
+        def call(*args: object) -> None:
+            for m in methods:
+                m(*args)
+
+        return call

@@ -1,0 +1,359 @@
+"""One xDS stream: its node, its per-type subscriptions, and the order in which it answers.
+
+A stream is woken by requests and by new snapshots; each time, it works out every response it owes
+(in ADS order) and hands them to the transport as bytes. It knows the protocol, not the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from xdsd import typeurls
+from xdsd.cache import Resource, Snapshot, SnapshotCache, TypeSnapshot
+from xdsd.generators import NodeGroup, Transport
+from xdsd.server import encode
+from xdsd.server.observer import StreamObserver
+from xdsd.server.subscriptions import DeltaState, SotwState, TypeState
+
+_stream_ids = itertools.count(1)
+
+# How long LDS/RDS may wait for the endpoints of new clusters before they are sent anyway.
+EDS_GATE_SECONDS = 3.0
+
+
+class ProtocolError(Exception):
+    """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
+
+
+@dataclass(slots=True)
+class Outgoing:
+    type_url: str
+    payload: bytes
+
+
+class Stream:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        observer: StreamObserver,
+        *,
+        delta: bool,
+        fixed_type: str | None,
+        peer: str,
+    ) -> None:
+        self.id = next(_stream_ids)
+        self.cache = cache
+        self.observer = observer
+        self.delta = delta
+        self.ads = fixed_type is None
+        self.fixed_type = fixed_type
+        self.peer = peer
+        self.connected_at = time.time()
+        self.node: base_pb2.Node | None = None
+        self.group: NodeGroup | None = None
+        self.snapshot: Snapshot | None = None
+        self.states: dict[str, SotwState | DeltaState] = {}
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.ended = False  # the client half-closed or went away
+        self._nonces = itertools.count(1)
+        self._gate_since: float | None = None
+
+    # -- identity -------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> str:
+        return self.node.id if self.node is not None else ""
+
+    @property
+    def cluster(self) -> str:
+        return self.node.cluster if self.node is not None else ""
+
+    @property
+    def transport(self) -> Transport:
+        if self.ads:
+            return Transport.ADS
+        return Transport.DELTA_GRPC if self.delta else Transport.GRPC
+
+    def _attach(self, node: base_pb2.Node) -> None:
+        """The first request carries the node (set_node_on_first_message_only); it decides the group."""
+        if not node.id:
+            raise ProtocolError("the first request of a stream must carry node.id")
+        self.node = node
+        xds_cluster = "xds_cluster"
+        fields = node.metadata.fields
+        if "xdsd.xds_cluster" in fields and fields["xdsd.xds_cluster"].string_value:
+            xds_cluster = fields["xdsd.xds_cluster"].string_value
+        self.group = NodeGroup(cluster=node.cluster, transport=self.transport, xds_cluster=xds_cluster)
+        self.cache.watch(self.group, self._on_snapshot)
+        self.snapshot = self.cache.snapshot(self.group)
+        self.observer.stream_opened(self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.group is not None:
+            self.cache.unwatch(self.group, self._on_snapshot)
+            self.observer.stream_closed(self)
+        self.wake.set()
+
+    def _on_snapshot(self, snapshot: Snapshot, changed: set[str]) -> None:
+        self.snapshot = snapshot
+        if changed & self.states.keys():
+            self.wake.set()
+
+    def _state(self, type_url: str) -> SotwState | DeltaState:
+        st = self.states.get(type_url)
+        if st is None:
+            st = DeltaState(type_url) if self.delta else SotwState(type_url)
+            self.states[type_url] = st
+        return st
+
+    def _type_of(self, type_url: str) -> str:
+        if self.fixed_type is not None:
+            if type_url and type_url != self.fixed_type:
+                raise ProtocolError(f"type_url {type_url!r} on the {typeurls.short(self.fixed_type)} service")
+            return self.fixed_type
+        if not type_url:
+            raise ProtocolError("a request on ADS must carry type_url")
+        return type_url
+
+    # -- requests -------------------------------------------------------------------------
+
+    def on_sotw_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
+        if self.node is None:
+            self._attach(req.node)
+        type_url = self._type_of(req.type_url)
+        st = self._state(type_url)
+        assert isinstance(st, SotwState)
+        if req.response_nonce:
+            if req.response_nonce != st.sent_nonce:
+                # "ACK and NACK semantics": a request whose nonce is not the latest sent for its type
+                # is stale; the client will repeat its current subscription with the newer nonce.
+                return
+            self._ack_or_nack(st, req.response_nonce, req.error_detail.message if req.HasField("error_detail") else None)
+        else:
+            # A request without a nonce is the client's first for this type (or a fresh start):
+            # it is owed a response even if we think nothing changed.
+            st.must_respond = True
+        st.subscribe(list(req.resource_names))
+        self.wake.set()
+
+    def on_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        if self.node is None:
+            self._attach(req.node)
+        type_url = self._type_of(req.type_url)
+        st = self._state(type_url)
+        assert isinstance(st, DeltaState)
+        if req.response_nonce and req.response_nonce == st.sent_nonce:
+            self._ack_or_nack(st, req.response_nonce, req.error_detail.message if req.HasField("error_detail") else None)
+        # "Incremental xDS": the nonce only correlates ACK/NACK; subscription changes carried by a
+        # request with a stale nonce are honoured all the same.
+        st.subscribe(
+            list(req.resource_names_subscribe),
+            list(req.resource_names_unsubscribe),
+            dict(req.initial_resource_versions),
+        )
+        self.wake.set()
+
+    def _ack_or_nack(self, st: TypeState, nonce: str, error: str | None) -> None:
+        if error is None and not st.nack_error and st.acked_nonce == nonce:
+            return
+        if error is None:
+            latency = time.monotonic() - st.sent_at if st.sent_at else None
+            st.ack(nonce)
+            self.observer.ack(self, st.type_url, st.sent_version, latency)
+        else:
+            st.nack(nonce, error or "(no message)")
+            self.observer.nack(self, st.type_url, st.sent_version, st.nack_error or "")
+
+    # -- responses ------------------------------------------------------------------------
+
+    def responses(self) -> list[Outgoing]:
+        """Every response owed now, in order: CDS, EDS, LDS, RDS, SDS, others; removals last."""
+        snap = self.snapshot
+        if snap is None or self.group is None:
+            return []  # not ready: a restarted control plane never serves an empty state
+        out: list[Outgoing] = []
+        ordered = [t for t in typeurls.PUSH_ORDER if t in self.states]
+        ordered += sorted(t for t in self.states if t not in typeurls.PUSH_ORDER)
+        gated = self.ads and self._eds_gate_closed(snap)
+        for type_url in ordered:
+            if gated and type_url in (typeurls.LISTENER, typeurls.ROUTE):
+                continue
+            self._respond(type_url, snap, out, final=False)
+        if typeurls.CLUSTER in self.states and not gated:
+            # Make-before-break: clusters the new snapshot drops are removed only once listeners
+            # and routes no longer point at them ("Eventual consistency considerations").
+            self._respond(typeurls.CLUSTER, snap, out, final=True)
+        return out
+
+    def gate_retry_in(self) -> float | None:
+        if self._gate_since is None:
+            return None
+        return max(0.0, self._gate_since + EDS_GATE_SECONDS - time.monotonic())
+
+    def _eds_gate_closed(self, snap: Snapshot) -> bool:
+        """LDS/RDS wait until the client holds the endpoints of every EDS cluster it was sent.
+
+        "Eventual consistency considerations": LDS updates must arrive after the CDS/EDS updates
+        they depend on, or traffic is routed to a cluster that is still warming.
+        """
+        cds = self.states.get(typeurls.CLUSTER)
+        if cds is None or not (typeurls.LISTENER in self.states or typeurls.ROUTE in self.states):
+            self._gate_since = None
+            return False
+        held = cds.client.keys() if isinstance(cds, DeltaState) else cds.sent.keys()
+        eds_ts = snap.get(typeurls.ENDPOINT)
+        waiting = [n for n in snap.get(typeurls.CLUSTER).eds_names if n in held and n in eds_ts.resources]
+        if not waiting:
+            self._gate_since = None
+            return False
+        eds = self.states.get(typeurls.ENDPOINT)
+        ready = eds is not None and all(
+            n in eds.names and _holds(eds, n, eds_ts.resources[n]) for n in waiting
+        )
+        if ready:
+            self._gate_since = None
+            return False
+        now = time.monotonic()
+        if self._gate_since is None:
+            self._gate_since = now
+        return now - self._gate_since < EDS_GATE_SECONDS
+
+    def _routes_current(self, snap: Snapshot) -> bool:
+        for type_url in (typeurls.LISTENER, typeurls.ROUTE):
+            st = self.states.get(type_url)
+            if st is None:
+                continue
+            ts = snap.get(type_url)
+            if isinstance(st, DeltaState):
+                if st.pending(ts):
+                    return False
+            elif st.pending(ts, type_url in typeurls.FULL_STATE_TYPES):
+                return False
+        return True
+
+    def _respond(self, type_url: str, snap: Snapshot, out: list[Outgoing], *, final: bool) -> None:
+        st = self.states[type_url]
+        ts = snap.get(type_url)
+        defer_removals = type_url == typeurls.CLUSTER and self.ads and not final and not self._routes_current(snap)
+        if isinstance(st, DeltaState):
+            keep: frozenset[str] = frozenset()
+            if defer_removals:
+                keep = frozenset(st.client.keys() - ts.resources.keys())
+            taken = st.take(ts, keep)
+            if taken is None:
+                return
+            resources, removed = taken
+            payload = encode.delta_response(ts.version, type_url, self._nonce(st), resources, removed)
+            self._sent(st, ts.version, payload, len(resources), out)
+            return
+        full = type_url in typeurls.FULL_STATE_TYPES
+        if defer_removals:
+            # State of the world cannot withhold a removal, so send the new state plus the clusters
+            # it drops; the next pass (after routes moved) sends the new state alone.
+            retained = _retained(st, ts, self._previous_cluster_snapshot)
+            if retained:
+                resources = st.take(ts, full)
+                if resources is None:
+                    return
+                st.sent = {**st.sent, **{r.name: r.version for r in retained}}
+                version = f"{ts.version}+{len(retained)}"
+                payload = encode.sotw_response(version, type_url, self._nonce(st), [*resources, *retained])
+                self._sent(st, version, payload, len(resources) + len(retained), out)
+                return
+        resources = st.take(ts, full)
+        if resources is None:
+            return
+        payload = encode.sotw_response(ts.version, type_url, self._nonce(st), resources)
+        self._sent(st, ts.version, payload, len(resources), out)
+        if type_url == typeurls.CLUSTER:
+            self._previous_cluster_snapshot = ts
+
+    _previous_cluster_snapshot: TypeSnapshot | None = None
+
+    def _nonce(self, st: TypeState) -> str:
+        nonce = str(next(self._nonces))
+        st.sent_nonce = nonce
+        return nonce
+
+    def _sent(self, st: TypeState, version: str, payload: bytes, count: int, out: list[Outgoing]) -> None:
+        st.sent_version = version
+        st.sent_at = time.monotonic()
+        out.append(Outgoing(st.type_url, payload))
+        snap = self.snapshot
+        latency = st.sent_at - snap.created if snap is not None else 0.0
+        self.observer.response_sent(self, st.type_url, version, len(payload), count, latency)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        snap = self.snapshot
+        types: dict[str, object] = {}
+        for type_url, st in self.states.items():
+            current = snap.get(type_url).version if snap is not None else ""
+            if st.nack_error is not None:
+                state = "NACKED"
+            elif not st.sent_version:
+                state = "NOT SENT"
+            elif st.acked_version == st.sent_version and not _pending(st, snap):
+                state = "SYNCED"
+            else:
+                state = "STALE"
+            types[typeurls.short(type_url)] = {
+                "type_url": type_url,
+                "state": state,
+                "current_version": current,
+                "sent_version": st.sent_version,
+                "sent_nonce": st.sent_nonce,
+                "acked_version": st.acked_version,
+                "acked_nonce": st.acked_nonce,
+                "last_nack": st.nack_error,
+                "nacked_version": st.nack_version or None,
+                "wildcard": st.wildcard,
+                "subscribed": len(st.names),
+            }
+        return {
+            "node_id": self.node_id,
+            "cluster": self.cluster,
+            "stream_id": self.id,
+            "peer": self.peer,
+            "protocol": "delta" if self.delta else "sotw",
+            "transport": str(self.transport),
+            "connected_at": self.connected_at,
+            "types": types,
+        }
+
+
+def _holds(st: SotwState | DeltaState, name: str, res: Resource) -> bool:
+    if isinstance(st, DeltaState):
+        return st.client.get(name) == res.version
+    return st.sent.get(name) == res.version
+
+
+def _pending(st: SotwState | DeltaState, snap: Snapshot | None) -> bool:
+    if snap is None:
+        return False
+    ts = snap.get(st.type_url)
+    if isinstance(st, DeltaState):
+        return st.pending(ts)
+    return st.pending(ts, st.type_url in typeurls.FULL_STATE_TYPES)
+
+
+def _retained(st: SotwState, ts: TypeSnapshot, previous: TypeSnapshot | None) -> list[Resource]:
+    """Clusters the client holds that ``ts`` drops, as they were last sent."""
+    if previous is None:
+        return []
+    return [
+        previous.resources[name]
+        for name in st.sent
+        if name not in ts.resources and name in previous.resources
+    ]

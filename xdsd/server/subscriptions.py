@@ -1,0 +1,221 @@
+"""Per-stream, per-type protocol state: what the client subscribed to, what it holds, and what
+it acknowledged. One class for each protocol variant; both are pure (no I/O, no clock).
+
+References are to Envoy's "xDS REST and gRPC protocol" document (docs/root/api-docs/xds_protocol).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from xdsd.cache import Resource, TypeSnapshot
+
+WILDCARD = "*"
+
+
+class TypeState:
+    """What both variants track for ACK/NACK bookkeeping and status reporting."""
+
+    __slots__ = (
+        "type_url",
+        "requested",
+        "must_respond",
+        "wildcard",
+        "names",
+        "sent_version",
+        "sent_nonce",
+        "sent_at",
+        "acked_version",
+        "acked_nonce",
+        "nack_error",
+        "nack_version",
+    )
+
+    def __init__(self, type_url: str) -> None:
+        self.type_url = type_url
+        self.requested = False  # the client asked for this type on this stream
+        self.must_respond = False  # the client asked something that needs an answer
+        self.wildcard = False
+        self.names: set[str] = set()
+        self.sent_version = ""
+        self.sent_nonce = ""
+        self.sent_at = 0.0
+        self.acked_version = ""
+        self.acked_nonce = ""
+        self.nack_error: str | None = None
+        self.nack_version = ""
+
+    def select(self, ts: TypeSnapshot) -> Mapping[str, Resource]:
+        """The resources of ``ts`` this client is subscribed to."""
+        if self.wildcard:
+            return ts.resources  # explicitly named resources are a subset of everything
+        chosen: dict[str, Resource] = {}
+        for name in self.names:
+            res = ts.resources.get(name)
+            if res is not None:
+                chosen[name] = res
+        return chosen
+
+    def ack(self, nonce: str) -> None:
+        self.acked_version = self.sent_version
+        self.acked_nonce = nonce
+        self.nack_error = None
+        self.nack_version = ""
+
+    def nack(self, nonce: str, error: str) -> None:
+        self.nack_error = error
+        self.nack_version = self.sent_version
+        self.acked_nonce = nonce
+
+
+class SotwState(TypeState):
+    """State of the world. ``sent`` is what we last told the client, name -> version."""
+
+    __slots__ = ("ever_named", "sent")
+
+    def __init__(self, type_url: str) -> None:
+        super().__init__(type_url)
+        self.ever_named = False
+        self.sent: Mapping[str, str] = {}
+
+    def subscribe(self, resource_names: list[str]) -> None:
+        """Apply the subscription carried by a (non-stale) request.
+
+        "How the client specifies what resources to return": ``*`` subscribes to everything; for
+        historical reasons an empty list means wildcard too, but only while the client has never
+        named a resource of this type on this stream. After that, an empty list means nothing.
+        """
+        names = set(resource_names)
+        if names:
+            self.ever_named = True
+        self.wildcard = WILDCARD in names or not self.ever_named
+        names.discard(WILDCARD)
+        added = names - self.names
+        dropped = self.names - names
+        self.names = names
+        self.requested = True
+        if added:
+            self.must_respond = True
+        if dropped and not self.wildcard:
+            # The client forgets what it unsubscribed from; a later subscribe must resend it.
+            sent = dict(self.sent)
+            for name in dropped:
+                sent.pop(name, None)
+            self.sent = sent
+
+    def pending(self, ts: TypeSnapshot, full_state: bool) -> bool:
+        """Would a response be sent now?"""
+        if not self.requested:
+            return False
+        desired = self.select(ts)
+        if full_state:
+            return self.must_respond or not _same(desired, self.sent)
+        return any(self.sent.get(n) != r.version for n, r in desired.items())
+
+    def take(self, ts: TypeSnapshot, full_state: bool) -> list[Resource] | None:
+        """The resources of the next response, or None when nothing is to be sent.
+
+        "Grouping resources into responses": Listener and Cluster responses carry the complete
+        state; other types carry only what changed (Envoy keeps the resources a response omits).
+        A NACKed version is never resent by itself: ``sent`` records what we sent, accepted or
+        not, so only a new snapshot makes the resource differ again.
+        """
+        if not self.requested:
+            return None
+        desired = self.select(ts)
+        if full_state:
+            if not self.must_respond and _same(desired, self.sent):
+                return None
+            self.sent = {n: r.version for n, r in desired.items()}
+            self.must_respond = False
+            return list(desired.values())
+        changed = [r for n, r in desired.items() if self.sent.get(n) != r.version]
+        self.must_respond = False
+        if not changed:
+            return None
+        sent = dict(self.sent)
+        for r in changed:
+            sent[r.name] = r.version
+        self.sent = sent
+        return changed
+
+
+class DeltaState(TypeState):
+    """Incremental. ``client`` is what the client holds, name -> version, as far as we know."""
+
+    __slots__ = ("client", "forced")
+
+    def __init__(self, type_url: str) -> None:
+        super().__init__(type_url)
+        self.client: dict[str, str] = {}
+        self.forced: set[str] = set()  # explicitly (re)subscribed names awaiting an answer
+
+    def subscribe(self, subscribe: list[str], unsubscribe: list[str], initial: Mapping[str, str]) -> None:
+        first = not self.requested
+        if first:
+            self.requested = True
+            self.must_respond = True
+            # "Incremental xDS": on reconnect, the client says what it has; send only what differs.
+            self.client = dict(initial)
+            # A first request that names nothing is a (legacy) wildcard subscription.
+            if not subscribe:
+                self.wildcard = True
+        for name in subscribe:
+            if name == WILDCARD:
+                self.wildcard = True
+                continue
+            self.names.add(name)
+            self.forced.add(name)
+            if not first:
+                # An explicit subscribe to a name the client holds must be answered with it again.
+                self.client.pop(name, None)
+        for name in unsubscribe:
+            if name == WILDCARD:
+                self.wildcard = False
+                for held in [n for n in self.client if n not in self.names]:
+                    del self.client[held]
+                continue
+            self.names.discard(name)
+            self.client.pop(name, None)
+            if self.wildcard:
+                # Still covered by the wildcard: answer with the resource (or its removal).
+                self.forced.add(name)
+        if subscribe or unsubscribe:
+            self.must_respond = True
+
+    def plan(self, ts: TypeSnapshot) -> tuple[list[Resource], list[str]]:
+        desired = self.select(ts)
+        send = [r for n, r in desired.items() if self.client.get(n) != r.version]
+        removed = [n for n in self.client if n not in desired]
+        # "removed_resources" also answers a subscription to a name that does not exist.
+        removed += [n for n in self.forced if n not in desired and n not in self.client]
+        return send, removed
+
+    def pending(self, ts: TypeSnapshot) -> bool:
+        if not self.requested:
+            return False
+        send, removed = self.plan(ts)
+        return bool(send or removed)
+
+    def take(self, ts: TypeSnapshot, keep: frozenset[str] = frozenset()) -> tuple[list[Resource], list[str]] | None:
+        """The next response's resources and removals (``keep``: removals to hold back for now)."""
+        if not self.requested:
+            return None
+        send, removed = self.plan(ts)
+        removed = [n for n in removed if n not in keep]
+        if not send and not removed and not self.must_respond:
+            return None
+        for r in send:
+            self.client[r.name] = r.version
+        for name in removed:
+            self.client.pop(name, None)
+        self.forced.clear()
+        self.must_respond = False
+        return send, removed
+
+
+def _same(desired: Mapping[str, Resource], sent: Mapping[str, str]) -> bool:
+    if len(desired) != len(sent):
+        return False
+    return all(sent.get(n) == r.version for n, r in desired.items())
+
