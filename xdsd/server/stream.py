@@ -184,11 +184,16 @@ class Stream:
         out: list[Outgoing] = []
         ordered = [t for t in typeurls.PUSH_ORDER if t in self.states]
         ordered += sorted(t for t in self.states if t not in typeurls.PUSH_ORDER)
-        gated = self.ads and self._eds_gate_closed(snap)
+        gated: bool | None = None  # decided after CDS/EDS of this pass went out
         for type_url in ordered:
-            if gated and type_url in (typeurls.LISTENER, typeurls.ROUTE):
-                continue
+            if type_url in (typeurls.LISTENER, typeurls.ROUTE):
+                if gated is None:
+                    gated = self.ads and self._eds_gate_closed(snap)
+                if gated:
+                    continue
             self._respond(type_url, snap, out, final=False)
+        if gated is None:
+            gated = self.ads and self._eds_gate_closed(snap)
         if typeurls.CLUSTER in self.states and not gated:
             # Make-before-break: clusters the new snapshot drops are removed only once listeners
             # and routes no longer point at them ("Eventual consistency considerations").
