@@ -138,7 +138,12 @@ class Stream:
                 # "ACK and NACK semantics": a request whose nonce is not the latest sent for its type
                 # is stale; the client will repeat its current subscription with the newer nonce.
                 return
-            self._ack_or_nack(st, req.response_nonce, req.error_detail.message if req.HasField("error_detail") else None)
+            self._ack_or_nack(
+                st,
+                req.response_nonce,
+                req.error_detail.message if req.HasField("error_detail") else None,
+                req.version_info,
+            )
         else:
             # A request without a nonce is the client's first for this type (or a fresh start):
             # it is owed a response even if we think nothing changed.
@@ -163,7 +168,7 @@ class Stream:
         )
         self.wake.set()
 
-    def _ack_or_nack(self, st: TypeState, nonce: str, error: str | None) -> None:
+    def _ack_or_nack(self, st: TypeState, nonce: str, error: str | None, accepted: str | None = None) -> None:
         if error is None and not st.nack_error and st.acked_nonce == nonce:
             return
         if error is None:
@@ -171,7 +176,7 @@ class Stream:
             st.ack(nonce)
             self.observer.ack(self, st.type_url, st.sent_version, latency)
         else:
-            st.nack(nonce, error or "(no message)")
+            st.nack(nonce, error or "(no message)", accepted)
             self.observer.nack(self, st.type_url, st.sent_version, st.nack_error or "")
 
     # -- responses ------------------------------------------------------------------------

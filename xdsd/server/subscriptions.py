@@ -62,7 +62,10 @@ class TypeState:
         self.nack_error = None
         self.nack_version = ""
 
-    def nack(self, nonce: str, error: str) -> None:
+    def nack(self, nonce: str, error: str, accepted_version: str | None = None) -> None:
+        # A NACK's version_info is the version the client still runs ("ACK and NACK semantics").
+        if accepted_version is not None:
+            self.acked_version = accepted_version
         self.nack_error = error
         self.nack_version = self.sent_version
         self.acked_nonce = nonce
