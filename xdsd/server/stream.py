@@ -199,10 +199,13 @@ class Stream:
             self._respond(type_url, snap, out, final=False)
         if gated is None:
             gated = self.ads and self._eds_gate_closed(snap)
-        if typeurls.CLUSTER in self.states and not gated:
-            # Make-before-break: clusters the new snapshot drops are removed only once listeners
-            # and routes no longer point at them ("Eventual consistency considerations").
-            self._respond(typeurls.CLUSTER, snap, out, final=True)
+        if not gated:
+            # Make-before-break: clusters (and their endpoints) that the new snapshot drops are
+            # removed only once listeners and routes no longer point at them ("Eventual
+            # consistency considerations": stale CDS clusters and EDS endpoints go last).
+            for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
+                if type_url in self.states:
+                    self._respond(type_url, snap, out, final=True)
         return out
 
     def gate_retry_in(self) -> float | None:
@@ -254,7 +257,12 @@ class Stream:
     def _respond(self, type_url: str, snap: Snapshot, out: list[Outgoing], *, final: bool) -> None:
         st = self.states[type_url]
         ts = snap.get(type_url)
-        defer_removals = type_url == typeurls.CLUSTER and self.ads and not final and not self._routes_current(snap)
+        defer_removals = (
+            type_url in (typeurls.CLUSTER, typeurls.ENDPOINT)
+            and self.ads
+            and not final
+            and not self._routes_current(snap)
+        )
         if isinstance(st, DeltaState):
             keep: frozenset[str] = frozenset()
             if defer_removals:
@@ -267,7 +275,7 @@ class Stream:
             self._sent(st, ts.version, payload, len(resources), out)
             return
         full = type_url in typeurls.FULL_STATE_TYPES
-        if defer_removals:
+        if defer_removals and type_url == typeurls.CLUSTER:
             # State of the world cannot withhold a removal, so send the new state plus the clusters
             # it drops; the next pass (after routes moved) sends the new state alone.
             retained = _retained(st, ts, self._previous_cluster_snapshot)

@@ -183,8 +183,8 @@ class DeltaState(TypeState):
             if self.wildcard:
                 # Still covered by the wildcard: answer with the resource (or its removal).
                 self.forced.add(name)
-        if subscribe or unsubscribe:
-            self.must_respond = True
+        if subscribe:
+            self.must_respond = True  # an unsubscribe alone needs no answer
 
     def plan(self, ts: TypeSnapshot) -> tuple[list[Resource], list[str]]:
         desired = self.select(ts)
