@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m xdsd.demo
+	$(PY) demo/local_mesh.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check xdsd tests bench
