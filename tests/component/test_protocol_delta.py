@@ -226,3 +226,36 @@ async def test_make_before_break_new_cluster_first_old_cluster_removed_last(xds:
     assert rds.type_url == RDS
     removal = await c.recv()
     assert removal.type_url == CDS and list(removal.removed_resources) == ["ratings"]
+
+
+async def test_one_endpoint_change_among_200_services_sends_exactly_one_assignment(xds: Harness) -> None:
+    def mesh(port_of_svc7: int) -> str:
+        lines = ["gateways:", "  edge:", "    listen: {address: 127.0.0.1, port: 10000}", "    routes:"]
+        lines += [f"      - {{prefix: /s{i}, service: s{i}}}" for i in range(200)]
+        lines.append("services:")
+        for i in range(200):
+            port = port_of_svc7 if i == 7 else 8080
+            lines.append(f"  s{i}:\n    endpoints: [{{address: 10.1.{i}.1, port: {port}}}, {{address: 10.1.{i}.2, port: 8080}}]")
+        return "\n".join(lines) + "\n"
+
+    xds.set_mesh(mesh(8080))
+    c = xds.client(delta=True)
+    all_names = [f"s{i}" for i in range(200)]
+    await c.delta_request(CDS)
+    await c.delta_ack(await c.recv())
+    await c.delta_request(EDS, all_names)
+    eds = await c.recv()
+    assert len(eds.resources) == 200
+    await c.delta_ack(eds)
+    await c.delta_request(LDS)
+    await c.delta_ack(await c.recv())
+    await c.delta_request(RDS, ["edge"])
+    await c.delta_ack(await c.recv())
+    await c.expect_none(0.3)
+
+    xds.set_mesh(mesh(8081))
+    update = await c.recv()
+    assert update.type_url == EDS
+    assert names(update) == ["s7"] and not update.removed_resources
+    await c.delta_ack(update)
+    await c.expect_none(0.5)  # nothing for CDS, LDS or RDS
