@@ -26,7 +26,14 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
         return web.json_response({"ready": False, "reason": reason, "config": controller.status.as_json()}, status=503)
 
     async def proxies(_: web.Request) -> web.Response:
-        return web.json_response(server.status())
+        # Each node's protocol state, plus what the mesh side knows: the revision being served and,
+        # if the latest edit was refused, why (so "why did my change not arrive?" has an answer).
+        status = controller.status
+        nodes = server.status()
+        for node in nodes:
+            node["config_revision"] = status.revision
+            node["config_error"] = status.last_error or None
+        return web.json_response(nodes)
 
     async def config(_: web.Request) -> web.Response:
         return web.json_response(controller.status.as_json())
