@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
@@ -193,13 +194,11 @@ class Stream:
         for type_url in ordered:
             if type_url in (typeurls.LISTENER, typeurls.ROUTE):
                 if gated is None:
-                    gated = self.ads and self._eds_gate_closed(snap)
+                    gated = self._eds_gate_closed(snap)
                 if gated:
                     continue
             self._respond(type_url, snap, out, final=False)
-        if gated is None:
-            gated = self.ads and self._eds_gate_closed(snap)
-        if not gated:
+        if not gated and self._routes_current(snap):
             # Make-before-break: clusters (and their endpoints) that the new snapshot drops are
             # removed only once listeners and routes no longer point at them ("Eventual
             # consistency considerations": stale CDS clusters and EDS endpoints go last).
@@ -213,29 +212,59 @@ class Stream:
             return None
         return max(0.0, self._gate_since + EDS_GATE_SECONDS - time.monotonic())
 
+    # The ordering rules span types. On ADS they all live on this stream; a node on the standalone
+    # services has one stream per type, and xdsd applies the same rules across that node's streams.
+    siblings: Callable[[], Iterable[Stream]] = staticmethod(lambda: ())  # type: ignore[assignment]
+
+    def _states_of(self, type_url: str) -> list[SotwState | DeltaState]:
+        """This node's state for a type: on ADS one; on the standalone services one per stream
+        (Envoy opens an EDS stream per cluster and an RDS stream per route configuration)."""
+        st = self.states.get(type_url)
+        if self.ads:
+            return [st] if st is not None else []
+        found = [st] if st is not None else []
+        for other in self.siblings():
+            if other is not self and other.fixed_type == type_url:
+                theirs = other.states.get(type_url)
+                if theirs is not None:
+                    found.append(theirs)
+        return found
+
+    def _coordinated(self) -> bool:
+        return self.ads or any(other is not self for other in self.siblings())
+
     def _eds_gate_closed(self, snap: Snapshot) -> bool:
         """LDS/RDS wait until the client holds the endpoints of every EDS cluster it was sent.
 
         "Eventual consistency considerations": LDS updates must arrive after the CDS/EDS updates
         they depend on, or traffic is routed to a cluster that is still warming.
         """
-        cds = self.states.get(typeurls.CLUSTER)
-        if cds is None or not (typeurls.LISTENER in self.states or typeurls.ROUTE in self.states):
+        cds_states = self._states_of(typeurls.CLUSTER)
+        if not cds_states or not (typeurls.LISTENER in self.states or typeurls.ROUTE in self.states):
             self._gate_since = None
             return False
-        held = cds.client.keys() if isinstance(cds, DeltaState) else cds.sent.keys()
+        cds_ts = snap.get(typeurls.CLUSTER)
+        if not self.ads and any(_adds_pending(cds, cds_ts) for cds in cds_states):
+            # A sibling CDS stream has yet to send new clusters: routes must not overtake them.
+            return self._gate_wait()
+        held: set[str] = set()
+        for cds in cds_states:
+            held.update(cds.client.keys() if isinstance(cds, DeltaState) else cds.sent.keys())
         eds_ts = snap.get(typeurls.ENDPOINT)
         waiting = [n for n in snap.get(typeurls.CLUSTER).eds_names if n in held and n in eds_ts.resources]
         if not waiting:
             self._gate_since = None
             return False
-        eds = self.states.get(typeurls.ENDPOINT)
-        ready = eds is not None and all(
-            n in eds.names and _holds(eds, n, eds_ts.resources[n]) for n in waiting
+        eds_states = self._states_of(typeurls.ENDPOINT)
+        ready = all(
+            any(n in eds.names and _holds(eds, n, eds_ts.resources[n]) for eds in eds_states) for n in waiting
         )
         if ready:
             self._gate_since = None
             return False
+        return self._gate_wait()
+
+    def _gate_wait(self) -> bool:
         now = time.monotonic()
         if self._gate_since is None:
             self._gate_since = now
@@ -243,15 +272,13 @@ class Stream:
 
     def _routes_current(self, snap: Snapshot) -> bool:
         for type_url in (typeurls.LISTENER, typeurls.ROUTE):
-            st = self.states.get(type_url)
-            if st is None:
-                continue
             ts = snap.get(type_url)
-            if isinstance(st, DeltaState):
-                if st.pending(ts):
+            for st in self._states_of(type_url):
+                if isinstance(st, DeltaState):
+                    if st.pending(ts):
+                        return False
+                elif st.pending(ts, type_url in typeurls.FULL_STATE_TYPES):
                     return False
-            elif st.pending(ts, type_url in typeurls.FULL_STATE_TYPES):
-                return False
         return True
 
     def _respond(self, type_url: str, snap: Snapshot, out: list[Outgoing], *, final: bool) -> None:
@@ -259,8 +286,8 @@ class Stream:
         ts = snap.get(type_url)
         defer_removals = (
             type_url in (typeurls.CLUSTER, typeurls.ENDPOINT)
-            and self.ads
             and not final
+            and self._coordinated()
             and not self._routes_current(snap)
         )
         if isinstance(st, DeltaState):
@@ -355,6 +382,16 @@ def _holds(st: SotwState | DeltaState, name: str, res: Resource) -> bool:
     if isinstance(st, DeltaState):
         return st.client.get(name) == res.version
     return st.sent.get(name) == res.version
+
+
+def _adds_pending(st: SotwState | DeltaState, ts: TypeSnapshot) -> bool:
+    """Does the client lack a resource (or a version of one) that it is subscribed to?"""
+    if not st.requested:
+        return False
+    desired = st.select(ts)
+    if isinstance(st, DeltaState):
+        return any(st.client.get(n) != r.version for n, r in desired.items())
+    return any(st.sent.get(n) != r.version for n, r in desired.items())
 
 
 def _pending(st: SotwState | DeltaState, snap: Snapshot | None) -> bool:

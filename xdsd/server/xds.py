@@ -39,6 +39,8 @@ class XdsServer:
         self.cache = cache
         self.observer: StreamObserver = observer or NullObserver()
         self.streams: dict[int, Stream] = {}
+        self.nodes: dict[str, set[Stream]] = {}  # node id -> its open streams
+        self._registered: set[int] = set()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         out: list[grpc.GenericRpcHandler] = []
@@ -100,6 +102,8 @@ class XdsServer:
                 stream.wake.set()
 
         self.streams[stream.id] = stream
+        node_streams = self.nodes.get  # bound lookup: siblings are resolved at use time
+        stream.siblings = lambda: node_streams(stream.node_id, ())  # type: ignore[method-assign]
         reader = asyncio.create_task(read())
         retry: asyncio.TimerHandle | None = None
         try:
@@ -110,8 +114,18 @@ class XdsServer:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error[0]))
                 if stream.ended:
                     return
+                if stream.node is not None and stream.id not in self._registered:
+                    self._registered.add(stream.id)
+                    self.nodes.setdefault(stream.node_id, set()).add(stream)
+                sent = False
                 for out in stream.responses():
+                    sent = True
                     yield out.payload
+                if sent and not stream.ads:
+                    # A per-type stream's progress may unblock its siblings (ordering rules).
+                    for other in self.nodes.get(stream.node_id, ()):
+                        if other is not stream:
+                            other.wake.set()
                 wait = stream.gate_retry_in()
                 if wait is not None and retry is None:
                     def _retry() -> None:
@@ -125,6 +139,15 @@ class XdsServer:
                 retry.cancel()
             reader.cancel()
             self.streams.pop(stream.id, None)
+            if stream.id in self._registered:
+                self._registered.discard(stream.id)
+                peers = self.nodes.get(stream.node_id)
+                if peers is not None:
+                    peers.discard(stream)
+                    if not peers:
+                        del self.nodes[stream.node_id]
+                    for other in peers:
+                        other.wake.set()
             stream.close()
 
     def status(self) -> list[dict[str, object]]:
