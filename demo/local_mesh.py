@@ -141,7 +141,8 @@ def main() -> int:
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-m", "xdsd", "serve", "--config", str(mesh),
-                 "--xds-address", f"127.0.0.1:{xds_port}", "--admin-address", f"127.0.0.1:{admin_port}"],
+                 "--xds-address", f"127.0.0.1:{xds_port}", "--admin-address", f"127.0.0.1:{admin_port}",
+                 "--state-dir", str(work / "state")],
                 stdout=open(work / "xdsd.log", "wb"), stderr=subprocess.STDOUT,
             )
         )
@@ -149,7 +150,8 @@ def main() -> int:
 
         bootstrap = subprocess.run(
             [sys.executable, "-m", "xdsd", "bootstrap", "--node-id", "edge-1", "--cluster", "edge",
-             "--xds-address", f"127.0.0.1:{xds_port}", "--admin-port", str(envoy_admin)],
+             "--xds-address", f"127.0.0.1:{xds_port}", "--admin-port", str(envoy_admin),
+             "--state-dir", str(work / "state")],
             check=True, capture_output=True, text=True,
         ).stdout
         (work / "envoy.yaml").write_text(bootstrap)

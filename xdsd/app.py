@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import signal
+from pathlib import Path
 
 import grpc
 import prometheus_client
 from aiohttp import web
 
 from xdsd.admin.http import make_app
+from xdsd.auth.node import token_authenticator
+from xdsd.auth.tokens import TokenSigner
+from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
 from xdsd.generators import generate
@@ -33,22 +38,61 @@ GRPC_OPTIONS = [
 
 
 class App:
-    def __init__(self, config: str, xds_address: tuple[str, int], admin_address: tuple[str, int], debounce: float) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
         self.metrics = Metrics()
-        self.cache = SnapshotCache(generate)
-        self.server = XdsServer(self.cache, self.metrics)
-        self.controller = Controller(FileSource(config, debounce=debounce), self.cache, self.metrics)
-        self.xds_address = xds_address
-        self.admin_address = admin_address
+        state_dir: Path = args.state_dir
+        if args.ca_cert or args.ca_key:
+            if not (args.ca_cert and args.ca_key):
+                raise SystemExit("xdsd: --ca-cert and --ca-key go together")
+            ca = CertificateAuthority.from_files(args.ca_cert, args.ca_key, args.ca_bundle)
+        else:
+            ca = CertificateAuthority.load_or_create(state_dir, "mesh")
+        self.identities = IdentityStore(ca, dt.timedelta(hours=1))
+        self.cache = SnapshotCache(lambda mesh, group: generate(mesh, group, self.identities.credentials))
+        authenticator = None
+        if args.auth == "required":
+            authenticator = token_authenticator(TokenSigner.load_or_create(state_dir))
+        self.server = XdsServer(self.cache, self.metrics, authenticator)
+        self.controller = Controller(
+            FileSource(args.config, debounce=args.debounce), self.cache, self.metrics, self.identities
+        )
+        self.xds_address: tuple[str, int] = args.xds_address
+        self.admin_address: tuple[str, int] = args.admin_address
         self.serving = False
         self.stop = asyncio.Event()
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        if not (self.args.xds_tls_cert or self.args.xds_tls_key):
+            return None
+        if not (self.args.xds_tls_cert and self.args.xds_tls_key):
+            raise SystemExit("xdsd: --xds-tls-cert and --xds-tls-key go together")
+        return grpc.ssl_server_credentials(
+            [(self.args.xds_tls_key.read_bytes(), self.args.xds_tls_cert.read_bytes())]
+        )
+
+    async def _rotate(self) -> None:
+        """Reissue each SVID at half its life and push the new secrets."""
+        while not self.stop.is_set():
+            due = self.identities.next_rotation()
+            wait = 1.0 if due is None else (due - dt.datetime.now(dt.UTC)).total_seconds()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), min(wait, 5.0))
+                continue
+            rotated = self.identities.rotate_due()
+            if rotated:
+                log.debug("rotated %d SVIDs", len(rotated))
+                self.controller.refresh()
 
     async def run(self) -> None:
         self.controller.reload()  # before any port opens: nothing is served before a valid config
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         grpc_server.add_generic_rpc_handlers(self.server.handlers())
         host, port = self.xds_address
-        bound = grpc_server.add_insecure_port(f"{host}:{port}" if ":" not in host else f"[{host}]:{port}")
+        target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+        creds = self._credentials()
+        bound = grpc_server.add_secure_port(target, creds) if creds else grpc_server.add_insecure_port(target)
         if bound == 0:
             raise SystemExit(f"cannot listen on xDS address {host}:{port}")
         admin = web.AppRunner(make_app(self.server, self.controller, self.metrics, lambda: self.serving), access_log=None)
@@ -59,16 +103,19 @@ class App:
         self.serving = True
         log.info("xDS on %s:%d, admin on http://%s:%d", host, bound, *self.admin_address)
         watcher = asyncio.create_task(self.controller.run(self.stop))
+        rotator = asyncio.create_task(self._rotate())
         try:
             await self.stop.wait()
         finally:
             log.info("shutting down")
             self.serving = False
             watcher.cancel()
+            rotator.cancel()
             await grpc_server.stop(grace=1.0)
             await admin.cleanup()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            for task in (watcher, rotator):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -86,7 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
         runner = asyncio.run
 
     async def main() -> None:
-        app = App(args.config, args.xds_address, args.admin_address, args.debounce)
+        app = App(args)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, app.stop.set)

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from xdsd.auth.tokens import TOKEN_HEADER
+
 XDS_CLUSTER = "xds_cluster"
 
 
@@ -22,6 +24,10 @@ class BootstrapOptions:
     admin_port: int = 9901
     ads: bool = True
     delta: bool = False
+    token: str | None = None  # node token, sent as gRPC metadata on every xDS stream
+    xds_tls_ca: str | None = None  # PEM file: reach xdsd over TLS and verify it with this CA
+    xds_tls_server_name: str | None = None
+    inbound_address: str | None = None  # sidecars: where this instance's inbound listener binds
 
 
 def _is_ip(host: str) -> bool:
@@ -33,19 +39,20 @@ def _is_ip(host: str) -> bool:
 
 
 def _api_config_source(opts: BootstrapOptions) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "envoy_grpc": {
+            "cluster_name": XDS_CLUSTER,
+            # Reconnect quickly after a control-plane restart; Envoy keeps serving its last
+            # config meanwhile.
+            "retry_policy": {"retry_back_off": {"base_interval": "0.25s", "max_interval": "5s"}},
+        }
+    }
+    if opts.token:
+        service["initial_metadata"] = [{"key": TOKEN_HEADER, "value": opts.token}]
     return {
         "api_type": "DELTA_GRPC" if opts.delta else "GRPC",
         "transport_api_version": "V3",
-        "grpc_services": [
-            {
-                "envoy_grpc": {
-                    "cluster_name": XDS_CLUSTER,
-                    # Reconnect quickly after a control-plane restart; Envoy keeps serving its last
-                    # config meanwhile.
-                    "retry_policy": {"retry_back_off": {"base_interval": "0.25s", "max_interval": "5s"}},
-                }
-            }
-        ],
+        "grpc_services": [service],
         "set_node_on_first_message_only": True,
     }
 
@@ -63,49 +70,51 @@ def render(opts: BootstrapOptions) -> dict[str, Any]:
             "cds_config": {"api_config_source": _api_config_source(opts), "resource_api_version": "V3"},
             "lds_config": {"api_config_source": _api_config_source(opts), "resource_api_version": "V3"},
         }
+    node: dict[str, Any] = {"id": opts.node_id, "cluster": opts.cluster}
+    if opts.inbound_address:
+        node["metadata"] = {"xdsd.inbound_address": opts.inbound_address}
+    xds_cluster = _xds_cluster(opts)
     return {
-        "node": {"id": opts.node_id, "cluster": opts.cluster},
+        "node": node,
         "admin": {"address": {"socket_address": {"address": opts.admin_address, "port_value": opts.admin_port}}},
         "dynamic_resources": dynamic,
-        "static_resources": {
-            "clusters": [
+        "static_resources": {"clusters": [xds_cluster]},
+    }
+
+
+def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": XDS_CLUSTER,
+        "type": "STATIC" if _is_ip(opts.xds_host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {"connection_keepalive": {"interval": "30s", "timeout": "5s"}}
+                },
+            }
+        },
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [
                 {
-                    "name": XDS_CLUSTER,
-                    "type": "STATIC" if _is_ip(opts.xds_host) else "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {
-                                "http2_protocol_options": {
-                                    "connection_keepalive": {"interval": "30s", "timeout": "5s"}
-                                }
-                            },
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": opts.xds_host,
-                                                    "port_value": opts.xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": opts.xds_host, "port_value": opts.xds_port}}}}
+                    ]
                 }
-            ]
+            ],
         },
     }
+    if opts.xds_tls_ca:
+        tls: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": {"validation_context": {"trusted_ca": {"filename": opts.xds_tls_ca}}},
+        }
+        if opts.xds_tls_server_name:
+            tls["sni"] = opts.xds_tls_server_name
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    return cluster
 
 
 def render_text(opts: BootstrapOptions, fmt: str = "yaml") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -35,6 +36,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if args.no_token:
+        return None
+    if args.token:
+        return str(args.token)
+    from xdsd.auth.tokens import TokenSigner
+
+    return TokenSigner.load_or_create(args.state_dir).issue(args.node_id, args.cluster)
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from xdsd.auth.tokens import TokenSigner
+
+    print(TokenSigner.load_or_create(args.state_dir).issue(args.node_id, args.cluster))
+    return 0
+
+
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
     from xdsd.bootstrap import BootstrapOptions, render_text
 
@@ -47,6 +65,10 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         ads=not args.no_ads,
         delta=args.delta,
+        token=_token(args),
+        xds_tls_ca=args.xds_tls_ca,
+        xds_tls_server_name=args.xds_tls_server_name,
+        inbound_address=args.inbound_address,
     )
     sys.stdout.write(render_text(opts, fmt=args.format))
     return 0
@@ -65,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debounce", type=float, default=0.05, metavar="SECONDS",
                    help="quiet period that coalesces bursts of changes (default 0.05)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help="CA root, token key (default $XDSD_STATE_DIR or ~/.local/state/xdsd)")
+    p.add_argument("--auth", choices=["required", "off"], default="required",
+                   help="require a valid node token on every xDS stream (default: required)")
+    p.add_argument("--ca-cert", type=Path, metavar="PEM", help="operator CA: signing certificate (+ chain)")
+    p.add_argument("--ca-key", type=Path, metavar="PEM", help="operator CA: private key of --ca-cert")
+    p.add_argument("--ca-bundle", type=Path, metavar="PEM", help="trust anchors (default: roots in --ca-cert)")
+    p.add_argument("--xds-tls-cert", type=Path, metavar="PEM", help="serve xDS over TLS with this certificate")
+    p.add_argument("--xds-tls-key", type=Path, metavar="PEM", help="private key of --xds-tls-cert")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="check a mesh config file and print its errors")
@@ -82,12 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use the standalone CDS/LDS (and EDS/RDS) services instead of ADS")
     p.add_argument("--delta", action="store_true", help="use the incremental (DELTA_GRPC) protocol variant")
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                   help="where the token key is (same default as `xdsd serve`)")
+    p.add_argument("--token", help="a node token minted earlier (`xdsd token`); default: mint one now")
+    p.add_argument("--no-token", action="store_true", help="omit the token (only for `serve --auth off`)")
+    p.add_argument("--xds-tls-ca", metavar="PEM", help="reach xdsd over TLS, verifying it with this CA file")
+    p.add_argument("--xds-tls-server-name", metavar="NAME", help="SNI / name to verify on xdsd's certificate")
+    p.add_argument("--inbound-address", metavar="IP",
+                   help="sidecars: the instance's mesh address (when the service config leaves it open)")
     p.set_defaults(func=_cmd_bootstrap)
+
+    p = sub.add_parser("token", help="mint a node token binding a node id to its service")
+    p.add_argument("--node-id", required=True)
+    p.add_argument("--cluster", required=True)
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
+    p.set_defaults(func=_cmd_token)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "state_dir", "absent") is None:
+        from xdsd.settings import default_state_dir
+
+        args.state_dir = default_state_dir()
     return int(args.func(args))
 
 

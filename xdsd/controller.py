@@ -4,12 +4,15 @@ revision is rejected, and remembers why it was."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from dataclasses import dataclass, field
 
+from xdsd.ca import IdentityStore
 from xdsd.cache import InconsistentSnapshot, SnapshotCache
 from xdsd.errors import FieldError, MeshError
+from xdsd.generators import required_identities
 from xdsd.model import Mesh
 from xdsd.observability.metrics import Metrics
 from xdsd.sources.file import FileSource
@@ -41,7 +44,10 @@ class ConfigStatus:
 
 
 class Controller:
-    def __init__(self, source: FileSource, cache: SnapshotCache, metrics: Metrics) -> None:
+    def __init__(
+        self, source: FileSource, cache: SnapshotCache, metrics: Metrics, identities: IdentityStore | None = None
+    ) -> None:
+        self.identities = identities
         self.source = source
         self.cache = cache
         self.metrics = metrics
@@ -66,6 +72,10 @@ class Controller:
         return True
 
     def _apply(self, mesh: Mesh) -> None:
+        if self.identities is not None:
+            self.identities.ensure(
+                mesh.mesh.trust_domain, required_identities(mesh), dt.timedelta(seconds=mesh.mesh.cert_lifetime)
+            )
         self.cache.set_mesh(mesh)
         self.status.revision = self.cache.revision
         self.status.loaded_at = time.time()
@@ -90,6 +100,13 @@ class Controller:
             keeping,
             "\n  ".join(str(e) for e in errors),
         )
+
+    def refresh(self) -> None:
+        """Regenerate from the current mesh (new certificates, same config)."""
+        if self.cache.mesh is not None:
+            self.cache.set_mesh(self.cache.mesh)
+            self.status.revision = self.cache.revision
+            self.metrics.config_revision.set(self.cache.revision)
 
     async def run(self, stop: asyncio.Event) -> None:
         async for _ in self.source.changes(stop):

@@ -63,8 +63,8 @@ def mesh_file(tmp_path: Path) -> MeshFile:
 def start_xdsd(tmp_path: Path) -> Iterator[Callable[..., XdsdProcess]]:
     started: list[XdsdProcess] = []
 
-    def start(config: Path, wait_ready: bool = True) -> XdsdProcess:
-        proc = XdsdProcess(config, tmp_path)
+    def start(config: Path, wait_ready: bool = True, extra_args: list[str] | None = None) -> XdsdProcess:
+        proc = XdsdProcess(config, tmp_path, extra_args=extra_args)
         started.append(proc)
         return proc.start(wait_ready)
 
@@ -77,7 +77,16 @@ def start_xdsd(tmp_path: Path) -> Iterator[Callable[..., XdsdProcess]]:
 def start_envoy(tmp_path: Path) -> Iterator[Callable[..., EnvoyProcess]]:
     started: list[EnvoyProcess] = []
 
-    def start(xdsd: XdsdProcess, node_id: str, cluster: str, mode: Mode | None = None, wait_live: bool = True) -> EnvoyProcess:
+    def start(
+        xdsd: XdsdProcess,
+        node_id: str,
+        cluster: str,
+        mode: Mode | None = None,
+        wait_live: bool = True,
+        token: str | None = "",
+        inbound_address: str | None = None,
+    ) -> EnvoyProcess:
+        """``token``: "" mints a valid one for (node_id, cluster); None sends none; else sent as given."""
         mode = mode or MODES[0]
         opts = BootstrapOptions(
             node_id=node_id,
@@ -87,6 +96,8 @@ def start_envoy(tmp_path: Path) -> Iterator[Callable[..., EnvoyProcess]]:
             admin_port=free_port(),
             ads=mode.ads,
             delta=mode.delta,
+            token=xdsd.token(node_id, cluster) if token == "" else token,
+            inbound_address=inbound_address,
         )
         envoy = EnvoyProcess(node_id, render(opts), tmp_path)
         started.append(envoy)

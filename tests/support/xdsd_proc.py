@@ -15,17 +15,24 @@ from tests.support.procs import Proc, free_port, wait_for
 
 
 class XdsdProcess:
-    def __init__(self, config_path: Path, workdir: Path, xds_port: int | None = None, admin_port: int | None = None) -> None:
+    def __init__(self, config_path: Path, workdir: Path, xds_port: int | None = None, admin_port: int | None = None,
+                 extra_args: list[str] | None = None) -> None:
         self.config_path = config_path
+        self.state_dir = workdir / "xdsd-state"
         self.xds_port = xds_port or free_port()
         self.admin_port = admin_port or free_port()
         self.proc = Proc(
             "xdsd",
             [sys.executable, "-m", "xdsd", "serve", "--config", str(config_path),
              "--xds-address", f"127.0.0.1:{self.xds_port}", "--admin-address", f"127.0.0.1:{self.admin_port}",
-             "--log-level", "debug"],
+             "--log-level", "debug", "--state-dir", str(self.state_dir), *(extra_args or [])],
             workdir / "xdsd.log",
         )
+
+    def token(self, node_id: str, cluster: str) -> str:
+        from xdsd.auth.tokens import TokenSigner
+
+        return TokenSigner.load_or_create(self.state_dir).issue(node_id, cluster)
 
     @property
     def xds_address(self) -> tuple[str, int]:

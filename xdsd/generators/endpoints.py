@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
-from xdsd.model import Mesh, Service
+from xdsd.model import Endpoint, Mesh
+from xdsd.model.fields import is_ip
 
 
-def load_assignment(name: str, service: Service) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignment(name: str, endpoints: list[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     by_zone: dict[str, endpoint_components_pb2.LocalityLbEndpoints] = {}
-    for ep in service.endpoints:
+    for ep in endpoints:
         zone = ep.zone or ""
         locality = by_zone.get(zone)
         if locality is None:
@@ -27,12 +28,15 @@ def load_assignment(name: str, service: Service) -> endpoint_pb2.ClusterLoadAssi
     return cla
 
 
-def uses_eds(service: Service) -> bool:
+def uses_eds(endpoints: list[Endpoint]) -> bool:
     """EDS carries IP addresses only; a service with host names becomes a STRICT_DNS cluster."""
-    from xdsd.model.fields import is_ip
-
-    return all(is_ip(ep.address) for ep in service.endpoints)
+    return all(is_ip(ep.address) for ep in endpoints)
 
 
 def generate(mesh: Mesh, services: list[str]) -> list[endpoint_pb2.ClusterLoadAssignment]:
-    return [load_assignment(name, mesh.services[name]) for name in services if uses_eds(mesh.services[name])]
+    out = []
+    for name in services:
+        endpoints = mesh.endpoints_of(name)
+        if uses_eds(endpoints):
+            out.append(load_assignment(name, endpoints))
+    return out

@@ -1,22 +1,29 @@
-"""LDS: listeners with an HTTP connection manager that takes its routes from RDS."""
+"""LDS: listeners with an HTTP connection manager (routes from RDS, or inline for inbound)."""
 
 from __future__ import annotations
 
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 
 from xdsd.generators.node import NodeGroup, config_source
+from xdsd.generators.tls import downstream_socket
 from xdsd.model import Gateway
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 ROUTER_FILTER = "envoy.filters.http.router"
 
 
-def http_connection_manager(stat_prefix: str, route_config: str, group: NodeGroup, *, edge: bool) -> hcm_pb2.HttpConnectionManager:
+def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | None = None,
+                            inline: route_pb2.RouteConfiguration | None = None,
+                            edge: bool = False) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix)
-    hcm.rds.config_source.CopyFrom(config_source(group))
-    hcm.rds.route_config_name = route_config
+    if rds is not None:
+        hcm.rds.config_source.CopyFrom(config_source(group))
+        hcm.rds.route_config_name = rds
+    elif inline is not None:
+        hcm.route_config.CopyFrom(inline)
     # Route on the normalized path so that `//x`, `/a/../x` and `%2F` cannot dodge a prefix.
     hcm.normalize_path.value = True
     hcm.merge_slashes = True
@@ -28,12 +35,35 @@ def http_connection_manager(stat_prefix: str, route_config: str, group: NodeGrou
     return hcm
 
 
-def gateway_listener(name: str, gateway: Gateway, group: NodeGroup) -> listener_pb2.Listener:
+def _listener(name: str, address: str, port: int, hcm: hcm_pb2.HttpConnectionManager) -> listener_pb2.Listener:
     listener = listener_pb2.Listener(name=name)
     sock = listener.address.socket_address
-    sock.address = gateway.listen.address
-    sock.port_value = gateway.listen.port
+    sock.address = address
+    sock.port_value = port
     chain = listener.filter_chains.add()
     f = chain.filters.add(name=HCM_FILTER)
-    f.typed_config.Pack(http_connection_manager(name, name, group, edge=True))
+    f.typed_config.Pack(hcm)
+    return listener
+
+
+def gateway_listener(name: str, gateway: Gateway, group: NodeGroup) -> listener_pb2.Listener:
+    hcm = http_connection_manager(name, group, rds=name, edge=True)
+    return _listener(name, gateway.listen.address, gateway.listen.port, hcm)
+
+
+def outbound_listener(upstream: str, port: int, route_name: str, group: NodeGroup) -> listener_pb2.Listener:
+    """The app's way out: plaintext on 127.0.0.1:<port>, never reachable from other machines."""
+    hcm = http_connection_manager(f"outbound_{upstream}", group, rds=route_name)
+    return _listener(f"outbound|{port}|{upstream}", "127.0.0.1", port, hcm)
+
+
+def inbound_listener(service: str, address: str, port: int, routes: route_pb2.RouteConfiguration,
+                     group: NodeGroup, own_id: str, trust_domain: str) -> listener_pb2.Listener:
+    """The way in: mTLS with a client certificate from the trust domain, then the local app.
+    The app learns the caller's SPIFFE ID from ``x-forwarded-client-cert`` (URI=...)."""
+    hcm = http_connection_manager(f"inbound_{service}", group, inline=routes)
+    hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+    hcm.set_current_client_cert_details.uri = True
+    listener = _listener(f"inbound|{port}", address, port, hcm)
+    listener.filter_chains[0].transport_socket.CopyFrom(downstream_socket(group, own_id, trust_domain))
     return listener

@@ -29,6 +29,12 @@ class NodeGroup:
     cluster: str
     transport: Transport = Transport.ADS
     xds_cluster: str = XDS_CLUSTER
+    # A sidecar instance may say where its inbound listener binds (node metadata), when the
+    # service's config leaves the address open.
+    inbound_address: str | None = None
+    # Standalone (non-ADS) nodes open more streams from config sources we generate; those must carry
+    # the node's credentials too, so its gRPC metadata is copied into them (such groups are per node).
+    initial_metadata: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.cluster}/{self.transport}"
@@ -48,5 +54,8 @@ def config_source(group: NodeGroup) -> config_source_pb2.ConfigSource:
     )
     api.transport_api_version = config_source_pb2.V3
     api.set_node_on_first_message_only = True
-    api.grpc_services.add().envoy_grpc.cluster_name = group.xds_cluster
+    service = api.grpc_services.add()
+    service.envoy_grpc.cluster_name = group.xds_cluster
+    for key, value in group.initial_metadata:
+        service.initial_metadata.add(key=key, value=value)
     return cs

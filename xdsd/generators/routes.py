@@ -1,4 +1,4 @@
-"""RDS: route configurations. A gateway's routes are matched in the order the config lists them."""
+"""RDS: route configurations. Routes are matched in the order the config lists them."""
 
 from __future__ import annotations
 
@@ -14,4 +14,29 @@ def gateway_routes(name: str, gateway: Gateway) -> route_pb2.RouteConfiguration:
         r = vhost.routes.add()
         r.match.prefix = route.prefix
         r.route.cluster = route.service
+    return rc
+
+
+def outbound_route_name(upstream: str) -> str:
+    return f"outbound|{upstream}"
+
+
+def outbound_routes(upstream: str) -> route_pb2.RouteConfiguration:
+    """What a sidecar's app reaches at 127.0.0.1:<port>: every request goes to ``upstream``."""
+    name = outbound_route_name(upstream)
+    rc = route_pb2.RouteConfiguration(name=name)
+    vhost = rc.virtual_hosts.add(name=upstream, domains=["*"])
+    r = vhost.routes.add()
+    r.match.prefix = "/"
+    r.route.cluster = upstream
+    return rc
+
+
+def inbound_routes(service: str, app_cluster: str) -> route_pb2.RouteConfiguration:
+    """Mesh traffic that passed mTLS goes to the local app."""
+    rc = route_pb2.RouteConfiguration(name=f"inbound|{service}")
+    vhost = rc.virtual_hosts.add(name=f"inbound|{service}", domains=["*"])
+    r = vhost.routes.add()
+    r.match.prefix = "/"
+    r.route.cluster = app_cluster
     return rc

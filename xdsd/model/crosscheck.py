@@ -4,7 +4,7 @@ not collide. A reference to an unknown service is an error here, never an Envoy 
 from __future__ import annotations
 
 from xdsd.errors import FieldError
-from xdsd.model.mesh import Mesh
+from xdsd.model.mesh import Mesh, Service
 
 
 def cross_check(mesh: Mesh) -> list[FieldError]:
@@ -22,6 +22,9 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
                 )
             else:
                 seen[key] = i
+
+    for name, service in mesh.services.items():
+        errors.extend(_check_sidecar(mesh, name, service))
 
     listens: dict[tuple[str, int], str] = {}
     for gname, gateway in mesh.gateways.items():
@@ -58,4 +61,38 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
                 )
             else:
                 prefixes[route.prefix] = i
+    return errors
+
+
+def _check_sidecar(mesh: Mesh, name: str, service: Service) -> list[FieldError]:
+    sc = service.sidecar
+    if sc is None:
+        return []
+    errors: list[FieldError] = []
+    path = f"services.{name}.sidecar"
+    for i, ep in enumerate(service.endpoints):
+        if ep.port != sc.inbound.port:
+            errors.append(
+                FieldError(
+                    f"services.{name}.endpoints[{i}].port",
+                    f"a service with a sidecar is reached on its inbound port {sc.inbound.port}, got {ep.port}",
+                )
+            )
+    local_ports: dict[int, str] = {}
+    if sc.app_address in ("127.0.0.1", "0.0.0.0"):
+        local_ports[sc.app_port] = "app_port"
+    for upstream, port in sc.upstreams.items():
+        if upstream not in mesh.services:
+            errors.append(FieldError(f"{path}.upstreams.{upstream}", f"unknown service {upstream!r}"))
+        elif upstream == name:
+            errors.append(FieldError(f"{path}.upstreams.{upstream}", "a service cannot be its own upstream"))
+        if port in local_ports:
+            errors.append(
+                FieldError(f"{path}.upstreams.{upstream}", f"port {port} on 127.0.0.1 is already {local_ports[port]}")
+            )
+        local_ports[port] = f"upstreams.{upstream}"
+    if sc.inbound.address in ("127.0.0.1", "0.0.0.0") and sc.inbound.port in local_ports:
+        errors.append(
+            FieldError(f"{path}.inbound.port", f"port {sc.inbound.port} is already {local_ports[sc.inbound.port]}")
+        )
     return errors

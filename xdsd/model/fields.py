@@ -98,3 +98,16 @@ def check_positive_duration(value: float) -> float:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(check_positive_duration)]
+
+
+_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
+
+
+def check_trust_domain(value: str) -> str:
+    # SPIFFE: the trust domain is lower-case letters, digits, dots and dashes.
+    if not _TRUST_DOMAIN_RE.match(value) or ".." in value:
+        raise ValueError(f"{value!r} is not a valid trust domain: use lower-case letters, digits, '.' and '-'")
+    return value
+
+
+TrustDomain = Annotated[StrictStr, AfterValidator(check_trust_domain)]

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from xdsd.model.fields import Host, IPAddress, Name, PathPrefix, Port, PositiveDuration, Weight
+from xdsd.model.fields import Host, IPAddress, Name, PathPrefix, Port, PositiveDuration, TrustDomain, Weight
 
 
 class _Model(BaseModel):
@@ -24,8 +24,26 @@ class Endpoint(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class Inbound(_Model):
+    """Where the sidecar accepts mesh traffic (mTLS): the instance's mesh address and port."""
+
+    address: IPAddress = "0.0.0.0"
+    port: Port
+
+
+class Sidecar(_Model):
+    """An Envoy next to each instance of the service: inbound mTLS to the app, outbound to upstreams."""
+
+    inbound: Inbound
+    app_port: Port
+    app_address: IPAddress = "127.0.0.1"
+    # upstream service -> local port: the app calls http://127.0.0.1:<port> to reach that service
+    upstreams: dict[Name, Port] = Field(default_factory=dict)
+
+
 class Service(_Model):
     endpoints: list[Endpoint] = Field(default_factory=list)
+    sidecar: Sidecar | None = None
     # HTTP protocol spoken by the service's instances.
     protocol: Literal["http1", "http2"] = "http1"
     connect_timeout: PositiveDuration = 1.0
@@ -48,12 +66,27 @@ class Gateway(_Model):
     routes: list[GatewayRoute] = Field(default_factory=list)
 
 
+class MeshSettings(_Model):
+    trust_domain: TrustDomain = "mesh.local"
+    # Lifetime of the X.509 SVIDs the built-in CA issues; each is rotated at half its life.
+    cert_lifetime: PositiveDuration = 3600.0
+
+
 class Mesh(_Model):
+    mesh: MeshSettings = Field(default_factory=MeshSettings)
     services: dict[Name, Service] = Field(default_factory=dict)
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
 
+    def endpoints_of(self, name: str) -> list[Endpoint]:
+        """A service's endpoints; a service with a sidecar on a fixed inbound address and no listed
+        endpoints has exactly that one (the instance's inbound address)."""
+        service = self.services[name]
+        if service.endpoints or service.sidecar is None or service.sidecar.inbound.address in ("0.0.0.0", "::"):
+            return list(service.endpoints)
+        return [Endpoint(address=service.sidecar.inbound.address, port=service.sidecar.inbound.port)]
+
     def summary(self) -> str:
-        endpoints = sum(len(s.endpoints) for s in self.services.values())
+        endpoints = sum(len(self.endpoints_of(n)) for n in self.services)
         routes = sum(len(g.routes) for g in self.gateways.values())
         return (
             f"{len(self.services)} services, {endpoints} endpoints, "

@@ -78,7 +78,7 @@ class Metrics:
         self.connected_proxies.set(len(self._nodes))
 
     def stream_refused(self, reason: str, peer: str) -> None:
-        self.streams_refused.labels(reason).inc()
+        self.streams_refused.labels(reason.split(":", 1)[0]).inc()
 
     def response_sent(self, stream: Stream, type_url: str, version: str, size: int, count: int, latency: float) -> None:
         t = typeurls.short(type_url)

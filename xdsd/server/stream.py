@@ -24,12 +24,23 @@ from xdsd.server.subscriptions import DeltaState, SotwState, TypeState
 
 _stream_ids = itertools.count(1)
 
+# gRPC metadata a standalone-services node must also send on the streams our config sources open.
+PROPAGATED_METADATA = ("x-xdsd-token",)
+
 # How long LDS/RDS may wait for the endpoints of new clusters before they are sent anyway.
 EDS_GATE_SECONDS = 3.0
 
 
 class ProtocolError(Exception):
     """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
+
+
+class Refused(Exception):
+    """The client did not prove who it is; the stream ends with PERMISSION_DENIED."""
+
+
+# (node, gRPC metadata) -> None when the node may be served, else the reason it may not.
+Authenticator = Callable[[base_pb2.Node, dict[str, str]], str | None]
 
 
 @dataclass(slots=True)
@@ -47,8 +58,12 @@ class Stream:
         delta: bool,
         fixed_type: str | None,
         peer: str,
+        metadata: dict[str, str] | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.id = next(_stream_ids)
+        self.metadata = metadata or {}
+        self.authenticator = authenticator
         self.cache = cache
         self.observer = observer
         self.delta = delta
@@ -86,12 +101,26 @@ class Stream:
         """The first request carries the node (set_node_on_first_message_only); it decides the group."""
         if not node.id:
             raise ProtocolError("the first request of a stream must carry node.id")
+        if self.authenticator is not None:
+            reason = self.authenticator(node, self.metadata)
+            if reason is not None:
+                raise Refused(reason)
         self.node = node
         xds_cluster = "xds_cluster"
         fields = node.metadata.fields
         if "xdsd.xds_cluster" in fields and fields["xdsd.xds_cluster"].string_value:
             xds_cluster = fields["xdsd.xds_cluster"].string_value
-        self.group = NodeGroup(cluster=node.cluster, transport=self.transport, xds_cluster=xds_cluster)
+        inbound = fields["xdsd.inbound_address"].string_value if "xdsd.inbound_address" in fields else None
+        carried: tuple[tuple[str, str], ...] = ()
+        if not self.ads:
+            carried = tuple((k, self.metadata[k]) for k in PROPAGATED_METADATA if k in self.metadata)
+        self.group = NodeGroup(
+            cluster=node.cluster,
+            transport=self.transport,
+            xds_cluster=xds_cluster,
+            inbound_address=inbound or None,
+            initial_metadata=carried,
+        )
         self.cache.watch(self.group, self._on_snapshot)
         self.snapshot = self.cache.snapshot(self.group)
         self.observer.stream_opened(self)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,7 +16,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from xdsd import typeurls
 from xdsd.cache import SnapshotCache
 from xdsd.server.observer import NullObserver, StreamObserver
-from xdsd.server.stream import ProtocolError, Stream
+from xdsd.server.stream import Authenticator, ProtocolError, Refused, Stream
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ SERVICES: tuple[tuple[str, str, str, str | None], ...] = (
     ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", "DeltaEndpoints", typeurls.ENDPOINT),
     ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", "DeltaListeners", typeurls.LISTENER),
     ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", "DeltaRoutes", typeurls.ROUTE),
+    ("envoy.service.secret.v3.SecretDiscoveryService", "StreamSecrets", "DeltaSecrets", typeurls.SECRET),
 )
 
 
@@ -35,8 +38,12 @@ def _identity(payload: bytes) -> bytes:
 class XdsServer:
     """Runs the protocol for every stream; holds the registry of open streams for status pages."""
 
-    def __init__(self, cache: SnapshotCache, observer: StreamObserver | None = None) -> None:
+    def __init__(
+        self, cache: SnapshotCache, observer: StreamObserver | None = None, authenticator: Authenticator | None = None
+    ) -> None:
         self.cache = cache
+        self.authenticator = authenticator
+        self.refusals: deque[dict[str, object]] = deque(maxlen=100)
         self.observer: StreamObserver = observer or NullObserver()
         self.streams: dict[int, Stream] = {}
         self.nodes: dict[str, set[Stream]] = {}  # node id -> its open streams
@@ -66,7 +73,7 @@ class XdsServer:
 
     def _sotw_handler(self, fixed: str | None) -> Callable[..., AsyncIterator[bytes]]:
         async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            stream = Stream(self.cache, self.observer, delta=False, fixed_type=fixed, peer=context.peer())
+            stream = self._stream(context, fixed, False)
             async for payload in self._run(stream, requests, context, stream.on_sotw_request):
                 yield payload
 
@@ -74,11 +81,23 @@ class XdsServer:
 
     def _delta_handler(self, fixed: str | None) -> Callable[..., AsyncIterator[bytes]]:
         async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            stream = Stream(self.cache, self.observer, delta=True, fixed_type=fixed, peer=context.peer())
+            stream = self._stream(context, fixed, True)
             async for payload in self._run(stream, requests, context, stream.on_delta_request):
                 yield payload
 
         return handler
+
+    def _stream(self, context: grpc.aio.ServicerContext, fixed: str | None, delta: bool) -> Stream:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        return Stream(
+            self.cache,
+            self.observer,
+            delta=delta,
+            fixed_type=fixed,
+            peer=context.peer(),
+            metadata=metadata,
+            authenticator=self.authenticator,
+        )
 
     async def _run(
         self,
@@ -93,7 +112,7 @@ class XdsServer:
             try:
                 async for req in requests:
                     on_request(req)
-            except ProtocolError as exc:
+            except (ProtocolError, Refused) as exc:
                 error.append(exc)
             except (asyncio.CancelledError, grpc.aio.AioRpcError):
                 pass
@@ -111,7 +130,11 @@ class XdsServer:
                 await stream.wake.wait()
                 stream.wake.clear()
                 if error:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error[0]))
+                    exc = error[0]
+                    if isinstance(exc, Refused):
+                        self._refused(stream, str(exc))
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"xdsd: {exc}")
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 if stream.ended:
                     return
                 if stream.node is not None and stream.id not in self._registered:
@@ -149,6 +172,11 @@ class XdsServer:
                     for other in peers:
                         other.wake.set()
             stream.close()
+
+    def _refused(self, stream: Stream, reason: str) -> None:
+        log.warning("refused xDS stream from %s: %s", stream.peer, reason)
+        self.observer.stream_refused(reason, stream.peer)
+        self.refusals.append({"at": time.time(), "peer": stream.peer, "reason": reason})
 
     def status(self) -> list[dict[str, object]]:
         """One entry per connected node; a node on the standalone services has several streams."""
