@@ -52,8 +52,8 @@ def test_repointing_a_route_and_deleting_the_old_cluster_drops_nothing(
                 30,
             )
             n = len(traffic.results)
-            wait_for(lambda a=app: any(r.app == a for r in traffic.results[n:]), f"traffic on {app}", 15)
-            wait_for(lambda: len(traffic.results) > n + 50, "more traffic", 15)
+            wait_for(lambda a=app, n=n: any(r.app == a for r in traffic.results[n:]), f"traffic on {app}", 15)
+            wait_for(lambda n=n: len(traffic.results) > n + 50, "more traffic", 15)
     failures = traffic.failures()
     assert len(traffic.results) > 400
     assert failures == [], f"{len(failures)} of {len(traffic.results)} requests failed: {failures[:5]}"

@@ -35,6 +35,9 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
             node["config_error"] = status.last_error or None
         return web.json_response(nodes)
 
+    async def refused(_: web.Request) -> web.Response:
+        return web.json_response(list(server.refusals))
+
     async def config(_: web.Request) -> web.Response:
         return web.json_response(controller.status.as_json())
 
@@ -44,4 +47,5 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/debug/proxies", proxies)
     app.router.add_get("/debug/config", config)
+    app.router.add_get("/debug/refused", refused)
     return app
