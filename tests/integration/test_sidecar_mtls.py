@@ -255,3 +255,90 @@ def test_a_node_without_a_valid_token_gets_no_configuration_and_no_secret(
         for key in ("dynamic_active_clusters", "dynamic_listeners", "dynamic_active_secrets", "dynamic_warming_secrets"):
             assert not section.get(key), f"{key} should be empty: {section.get(key)}"
     assert "refused xDS stream" in xdsd.log_tail(200)
+
+
+@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
+def test_a_gateway_originates_mtls_to_a_sidecar_service(
+    mesh_file: MeshFile,
+    start_xdsd: Callable[..., XdsdProcess],
+    start_envoy: Callable[..., EnvoyProcess],
+    start_upstreams: Callable[[dict[str, str]], Upstreams],
+    mode: Mode,
+) -> None:
+    ups = start_upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3", "ratings": "127.0.0.4"})
+    inbound, gw_port = free_port("127.0.0.3"), free_port()
+    mesh_file.write(
+        mesh_yaml(ups, inbound, free_port())
+        + f"gateways:\n  edge:\n    listen: {{address: 127.0.0.1, port: {gw_port}}}\n"
+        + "    routes: [{prefix: /, service: reviews}]\n"
+    )
+    xdsd = start_xdsd(mesh_file.path)
+    start_envoy(xdsd, "reviews-1", "reviews", mode)
+    start_envoy(xdsd, "edge-1", "edge", mode)
+    url = f"http://127.0.0.1:{gw_port}/r"
+    wait_for(lambda: send_requests(url, 1)[0].app == "reviews", "edge -> reviews sidecar -> app", 30)
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=5)
+    conn.request("GET", "/r")
+    body = json.loads(conn.getresponse().read())
+    xfcc = {k.lower(): v for k, v in body["headers"].items()}["x-forwarded-client-cert"]
+    assert f"URI=spiffe://{TD}/gateway/edge" in xfcc
+
+
+def _server_cert(where: Path) -> tuple[Path, Path]:
+    """A TLS server certificate for 127.0.0.1 from a throwaway CA; returns (cert, key), CA at where/ca.pem."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca = CertificateAuthority.load_or_create(where / "xds-ca", "xds")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "xdsd")]))
+        .issuer_name(ca.signing_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca.signing_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path, key_path = where / "xds.pem", where / "xds.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (where / "ca.pem").write_bytes(ca.bundle_pem)
+    return cert_path, key_path
+
+
+def test_the_xds_port_can_be_served_over_tls(
+    mesh_file: MeshFile,
+    start_xdsd: Callable[..., XdsdProcess],
+    start_upstreams: Callable[[dict[str, str]], Upstreams],
+    tmp_path: Path,
+) -> None:
+    from xdsd.bootstrap import BootstrapOptions, render
+
+    ups = start_upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3", "ratings": "127.0.0.4"})
+    out_port = free_port()
+    mesh_file.write(mesh_yaml(ups, free_port("127.0.0.3"), out_port))
+    cert, key = _server_cert(tmp_path)
+    xdsd = start_xdsd(mesh_file.path, extra_args=["--xds-tls-cert", str(cert), "--xds-tls-key", str(key)])
+    envoys = []
+    for name in ("productpage", "reviews"):
+        opts = BootstrapOptions(
+            node_id=f"{name}-1", cluster=name, xds_port=xdsd.xds_port, admin_port=free_port(),
+            token=xdsd.token(f"{name}-1", name), xds_tls_ca=str(tmp_path / "ca.pem"),
+        )
+        envoys.append(EnvoyProcess(name, render(opts), tmp_path).start())
+    try:
+        wait_for(lambda: send_requests(f"http://127.0.0.1:{out_port}/x", 1)[0].app == "reviews", "the mesh over TLS xDS", 30)
+        assert envoys[0].stat("cluster.xds_cluster.ssl.handshake") >= 1
+    finally:
+        for e in envoys:
+            e.stop()
