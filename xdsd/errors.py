@@ -28,6 +28,8 @@ def format_loc(loc: tuple[object, ...]) -> str:
     """``('services', 'reviews', 'endpoints', 1, 'port')`` -> ``services.reviews.endpoints[1].port``."""
     out = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for "the key itself was invalid"
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:

@@ -6,7 +6,7 @@ import ipaddress
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, BeforeValidator, StrictInt, StrictStr
+from pydantic import AfterValidator, BeforeValidator, PlainSerializer, StrictInt, StrictStr
 
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -96,8 +96,15 @@ def check_positive_duration(value: float) -> float:
     return value
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(check_positive_duration)]
+def format_duration(seconds: float) -> str:
+    """Seconds -> a duration string that ``parse_duration`` reads back (``"0.25s"``, ``"3600s"``)."""
+    return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+PositiveDuration = Annotated[
+    float, BeforeValidator(parse_duration), AfterValidator(check_positive_duration), PlainSerializer(format_duration)
+]
 
 
 _TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?$")
