@@ -13,10 +13,12 @@ from pathlib import Path
 import grpc
 import prometheus_client
 from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from xdsd.admin.http import make_app
 from xdsd.auth.node import token_authenticator
 from xdsd.auth.tokens import TokenSigner
+from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
@@ -54,8 +56,10 @@ class App:
         if args.auth == "required":
             authenticator = token_authenticator(TokenSigner.load_or_create(state_dir))
         self.server = XdsServer(self.cache, self.metrics, authenticator)
+        self.authz = AuthorizationServicer(self.metrics.authz_decision)
         self.controller = Controller(
-            FileSource(args.config, debounce=args.debounce), self.cache, self.metrics, self.identities
+            FileSource(args.config, debounce=args.debounce), self.cache, self.metrics, self.identities,
+            on_mesh=self.authz.set_mesh,
         )
         self.xds_address: tuple[str, int] = args.xds_address
         self.admin_address: tuple[str, int] = args.admin_address
@@ -89,6 +93,7 @@ class App:
         self.controller.reload()  # before any port opens: nothing is served before a valid config
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         grpc_server.add_generic_rpc_handlers(self.server.handlers())
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, grpc_server)
         host, port = self.xds_address
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         creds = self._credentials()

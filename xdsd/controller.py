@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xdsd.ca import IdentityStore
@@ -45,9 +46,15 @@ class ConfigStatus:
 
 class Controller:
     def __init__(
-        self, source: FileSource, cache: SnapshotCache, metrics: Metrics, identities: IdentityStore | None = None
+        self,
+        source: FileSource,
+        cache: SnapshotCache,
+        metrics: Metrics,
+        identities: IdentityStore | None = None,
+        on_mesh: Callable[[Mesh], None] | None = None,
     ) -> None:
         self.identities = identities
+        self.on_mesh = on_mesh
         self.source = source
         self.cache = cache
         self.metrics = metrics
@@ -77,6 +84,8 @@ class Controller:
                 mesh.mesh.trust_domain, required_identities(mesh), dt.timedelta(seconds=mesh.mesh.cert_lifetime)
             )
         self.cache.set_mesh(mesh)
+        if self.on_mesh is not None:
+            self.on_mesh(mesh)  # same revision for the authorization service
         self.status.revision = self.cache.revision
         self.status.loaded_at = time.time()
         self.status.summary = mesh.summary()

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+from envoy.config.core.v3 import config_source_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.type.v3 import http_status_pb2
 
 from xdsd.generators.node import NodeGroup, config_source
 from xdsd.generators.tls import downstream_socket
 from xdsd.model import Gateway
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+AUTHZ_TIMEOUT_MS = 500
 ROUTER_FILTER = "envoy.filters.http.router"
+
+
+def ext_authz_filter(group: NodeGroup) -> hcm_pb2.HttpFilter:
+    """Ask xdsd (over the node's own xDS cluster) for every request; deny if it cannot answer."""
+    authz = ext_authz_pb2.ExtAuthz(transport_api_version=config_source_pb2.V3, failure_mode_allow=False)
+    authz.grpc_service.envoy_grpc.cluster_name = group.xds_cluster
+    authz.grpc_service.timeout.FromMilliseconds(AUTHZ_TIMEOUT_MS)
+    authz.status_on_error.code = http_status_pb2.Forbidden
+    f = hcm_pb2.HttpFilter(name=EXT_AUTHZ_FILTER)
+    f.typed_config.Pack(authz)
+    return f
 
 
 def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | None = None,
                             inline: route_pb2.RouteConfiguration | None = None,
-                            edge: bool = False) -> hcm_pb2.HttpConnectionManager:
+                            edge: bool = False, authz: bool = False) -> hcm_pb2.HttpConnectionManager:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix)
     if rds is not None:
         hcm.rds.config_source.CopyFrom(config_source(group))
@@ -27,9 +43,12 @@ def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | No
     # Route on the normalized path so that `//x`, `/a/../x` and `%2F` cannot dodge a prefix.
     hcm.normalize_path.value = True
     hcm.merge_slashes = True
-    hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.UNESCAPE_AND_REDIRECT
+    # %2F and %5C become slashes before normalization, so `/%2Fadmin` is seen (and authorized) as `/admin`.
+    hcm.path_with_escaped_slashes_action = hcm_pb2.HttpConnectionManager.UNESCAPE_AND_FORWARD
     if edge:
         hcm.use_remote_address.value = True
+    if authz:
+        hcm.http_filters.append(ext_authz_filter(group))
     router = hcm.http_filters.add(name=ROUTER_FILTER)
     router.typed_config.Pack(router_pb2.Router())
     return hcm
@@ -61,7 +80,7 @@ def inbound_listener(service: str, address: str, port: int, routes: route_pb2.Ro
                      group: NodeGroup, own_id: str, trust_domain: str) -> listener_pb2.Listener:
     """The way in: mTLS with a client certificate from the trust domain, then the local app.
     The app learns the caller's SPIFFE ID from ``x-forwarded-client-cert`` (URI=...)."""
-    hcm = http_connection_manager(f"inbound_{service}", group, inline=routes)
+    hcm = http_connection_manager(f"inbound_{service}", group, inline=routes, authz=True)
     hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
     hcm.set_current_client_cert_details.uri = True
     listener = _listener(f"inbound|{port}", address, port, hcm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 
 from xdsd.model import Gateway
 
@@ -39,4 +40,8 @@ def inbound_routes(service: str, app_cluster: str) -> route_pb2.RouteConfigurati
     r = vhost.routes.add()
     r.match.prefix = "/"
     r.route.cluster = app_cluster
+    # Tell the authorization service which service this is (the destination of the request).
+    per_route = ext_authz_pb2.ExtAuthzPerRoute()
+    per_route.check_settings.context_extensions["xdsd.service"] = service
+    r.typed_per_filter_config["envoy.filters.http.ext_authz"].Pack(per_route)
     return rc

@@ -4,7 +4,7 @@ not collide. A reference to an unknown service is an error here, never an Envoy 
 from __future__ import annotations
 
 from xdsd.errors import FieldError
-from xdsd.model.mesh import Mesh, Service
+from xdsd.model.mesh import Mesh, Policy, Service
 
 
 def cross_check(mesh: Mesh) -> list[FieldError]:
@@ -25,6 +25,9 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
 
     for name, service in mesh.services.items():
         errors.extend(_check_sidecar(mesh, name, service))
+
+    for name, policy in mesh.authorization.items():
+        errors.extend(_check_policy(mesh, name, policy))
 
     listens: dict[tuple[str, int], str] = {}
     for gname, gateway in mesh.gateways.items():
@@ -95,4 +98,36 @@ def _check_sidecar(mesh: Mesh, name: str, service: Service) -> list[FieldError]:
         errors.append(
             FieldError(f"{path}.inbound.port", f"port {sc.inbound.port} is already {local_ports[sc.inbound.port]}")
         )
+    return errors
+
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+
+
+def _check_policy(mesh: Mesh, name: str, policy: Policy) -> list[FieldError]:
+    errors: list[FieldError] = []
+    path = f"authorization.{name}"
+    if name not in mesh.services:
+        errors.append(FieldError(path, f"unknown service {name!r}"))
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(policy.rules):
+        rpath = f"{path}.rules[{i}]"
+        if rule.name in seen:
+            errors.append(FieldError(f"{rpath}.name", f"duplicate rule name {rule.name!r} (same as rules[{seen[rule.name]}])"))
+        seen.setdefault(rule.name, i)
+        if (rule.allow is None) == (rule.deny is None):
+            errors.append(FieldError(rpath, "a rule has exactly one of 'allow' or 'deny'"))
+            continue
+        kind = "allow" if rule.allow is not None else "deny"
+        match = rule.allow or rule.deny
+        assert match is not None
+        for j, caller in enumerate(match.from_):
+            if not caller.startswith("spiffe://") and caller not in mesh.services and caller not in mesh.gateways:
+                errors.append(FieldError(f"{rpath}.{kind}.from[{j}]", f"unknown service {caller!r} (or give a spiffe:// principal)"))
+        for j, method in enumerate(match.methods):
+            if method.upper() not in _METHODS:
+                errors.append(FieldError(f"{rpath}.{kind}.methods[{j}]", f"unknown HTTP method {method!r}"))
+        for j, p in enumerate(match.paths):
+            if p != "*" and (not p.startswith("/") or "*" in p[:-1]):
+                errors.append(FieldError(f"{rpath}.{kind}.paths[{j}]", f"{p!r}: use an exact path, a prefix ending in '*', or '*'"))
     return errors

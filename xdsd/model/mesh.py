@@ -11,7 +11,7 @@ from xdsd.model.fields import Host, IPAddress, Name, PathPrefix, Port, PositiveD
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, populate_by_name=True)
 
 
 class Endpoint(_Model):
@@ -76,6 +76,8 @@ class Mesh(_Model):
     mesh: MeshSettings = Field(default_factory=MeshSettings)
     services: dict[Name, Service] = Field(default_factory=dict)
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
+    # Per destination service: who may call it, with which methods and paths (ext_authz).
+    authorization: dict[Name, Policy] = Field(default_factory=dict)
 
     def endpoints_of(self, name: str) -> list[Endpoint]:
         """A service's endpoints; a service with a sidecar on a fixed inbound address and no listed
@@ -92,3 +94,32 @@ class Mesh(_Model):
             f"{len(self.services)} services, {endpoints} endpoints, "
             f"{len(self.gateways)} gateways, {routes} routes"
         )
+
+
+class Match(_Model):
+    """What a rule matches; every field left out matches anything. All given fields must match."""
+
+    # Callers: service names (their SPIFFE IDs) or raw principals (``spiffe://...``).
+    from_: list[str] = Field(default_factory=list, alias="from")
+    methods: list[str] = Field(default_factory=list)
+    # Exact paths, or prefixes written with a trailing ``*`` (``/reviews/*``); ``*`` alone is any path.
+    paths: list[str] = Field(default_factory=list)
+    # Request headers that must be present with exactly these values (names are case-insensitive).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class Rule(_Model):
+    name: Name
+    allow: Match | None = None
+    deny: Match | None = None
+    # A dry-run rule is evaluated, logged, counted and reported in a response header, but never
+    # changes the decision.
+    dry_run: bool = False
+
+
+class Policy(_Model):
+    default: Literal["allow", "deny"] = "deny"
+    rules: list[Rule] = Field(default_factory=list)
+
+
+Mesh.model_rebuild()

@@ -58,10 +58,24 @@ class Metrics:
             "xdsd_config_last_load_valid", "1 if the last load of the mesh config was valid, else 0", registry=r
         )
         self.ready = Gauge("xdsd_ready", "1 once a complete valid config is loaded and served", registry=r)
+        self.authz_decisions = Counter(
+            "xdsd_authz_decisions", "Authorization decisions", ["service", "rule", "outcome"], registry=r
+        )
+        self.authz_latency = Histogram(
+            "xdsd_authz_decision_seconds",
+            "Time to evaluate one authorization request",
+            buckets=(0.00001, 0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01),
+            registry=r,
+        )
         self._nodes: _Counter[str] = _Counter()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def authz_decision(self, service: str, rule: str, outcome: str, seconds: float) -> None:
+        self.authz_decisions.labels(service, rule, outcome).inc()
+        if not outcome.startswith("dry-run"):
+            self.authz_latency.observe(seconds)
 
     # -- StreamObserver -------------------------------------------------------------------
 

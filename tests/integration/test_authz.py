@@ -1,0 +1,180 @@
+"""ext_authz with real Envoys: sidecars ask xdsd whether the (mTLS-authenticated) caller may make
+this request; principals are real SPIFFE IDs from the peers' certificates."""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import MODES, MeshFile, Mode
+from tests.support.envoy import EnvoyProcess
+from tests.support.procs import free_port, wait_for
+from tests.support.upstream import Upstreams
+from tests.support.xdsd_proc import XdsdProcess
+from xdsd.ca import CertificateAuthority
+
+TD = "example.org"
+ADS_MODES = [m for m in MODES if m.ads]
+
+POLICY = """
+authorization:
+  reviews:
+    default: deny
+    rules:
+      - {name: pp-read, allow: {from: [productpage], methods: [GET], paths: ["/reviews/*"]}}
+      - {name: no-admin, deny: {paths: [/admin, "/admin/*"]}}
+      - {name: pp-everything, allow: {from: [productpage], methods: [GET], paths: ["/admin", "/admin/*"]}}
+      - {name: ratings-probe, dry_run: true, allow: {from: [ratings]}}
+"""
+
+
+@dataclass
+class AuthzMesh:
+    ups: Upstreams
+    xdsd: XdsdProcess
+    mesh_file: MeshFile
+    inbound_port: int
+    pp_out: int
+    ratings_out: int
+    text: str
+
+    def get(self, out_port: int, path: str, method: str = "GET") -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", out_port, timeout=5)
+        try:
+            conn.request(method, path)
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+
+def mesh_text(ups: Upstreams, inbound: int, pp_out: int, ratings_out: int, policy: str = POLICY) -> str:
+    return f"""
+mesh: {{trust_domain: {TD}}}
+services:
+  productpage:
+    sidecar: {{inbound: {{address: 127.0.0.2, port: {inbound}}}, app_address: 127.0.0.2, app_port: {ups.addresses["productpage"][1]}, upstreams: {{reviews: {pp_out}}}}}
+  reviews:
+    sidecar: {{inbound: {{address: 127.0.0.3, port: {inbound}}}, app_address: 127.0.0.3, app_port: {ups.addresses["reviews"][1]}}}
+  ratings:
+    sidecar: {{inbound: {{address: 127.0.0.4, port: {inbound}}}, app_address: 127.0.0.4, app_port: {ups.addresses["ratings"][1]}, upstreams: {{reviews: {ratings_out}}}}}
+{policy}"""
+
+
+@pytest.fixture
+def make_mesh(
+    mesh_file: MeshFile,
+    start_xdsd: Callable[..., XdsdProcess],
+    start_envoy: Callable[..., EnvoyProcess],
+    start_upstreams: Callable[[dict[str, str]], Upstreams],
+) -> Callable[[Mode], AuthzMesh]:
+    def make(mode: Mode) -> AuthzMesh:
+        ups = start_upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3", "ratings": "127.0.0.4"})
+        inbound, pp_out, ratings_out = free_port("127.0.0.3"), free_port(), free_port()
+        text = mesh_text(ups, inbound, pp_out, ratings_out)
+        mesh_file.write(text)
+        xdsd = start_xdsd(mesh_file.path)
+        for name in ("productpage", "reviews", "ratings"):
+            start_envoy(xdsd, f"{name}-1", name, mode)
+        m = AuthzMesh(ups, xdsd, mesh_file, inbound, pp_out, ratings_out, text)
+        wait_for(lambda: m.get(pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
+        return m
+
+    return make
+
+
+@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
+def test_who_may_call_what(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -> None:
+    m = make_mesh(mode)
+    assert m.get(m.pp_out, "/reviews/1")[0] == 200
+    status, body = m.get(m.ratings_out, "/reviews/1")
+    assert status == 403 and "access denied by xdsd" in body and "rule default" in body
+    status, body = m.get(m.pp_out, "/admin")
+    assert status == 403 and "rule no-admin" in body  # deny wins over productpage's allow
+    assert m.get(m.pp_out, "/admin/users")[0] == 403
+    assert m.get(m.pp_out, "/reviews/1", method="POST")[0] == 403
+    allowed = m.xdsd.metric_value("xdsd_authz_decisions_total", {"service": "reviews", "rule": "pp-read", "outcome": "allow"})
+    denied = m.xdsd.metric_value("xdsd_authz_decisions_total", {"service": "reviews", "rule": "no-admin", "outcome": "deny"})
+    assert allowed >= 1 and denied >= 2
+    # The dry-run rule matched ratings' request: counted, but it did not allow it.
+    assert m.xdsd.metric_value("xdsd_authz_decisions_total", {"rule": "ratings-probe", "outcome": "dry-run-allow"}) >= 1
+
+
+def _raw_tls(port: int, request: bytes, cert: Path, key: Path) -> int:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(str(cert), str(key))
+    with socket.create_connection(("127.0.0.3", port), timeout=5) as raw, ctx.wrap_socket(raw) as tls:
+        tls.sendall(request)
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+
+
+@pytest.mark.parametrize("mode", ADS_MODES[:1], ids=[m.id for m in ADS_MODES[:1]])
+def test_path_confusion_cannot_reach_admin(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode, tmp_path: Path) -> None:
+    m = make_mesh(mode)
+    # Straight at reviews' inbound listener, as productpage (a client certificate from xdsd's CA),
+    # so that nothing but the inbound sidecar normalizes the path.
+    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
+    svid = ca.issue(f"spiffe://{TD}/service/productpage", dt.timedelta(minutes=5))
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(svid.cert_chain_pem)
+    key.write_bytes(svid.key_pem)
+    before = m.ups.stats("reviews")
+    assert _raw_tls(m.inbound_port, b"GET /reviews/1 HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n", cert, key) == 200
+    for path in ["/admin", "//admin", "/x/../admin", "/%61dmin", "/%2Fadmin", "/%2fadmin/", "/reviews/../admin", "/./admin"]:
+        status = _raw_tls(m.inbound_port, f"GET {path} HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n".encode(), cert, key)
+        assert status in (400, 403), f"{path} got {status}"
+        out_status = m.get(m.pp_out, path)[0]
+        assert out_status in (400, 403), f"{path} via the outbound listener got {out_status}"
+    assert m.ups.stats("reviews") == before + 1  # only the one allowed request reached the app
+
+
+@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
+def test_fail_closed_while_the_authz_service_is_down(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -> None:
+    m = make_mesh(mode)
+    m.xdsd.kill()
+    statuses = [m.get(m.pp_out, "/reviews/1")[0] for _ in range(5)]
+    assert statuses == [403] * 5
+    m.xdsd.start()
+    wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "requests to pass again", 30)
+
+
+@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
+def test_a_live_policy_edit_changes_decisions(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -> None:
+    m = make_mesh(mode)
+    assert m.get(m.ratings_out, "/reviews/1")[0] == 403
+    m.mesh_file.write(m.text.replace("{name: ratings-probe, dry_run: true, allow: {from: [ratings]}}",
+                                     "{name: ratings-read, allow: {from: [ratings], methods: [GET]}}"))
+    wait_for(lambda: m.get(m.ratings_out, "/reviews/1")[0] == 200, "ratings to be allowed", 15)
+    # An invalid edit (unknown service in `from`) is refused; decisions stay as they were.
+    m.mesh_file.write(m.text.replace("from: [ratings]}", "from: [ghost]}"))
+    wait_for(lambda: m.xdsd.metric_value("xdsd_config_rejections_total") >= 1, "the rejection", 15)
+    assert m.get(m.ratings_out, "/reviews/1")[0] == 200
+
+
+def test_odd_requests_get_a_decision_not_a_crash(make_mesh: Callable[[Mode], AuthzMesh]) -> None:
+    m = make_mesh(MODES[0])
+    many = {f"x-h{i}": "v" * 50 for i in range(90)}
+    conn = http.client.HTTPConnection("127.0.0.1", m.pp_out, timeout=5)
+    conn.request("GET", "/reviews/1", headers=many)
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert m.get(m.pp_out, "/reviews/" + "a" * 12000)[0] in (200, 400, 403, 414, 431)
+    assert m.get(m.pp_out, "/reviews/%00%ff%c3%28?q=%ff")[0] in (200, 400, 403)
+    with socket.create_connection(("127.0.0.1", m.pp_out), timeout=5) as s:
+        s.sendall(b"GET /reviews/1 HTTP/1.1\r\nhost: r\r\nx-bytes: caf\xc3\xa9 \xff\xfe\x80\r\nconnection: close\r\n\r\n")
+        data = s.recv(65536)
+    assert data.startswith(b"HTTP/1.1 ")
+    assert m.xdsd.http_status("/healthz") == 200
+    assert m.get(m.pp_out, "/reviews/1")[0] == 200

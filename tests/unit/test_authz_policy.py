@@ -1,0 +1,75 @@
+"""Authorization semantics, evaluated without Envoy: deny wins, then allow, then the default."""
+
+from __future__ import annotations
+
+from envoy.service.auth.v3 import external_auth_pb2
+
+from xdsd.authz.servicer import AuthorizationServicer
+from xdsd.model import load_mesh
+
+MESH = load_mesh("""
+mesh: {trust_domain: example.org}
+services:
+  reviews: {}
+  productpage: {}
+  ratings: {}
+  open: {}
+gateways:
+  edge: {listen: {address: 127.0.0.1, port: 10000}, routes: [{prefix: /, service: productpage}]}
+authorization:
+  reviews:
+    rules:
+      - {name: pp-read, allow: {from: [productpage], methods: [get], paths: ["/reviews/*"]}}
+      - {name: edge-health, allow: {from: [edge], paths: [/healthz]}}
+      - {name: raw, allow: {from: ["spiffe://other.org/service/x"], headers: {X-Canary: "1"}}}
+      - {name: no-admin, deny: {paths: [/admin, "/admin/*"]}}
+      - {name: probe, dry_run: true, deny: {from: [productpage]}}
+  productpage:
+    default: allow
+    rules:
+      - {name: no-delete, deny: {methods: [DELETE]}}
+""")
+
+PP = "spiffe://example.org/service/productpage"
+
+
+def check(service: str, principal: str, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[bool, str, tuple]:  # type: ignore[type-arg]
+    s = AuthorizationServicer()
+    s.set_mesh(MESH)
+    req = external_auth_pb2.CheckRequest()
+    a = req.attributes
+    a.source.principal = principal
+    a.context_extensions["xdsd.service"] = service
+    a.request.http.method = method
+    a.request.http.path = path
+    a.request.http.headers.update(headers or {})
+    _, d = s.decide(req)
+    return d.allowed, d.rule, d.dry_run
+
+
+def test_allow_rule_with_from_method_and_prefix() -> None:
+    assert check("reviews", PP, "GET", "/reviews/1?x=1")[:2] == (True, "pp-read")
+    assert check("reviews", PP, "POST", "/reviews/1")[:2] == (False, "default")
+    assert check("reviews", PP, "GET", "/reviewsX")[:2] == (False, "default")
+    assert check("reviews", "spiffe://example.org/service/ratings", "GET", "/reviews/1")[:2] == (False, "default")
+
+
+def test_deny_wins_and_gateway_identities() -> None:
+    assert check("reviews", PP, "GET", "/admin")[:2] == (False, "no-admin")
+    assert check("reviews", "spiffe://example.org/gateway/edge", "GET", "/healthz")[:2] == (True, "edge-health")
+
+
+def test_raw_principals_and_headers() -> None:
+    assert check("reviews", "spiffe://other.org/service/x", "PUT", "/x", {"x-canary": "1"})[:2] == (True, "raw")
+    assert check("reviews", "spiffe://other.org/service/x", "PUT", "/x", {"x-canary": "2"})[:2] == (False, "default")
+
+
+def test_dry_run_is_reported_but_does_not_decide() -> None:
+    allowed, rule, dry = check("reviews", PP, "GET", "/reviews/1")
+    assert (allowed, rule) == (True, "pp-read") and dry == (("probe", False),)
+
+
+def test_default_allow_and_services_without_policy() -> None:
+    assert check("productpage", "", "GET", "/")[:2] == (True, "default")
+    assert check("productpage", PP, "DELETE", "/")[:2] == (False, "no-delete")
+    assert check("open", "", "DELETE", "/anything")[:2] == (True, "no-policy")
