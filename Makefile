@@ -1,5 +1,6 @@
 # make test  — create .venv if needed, install xdsd with its test dependencies, run the whole suite
 # make demo  — run a local mesh of real Envoys driven by xdsd, print what it observed, stop everything
+# make bench — benchmarks; rewrites BENCHMARKS.md
 # make lint  — ruff
 PYTHON ?= python3
 VENV   ?= .venv
@@ -21,6 +22,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) demo/local_mesh.py
+
+bench: $(STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m bench.authz --seconds $${BENCH_SECONDS:-10}
+	$(PY) -m bench.report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check xdsd tests bench
