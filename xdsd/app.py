@@ -14,6 +14,7 @@ import grpc
 import prometheus_client
 from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.status.v3 import csds_pb2_grpc
 
 from xdsd.admin.http import make_app
 from xdsd.auth.node import token_authenticator
@@ -24,6 +25,7 @@ from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
 from xdsd.generators import generate
 from xdsd.observability.metrics import Metrics
+from xdsd.server.csds import ClientStatusServicer
 from xdsd.server.xds import XdsServer
 from xdsd.sources.file import FileSource
 
@@ -94,6 +96,7 @@ class App:
         grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
         grpc_server.add_generic_rpc_handlers(self.server.handlers())
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, grpc_server)
+        csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatusServicer(self.server), grpc_server)
         host, port = self.xds_address
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         creds = self._credentials()

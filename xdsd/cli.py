@@ -46,6 +46,51 @@ def _token(args: argparse.Namespace) -> str | None:
     return TokenSigner.load_or_create(args.state_dir).issue(args.node_id, args.cluster)
 
 
+def _admin_get(address: tuple[str, int], path: str) -> tuple[int, object]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{address[0]}:{address[1]}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except OSError as exc:
+        raise SystemExit(f"xdsd: cannot reach the admin API at {url}: {exc}") from None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from xdsd.status import render_node, render_table
+
+    _, proxies = _admin_get(args.admin_address, "/debug/proxies")
+    assert isinstance(proxies, list)
+    if args.node:
+        match = [p for p in proxies if p["node_id"] == args.node]
+        if not match:
+            print(f"xdsd: node {args.node!r} is not connected", file=sys.stderr)
+            return 1
+        print(json.dumps(match[0], indent=2) if args.json else render_node(match[0]))
+        return 0
+    print(json.dumps(proxies, indent=2) if args.json else render_table(proxies))
+    return 0
+
+
+def _cmd_config_dump(args: argparse.Namespace) -> int:
+    import json
+    import urllib.parse
+
+    status, body = _admin_get(args.admin_address, "/debug/config_dump?node=" + urllib.parse.quote(args.node))
+    if status != 200:
+        print(f"xdsd: {body.get('error', status) if isinstance(body, dict) else status}", file=sys.stderr)
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from xdsd.auth.tokens import TokenSigner
 
@@ -122,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inbound-address", metavar="IP",
                    help="sidecars: the instance's mesh address (when the service config leaves it open)")
     p.set_defaults(func=_cmd_bootstrap)
+
+    p = sub.add_parser("status", help="per-proxy sync status, like proxy-status")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    p.add_argument("--node", metavar="ID", help="one proxy in detail")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("config-dump", help="print as JSON what xdsd serves one node")
+    p.add_argument("--node", required=True, metavar="ID")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    p.set_defaults(func=_cmd_config_dump)
 
     p = sub.add_parser("token", help="mint a node token binding a node id to its service")
     p.add_argument("--node-id", required=True)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from xdsd.admin.dump import node_config
 from xdsd.controller import Controller
 from xdsd.observability.metrics import Metrics
 from xdsd.server.xds import XdsServer
@@ -35,6 +36,15 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
             node["config_error"] = status.last_error or None
         return web.json_response(nodes)
 
+    async def config_dump(request: web.Request) -> web.Response:
+        node_id = request.query.get("node", "")
+        if not node_id:
+            return web.json_response({"error": "query parameter 'node' is required"}, status=400)
+        dump = node_config(server, node_id)
+        if dump is None:
+            return web.json_response({"error": f"node {node_id!r} is not connected"}, status=404)
+        return web.json_response(dump)
+
     async def refused(_: web.Request) -> web.Response:
         return web.json_response(list(server.refusals))
 
@@ -48,4 +58,5 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
     app.router.add_get("/debug/proxies", proxies)
     app.router.add_get("/debug/config", config)
     app.router.add_get("/debug/refused", refused)
+    app.router.add_get("/debug/config_dump", config_dump)
     return app
