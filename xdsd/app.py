@@ -17,7 +17,8 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.status.v3 import csds_pb2_grpc
 
 from xdsd.admin.http import make_app
-from xdsd.auth.node import token_authenticator
+from xdsd.api.v1 import registration_pb2_grpc
+from xdsd.auth.node import registration_authenticator, token_authenticator
 from xdsd.auth.tokens import TokenSigner
 from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
@@ -25,6 +26,9 @@ from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
 from xdsd.generators import generate
 from xdsd.observability.metrics import Metrics
+from xdsd.registry.api import RegistrationServicer, http_routes
+from xdsd.registry.registry import Registry
+from xdsd.registry.store import LocalStore
 from xdsd.server.csds import ClientStatusServicer
 from xdsd.server.xds import XdsServer
 from xdsd.sources.file import FileSource
@@ -59,9 +63,13 @@ class App:
             authenticator = token_authenticator(TokenSigner.load_or_create(state_dir))
         self.server = XdsServer(self.cache, self.metrics, authenticator)
         self.authz = AuthorizationServicer(self.metrics.authz_decision)
+        self.registry = Registry(LocalStore(state_dir), drain_seconds=args.drain_time)
+        self.registration_auth = None
+        if args.auth == "required":
+            self.registration_auth = registration_authenticator(TokenSigner.load_or_create(state_dir))
         self.controller = Controller(
             FileSource(args.config, debounce=args.debounce), self.cache, self.metrics, self.identities,
-            on_mesh=self.authz.set_mesh,
+            on_mesh=self.authz.set_mesh, registry=self.registry,
         )
         self.xds_address: tuple[str, int] = args.xds_address
         self.admin_address: tuple[str, int] = args.admin_address
@@ -76,6 +84,13 @@ class App:
         return grpc.ssl_server_credentials(
             [(self.args.xds_tls_key.read_bytes(), self.args.xds_tls_cert.read_bytes())]
         )
+
+    async def _sweep(self) -> None:
+        """Expire registrations whose heartbeats lapsed (within a fraction of a second of the TTL)."""
+        while not self.stop.is_set():
+            self.registry.sweep()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.1)
 
     async def _rotate(self) -> None:
         """Reissue each SVID at half its life and push the new secrets."""
@@ -97,13 +112,18 @@ class App:
         grpc_server.add_generic_rpc_handlers(self.server.handlers())
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, grpc_server)
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatusServicer(self.server), grpc_server)
+        registration_pb2_grpc.add_RegistrationServicer_to_server(
+            RegistrationServicer(self.registry, self.registration_auth), grpc_server
+        )
         host, port = self.xds_address
         target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
         creds = self._credentials()
         bound = grpc_server.add_secure_port(target, creds) if creds else grpc_server.add_insecure_port(target)
         if bound == 0:
             raise SystemExit(f"cannot listen on xDS address {host}:{port}")
-        admin = web.AppRunner(make_app(self.server, self.controller, self.metrics, lambda: self.serving), access_log=None)
+        admin_app = make_app(self.server, self.controller, self.metrics, lambda: self.serving)
+        admin_app.add_routes(http_routes(self.registry, self.registration_auth))
+        admin = web.AppRunner(admin_app, access_log=None)
         await admin.setup()
         site = web.TCPSite(admin, self.admin_address[0], self.admin_address[1])
         await site.start()
@@ -112,6 +132,7 @@ class App:
         log.info("xDS on %s:%d, admin on http://%s:%d", host, bound, *self.admin_address)
         watcher = asyncio.create_task(self.controller.run(self.stop))
         rotator = asyncio.create_task(self._rotate())
+        sweeper = asyncio.create_task(self._sweep())
         try:
             await self.stop.wait()
         finally:
@@ -119,9 +140,10 @@ class App:
             self.serving = False
             watcher.cancel()
             rotator.cancel()
+            sweeper.cancel()
             await grpc_server.stop(grace=1.0)
             await admin.cleanup()
-            for task in (watcher, rotator):
+            for task in (watcher, rotator, sweeper):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 

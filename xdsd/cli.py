@@ -91,6 +91,17 @@ def _cmd_config_dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from xdsd.register import run
+
+    token = args.token
+    if token is None and not args.no_token:
+        from xdsd.auth.tokens import TokenSigner
+
+        token = TokenSigner.load_or_create(args.state_dir).issue(args.instance_id or f"{args.address}:{args.port}", args.service)
+    return run(args, token)
+
+
 def _cmd_token(args: argparse.Namespace) -> int:
     from xdsd.auth.tokens import TokenSigner
 
@@ -141,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-bundle", type=Path, metavar="PEM", help="trust anchors (default: roots in --ca-cert)")
     p.add_argument("--xds-tls-cert", type=Path, metavar="PEM", help="serve xDS over TLS with this certificate")
     p.add_argument("--xds-tls-key", type=Path, metavar="PEM", help="private key of --xds-tls-cert")
+    p.add_argument("--drain-time", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a deregistered instance stays DRAINING before it is removed (default 5)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="check a mesh config file and print its errors")
@@ -178,6 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", required=True, metavar="ID")
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
     p.set_defaults(func=_cmd_config_dump)
+
+    p = sub.add_parser("register", help="register an instance, heartbeat until interrupted, then deregister")
+    p.add_argument("--service", required=True)
+    p.add_argument("--address", required=True, help="the instance's IP address or host name")
+    p.add_argument("--port", required=True, type=int)
+    p.add_argument("--ttl", default="10s", help="time to live without a heartbeat (default 10s)")
+    p.add_argument("--weight", type=int, default=1)
+    p.add_argument("--zone")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE")
+    p.add_argument("--instance-id", help="default ADDRESS:PORT")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    p.add_argument("--token", help="a node token for the service (`xdsd token`); default: mint one")
+    p.add_argument("--no-token", action="store_true", help="send no token (only for `serve --auth off`)")
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
+    p.set_defaults(func=_cmd_register)
 
     p = sub.add_parser("token", help="mint a node token binding a node id to its service")
     p.add_argument("--node-id", required=True)

@@ -16,6 +16,8 @@ from xdsd.errors import FieldError, MeshError
 from xdsd.generators import required_identities
 from xdsd.model import Mesh
 from xdsd.observability.metrics import Metrics
+from xdsd.registry.merge import merge, mesh_check
+from xdsd.registry.registry import Registry
 from xdsd.sources.file import FileSource
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,14 @@ class Controller:
         metrics: Metrics,
         identities: IdentityStore | None = None,
         on_mesh: Callable[[Mesh], None] | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.identities = identities
+        self.registry = registry
+        self.file_mesh: Mesh | None = None
+        if registry is not None:
+            registry.mesh_check = mesh_check(lambda: self.file_mesh)
+            registry.on_change = self.apply_registry
         self.on_mesh = on_mesh
         self.source = source
         self.cache = cache
@@ -78,7 +86,25 @@ class Controller:
         self.metrics.config_valid.set(1)
         return True
 
+    def apply_registry(self) -> None:
+        """Registrations changed: serve the file's mesh with the new set of live instances."""
+        if self.file_mesh is None:
+            return
+        try:
+            self._serve(self.file_mesh)
+        except InconsistentSnapshot as exc:  # pragma: no cover - generator bug
+            log.error("registry change not applied: %s", exc)
+
     def _apply(self, mesh: Mesh) -> None:
+        self._serve(mesh)
+        self.file_mesh = mesh
+        self.status.loaded_at = time.time()
+        self.status.summary = mesh.summary()
+        self.metrics.config_reloads.labels("accepted").inc()
+        log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
+
+    def _serve(self, file_mesh: Mesh) -> None:
+        mesh = merge(file_mesh, self.registry.list()) if self.registry is not None else file_mesh
         if self.identities is not None:
             self.identities.ensure(
                 mesh.mesh.trust_domain, required_identities(mesh), dt.timedelta(seconds=mesh.mesh.cert_lifetime)
@@ -87,12 +113,8 @@ class Controller:
         if self.on_mesh is not None:
             self.on_mesh(mesh)  # same revision for the authorization service
         self.status.revision = self.cache.revision
-        self.status.loaded_at = time.time()
-        self.status.summary = mesh.summary()
-        self.metrics.config_reloads.labels("accepted").inc()
         self.metrics.config_revision.set(self.cache.revision)
         self.metrics.ready.set(1)
-        log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
 
     def _reject(self, errors: list[FieldError]) -> None:
         self.status.last_error = [str(e) for e in errors]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from envoy.config.core.v3 import base_pb2
 
 from xdsd.auth.tokens import TOKEN_HEADER, TokenError, TokenSigner
@@ -24,6 +26,23 @@ def token_authenticator(signer: TokenSigner) -> Authenticator:
                 f"wrong-cluster: node {node.id!r} claims {node.cluster!r} "
                 f"but its token is for {claims.cluster!r}"
             )
+        return None
+
+    return authenticate
+
+
+def registration_authenticator(signer: TokenSigner) -> Callable[[str | None, str], str | None]:
+    """A registration for service S needs a node token issued for S (any node id of S)."""
+
+    def authenticate(token: str | None, service: str) -> str | None:
+        if not token:
+            return f"missing-token: send a node token for {service!r} in {TOKEN_HEADER}"
+        try:
+            claims = signer.verify(token)
+        except TokenError as exc:
+            return f"bad-token: {exc}"
+        if claims.cluster != service:
+            return f"wrong-cluster: the token is for {claims.cluster!r}, not {service!r}"
         return None
 
     return authenticate

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
 from xdsd.model import Endpoint, Mesh
@@ -25,6 +26,8 @@ def load_assignment(name: str, endpoints: list[Endpoint]) -> endpoint_pb2.Cluste
         sock.address = ep.address
         sock.port_value = ep.port
         lb.load_balancing_weight.value = ep.weight
+        if ep.status == "draining":
+            lb.health_status = health_check_pb2.DRAINING
     return cla
 
 

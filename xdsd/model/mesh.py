@@ -22,6 +22,8 @@ class Endpoint(_Model):
     weight: Weight = 1
     zone: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    # draining: no new requests (in-flight ones finish); registered instances drain on deregister.
+    status: Literal["healthy", "draining"] = "healthy"
 
 
 class Inbound(_Model):

@@ -1,0 +1,58 @@
+"""Registered instances join their service's endpoints: the mesh the generators see is the file's
+mesh plus the live registrations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from xdsd.errors import FieldError
+from xdsd.model import Endpoint, Mesh
+from xdsd.registry.instance import Instance, RegistrationInput
+
+
+def merge(mesh: Mesh, instances: Iterable[Instance]) -> Mesh:
+    by_service: dict[str, list[Instance]] = {}
+    for inst in instances:
+        if inst.service in mesh.services:  # a service dropped from the file takes its instances along
+            by_service.setdefault(inst.service, []).append(inst)
+    if not by_service:
+        return mesh
+    services = dict(mesh.services)
+    for name, insts in by_service.items():
+        service = services[name]
+        static = mesh.endpoints_of(name)
+        taken = {(e.address, e.port) for e in static}
+        extra = [
+            Endpoint(
+                address=i.address, port=i.port, weight=i.weight, zone=i.zone, labels=dict(i.labels),
+                status="draining" if i.state == "DRAINING" else "healthy",
+            )
+            for i in sorted(insts, key=lambda i: i.instance_id)
+            if (i.address, i.port) not in taken
+        ]
+        services[name] = service.model_copy(update={"endpoints": [*static, *extra]})
+    return mesh.model_copy(update={"services": services})
+
+
+def mesh_check(current: Callable[[], Mesh | None]) -> Callable[[RegistrationInput, dict[tuple[str, str], Instance]], list[FieldError]]:
+    """Registration rules that need the mesh: the service is declared; a sidecar's instances register
+    their inbound port; an address:port belongs to one instance."""
+
+    def check(reg: RegistrationInput, instances: dict[tuple[str, str], Instance]) -> list[FieldError]:
+        mesh = current()
+        if mesh is None:
+            return [FieldError("service", "no mesh config is loaded yet")]
+        service = mesh.services.get(reg.service)
+        if service is None:
+            return [FieldError("service", f"unknown service {reg.service!r}: declare it in the mesh config first")]
+        errors: list[FieldError] = []
+        if service.sidecar is not None and reg.port != service.sidecar.inbound.port:
+            errors.append(FieldError("port", f"{reg.service} runs sidecars: register the inbound port {service.sidecar.inbound.port}"))
+        if any((e.address, e.port) == (reg.address, reg.port) for e in service.endpoints):
+            errors.append(FieldError("address", f"{reg.address}:{reg.port} is a static endpoint of {reg.service} in the mesh config"))
+        for other in instances.values():
+            if (other.address, other.port) == (reg.address, reg.port) and other.key != (reg.service, reg.instance_id):
+                errors.append(FieldError("address", f"{reg.address}:{reg.port} is already registered as {other.service}/{other.instance_id}"))
+        return errors
+
+    return check

@@ -1,0 +1,49 @@
+"""Where registrations are kept so that they survive an xdsd restart while their TTL is live.
+
+A small interface: the local state directory is the embedded default; an etcd store (leases for
+registrations, watches for changes) is how several replicas will share one registry."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Protocol
+
+from xdsd.registry.instance import Instance
+
+
+class RegistryStore(Protocol):
+    def load(self) -> list[Instance]: ...
+    def save(self, instances: list[Instance]) -> None: ...
+
+
+class LocalStore:
+    """All registrations in one JSON file, replaced atomically on every change."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "registrations.json"
+
+    def load(self) -> list[Instance]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return []
+        return [Instance.from_json(item) for item in data.get("instances", [])]
+
+    def save(self, instances: list[Instance]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"instances": [i.as_json() for i in instances]}, indent=1))
+        os.replace(tmp, self.path)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.instances: list[Instance] = []
+
+    def load(self) -> list[Instance]:
+        return list(self.instances)
+
+    def save(self, instances: list[Instance]) -> None:
+        self.instances = list(instances)
