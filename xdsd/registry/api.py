@@ -122,36 +122,27 @@ def http_routes(registry: Registry, auth: RegistrationAuth | None) -> list[web.R
             return web.json_response({"errors": missing}, status=400)
         return data["service"], data["instance_id"]
 
-    async def heartbeat(request: web.Request) -> web.Response:
-        data = await _body(request)
-        ids = _ids(data)
-        if isinstance(ids, web.Response):
-            return ids
-        if (denied := _deny(request, ids[0])) is not None:
-            return denied
-        try:
-            return web.json_response(_json(registry.heartbeat(*ids)))
-        except NotRegistered as exc:
-            return web.json_response({"errors": [str(exc.args[0])]}, status=404)
+    def _by_id(op: Callable[[str, str], Instance]) -> Callable[[web.Request], Any]:
+        async def handle(request: web.Request) -> web.Response:
+            data = await _body(request)
+            ids = _ids(data)
+            if isinstance(ids, web.Response):
+                return ids
+            if (denied := _deny(request, ids[0])) is not None:
+                return denied
+            try:
+                return web.json_response(_json(op(*ids)))
+            except NotRegistered as exc:
+                return web.json_response({"errors": [str(exc.args[0])]}, status=404)
 
-    async def deregister(request: web.Request) -> web.Response:
-        data = await _body(request)
-        ids = _ids(data)
-        if isinstance(ids, web.Response):
-            return ids
-        if (denied := _deny(request, ids[0])) is not None:
-            return denied
-        try:
-            return web.json_response(_json(registry.deregister(*ids)))
-        except NotRegistered as exc:
-            return web.json_response({"errors": [str(exc.args[0])]}, status=404)
+        return handle
 
     async def instances(request: web.Request) -> web.Response:
         return web.json_response({"instances": [_json(i) for i in registry.list(request.query.get("service") or None)]})
 
     return [
         web.post("/v1/register", register),
-        web.post("/v1/heartbeat", heartbeat),
-        web.post("/v1/deregister", deregister),
+        web.post("/v1/heartbeat", _by_id(registry.heartbeat)),
+        web.post("/v1/deregister", _by_id(registry.deregister)),
         web.get("/v1/instances", instances),
     ]
