@@ -1,0 +1,44 @@
+"""A tiny demo app for the docker-compose mesh: answers who it is and who called it, and calls its
+upstream (through its sidecar's outbound listener) when UPSTREAM is set."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import urllib.request
+
+NAME = os.environ.get("APP_NAME", "app")
+VERSION = os.environ.get("APP_VERSION", "v1")
+UPSTREAM = os.environ.get("UPSTREAM", "")
+PORT = int(os.environ.get("APP_PORT", "9080"))
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        caller = self.headers.get("x-forwarded-client-cert", "")
+        body: dict[str, object] = {"service": NAME, "version": VERSION, "path": self.path,
+                                   "caller": caller.split("URI=", 1)[-1] if "URI=" in caller else None}
+        status = 200
+        if UPSTREAM:
+            try:
+                with urllib.request.urlopen(UPSTREAM + self.path, timeout=3) as resp:
+                    body["upstream"] = json.loads(resp.read())
+            except Exception as exc:  # noqa: BLE001 - report, do not crash the demo app
+                body["upstream_error"] = str(exc)
+                status = 502
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+if __name__ == "__main__":
+    http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()
