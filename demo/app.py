@@ -12,6 +12,7 @@ NAME = os.environ.get("APP_NAME", "app")
 VERSION = os.environ.get("APP_VERSION", "v1")
 UPSTREAM = os.environ.get("UPSTREAM", "")
 PORT = int(os.environ.get("APP_PORT", "9080"))
+ADDRESS = os.environ.get("APP_ADDRESS", "0.0.0.0")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,4 +42,4 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Handler).serve_forever()
+    http.server.ThreadingHTTPServer((ADDRESS, PORT), Handler).serve_forever()

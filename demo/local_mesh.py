@@ -1,15 +1,18 @@
-"""`make demo`: a local mesh of real Envoys driven by xdsd, on loopback addresses.
+"""`make demo`: the test mesh on loopback addresses with real Envoys, driven by xdsd. No Docker.
 
-xdsd serves an edge gateway Envoy; two instances of a `reviews` app (v1 on 127.0.0.2, v2 on
-127.0.0.3) sit behind it with weights 3:1. The demo sends traffic through Envoy, prints the split it
-observed, edits the mesh file live (weights 1:1, then an invalid edit that is refused), shows
-that Envoy follows, and stops everything it started.
+Topology (each "machine" is a loopback address, each instance an app plus its Envoy sidecar):
+
+    client -> edge gateway (127.0.0.1) -> productpage (127.0.0.2) -> reviews v1 (127.0.0.3) / v2 (127.0.0.4)
+                                                                 -> ratings (127.0.0.5)
+
+Instances join through the registration API (`xdsd register`), sidecars talk mTLS with SVIDs from
+xdsd's CA, and reviews/ratings authorize callers with xdsd's ext_authz. The demo prints what it
+observed, then stops every process it started (also on Ctrl-C).
 """
 
 from __future__ import annotations
 
 import http.client
-import http.server
 import json
 import os
 import shutil
@@ -18,14 +21,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+IPS = {"productpage": "127.0.0.2", "reviews-v1": "127.0.0.3", "reviews-v2": "127.0.0.4", "ratings": "127.0.0.5"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -34,88 +38,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if check():
                 return
-        except OSError:
+        except (OSError, ValueError, KeyError):
             pass
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise SystemExit(f"demo: timed out waiting for {what}")
 
 
 def http_get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-class App(http.server.ThreadingHTTPServer):
-    """A tiny upstream app that says who it is."""
-
-    def __init__(self, name: str, address: tuple[str, int]) -> None:
-        outer_name = name
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802
-                body = json.dumps({"app": outer_name, "path": self.path}).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(address, Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-
-def mesh_yaml(app_port: int, gw_port: int, w1: int, w2: int) -> str:
-    return f"""\
-# Written by the xdsd demo. Edit it while `xdsd serve` runs: changes apply live.
-services:
-  reviews:
-    endpoints:
-      - {{address: 127.0.0.2, port: {app_port}, weight: {w1}, labels: {{version: v1}}}}
-      - {{address: 127.0.0.3, port: {app_port}, weight: {w2}, labels: {{version: v2}}}}
-gateways:
-  edge:
-    listen: {{address: 127.0.0.1, port: {gw_port}}}
-    routes:
-      - {{prefix: /reviews, service: reviews}}
-"""
-
-
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def split(gw_port: int, n: int) -> Counter[str]:
-    seen: Counter[str] = Counter()
-    conn = http.client.HTTPConnection("127.0.0.1", gw_port, timeout=5)
-    for _ in range(n):
-        conn.request("GET", "/reviews/1")
-        resp = conn.getresponse()
-        body = resp.read()
-        seen[json.loads(body)["app"] if resp.status == 200 else f"HTTP {resp.status}"] += 1
-    conn.close()
-    return seen
-
-
-def show(title: str, seen: Counter[str]) -> None:
-    total = sum(seen.values())
-    parts = ", ".join(f"{k}: {v} ({100 * v / total:.1f}%)" for k, v in sorted(seen.items()))
-    print(f"  {title:<34} {parts}")
 
 
 def envoy_binary() -> str:
@@ -126,82 +66,169 @@ def envoy_binary() -> str:
     return found
 
 
-def main() -> int:
-    work = Path(tempfile.mkdtemp(prefix="xdsd-demo-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    apps: list[App] = []
-    try:
-        app_port, gw_port = free_port("127.0.0.2"), free_port()
-        xds_port, admin_port, envoy_admin = free_port(), free_port(), free_port()
-        apps = [App("reviews-v1", ("127.0.0.2", app_port)), App("reviews-v2", ("127.0.0.3", app_port))]
-        mesh = work / "mesh.yaml"
-        write_atomically(mesh, mesh_yaml(app_port, gw_port, 3, 1))
+def mesh_yaml(p: dict[str, int]) -> str:
+    return f"""\
+# Written by the xdsd demo. Edit it while the demo runs: changes apply live.
+mesh: {{trust_domain: demo.local}}
+services:
+  productpage:
+    sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}, upstreams: {{reviews: {p['to_reviews']}, ratings: {p['to_ratings']}}}}}
+  reviews:
+    sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}}}
+  ratings:
+    sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: {p['gateway']}}}
+    routes:
+      - {{prefix: /, service: productpage}}
+authorization:
+  reviews:
+    default: deny
+    rules:
+      - {{name: productpage-reads, allow: {{from: [productpage], methods: [GET]}}}}
+  ratings:
+    default: deny
+    rules:
+      - {{name: no-admin, deny: {{paths: [/admin, "/admin/*"]}}}}
+      - {{name: productpage-reads, allow: {{from: [productpage], methods: [GET], paths: ["/ratings/*"]}}}}
+"""
 
+
+class Demo:
+    def __init__(self) -> None:
+        self.work = Path(tempfile.mkdtemp(prefix="xdsd-demo-"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.p = {"xds": free_port(), "admin": free_port(), "gateway": free_port(), "to_reviews": free_port(),
+                  "to_ratings": free_port(), "inbound": free_port("127.0.0.2"), "app": free_port("127.0.0.2")}
+        self.state = self.work / "state"
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        log = open(self.work / f"{name}.log", "wb")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def xdsd(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "xdsd", *args]
+
+    def sidecar(self, node: str, service: str, ip: str | None) -> None:
+        admin = free_port()
+        cmd = self.xdsd("bootstrap", "--node-id", node, "--cluster", service, "--xds-address", f"127.0.0.1:{self.p['xds']}",
+                        "--admin-port", str(admin), "--state-dir", str(self.state))
+        if ip:
+            cmd += ["--inbound-address", ip, "--app-address", ip]
+        (self.work / f"{node}.yaml").write_text(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        self.spawn(f"envoy-{node}", [envoy_binary(), "-c", str(self.work / f"{node}.yaml"), "--concurrency", "1",
+                                     "--disable-hot-restart", "--log-level", "warn"])
+        wait_until(lambda: http_get(f"http://127.0.0.1:{admin}/ready")[1].strip() == "LIVE", f"Envoy {node} LIVE")
+
+    def app(self, node: str, service: str, version: str, upstream: str = "") -> None:
+        self.spawn(f"app-{node}", [sys.executable, str(HERE / "app.py")],
+                   {"APP_NAME": service, "APP_VERSION": version, "APP_PORT": str(self.p["app"]),
+                    "APP_ADDRESS": IPS[node], "UPSTREAM": upstream})
+
+    def register(self, node: str, service: str, weight: int, version: str) -> None:
+        self.spawn(f"register-{node}", self.xdsd(
+            "register", "--service", service, "--address", IPS[node], "--port", str(self.p["inbound"]),
+            "--weight", str(weight), "--label", f"version={version}", "--ttl", "5s", "--instance-id", node,
+            "--admin-address", f"127.0.0.1:{self.p['admin']}", "--state-dir", str(self.state)))
+
+    def through_gateway(self, n: int) -> list[dict[str, object]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.p["gateway"], timeout=5)
+        out = []
+        for _ in range(n):
+            conn.request("GET", "/reviews/1")
+            resp = conn.getresponse()
+            body = resp.read()
+            out.append(json.loads(body) if resp.status == 200 else {"status": resp.status})
+        conn.close()
+        return out
+
+    def run(self) -> int:
+        p = self.p
+        mesh = self.work / "mesh.yaml"
+        mesh.write_text(mesh_yaml(p))
         print(f"demo: xdsd serve --config {mesh}")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "xdsd", "serve", "--config", str(mesh),
-                 "--xds-address", f"127.0.0.1:{xds_port}", "--admin-address", f"127.0.0.1:{admin_port}",
-                 "--state-dir", str(work / "state")],
-                stdout=open(work / "xdsd.log", "wb"), stderr=subprocess.STDOUT,
-            )
-        )
-        wait_until(lambda: http_get(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200, "xdsd /readyz")
+        self.spawn("xdsd", self.xdsd("serve", "--config", str(mesh), "--xds-address", f"127.0.0.1:{p['xds']}",
+                                     "--admin-address", f"127.0.0.1:{p['admin']}", "--state-dir", str(self.state)))
+        wait_until(lambda: http_get(f"http://127.0.0.1:{p['admin']}/readyz")[0] == 200, "xdsd /readyz")
 
-        bootstrap = subprocess.run(
-            [sys.executable, "-m", "xdsd", "bootstrap", "--node-id", "edge-1", "--cluster", "edge",
-             "--xds-address", f"127.0.0.1:{xds_port}", "--admin-port", str(envoy_admin),
-             "--state-dir", str(work / "state")],
-            check=True, capture_output=True, text=True,
-        ).stdout
-        (work / "envoy.yaml").write_text(bootstrap)
-        print("demo: envoy -c envoy.yaml   (bootstrap from `xdsd bootstrap --node-id edge-1 --cluster edge`)")
-        procs.append(
-            subprocess.Popen(
-                [envoy_binary(), "-c", str(work / "envoy.yaml"), "--concurrency", "1",
-                 "--disable-hot-restart", "--log-level", "warn"],
-                stdout=open(work / "envoy.log", "wb"), stderr=subprocess.STDOUT,
-            )
-        )
-        wait_until(lambda: http_get(f"http://127.0.0.1:{envoy_admin}/ready")[1].strip() == "LIVE", "Envoy LIVE")
-        wait_until(lambda: http_get(f"http://127.0.0.1:{gw_port}/reviews/1")[0] == 200, "traffic through Envoy")
+        print("demo: apps + sidecars on 127.0.0.2-5, an edge gateway on 127.0.0.1; instances join with `xdsd register`")
+        self.app("productpage", "productpage", "v1", f"http://127.0.0.1:{p['to_reviews']}")
+        self.app("reviews-v1", "reviews", "v1")
+        self.app("reviews-v2", "reviews", "v2")
+        self.app("ratings", "ratings", "v1")
+        for node, service, weight, version in [("productpage", "productpage", 1, "v1"), ("reviews-v1", "reviews", 3, "v1"),
+                                               ("ratings", "ratings", 1, "v1")]:
+            self.register(node, service, weight, version)
+        for node, service in [("productpage", "productpage"), ("reviews-v1", "reviews"), ("reviews-v2", "reviews"),
+                              ("ratings", "ratings")]:
+            self.sidecar(node, service, IPS[node])
+        self.sidecar("edge-1", "edge", None)
 
-        print("\nTraffic through the edge gateway (400 requests each):")
-        show("weights 3:1 (expect ~75/25)", split(gw_port, 400))
+        wait_until(lambda: self.through_gateway(1)[0].get("upstream", {}).get("version") == "v1", "traffic end to end")  # type: ignore[union-attr]
+        first = self.through_gateway(1)[0]
+        print("\nWhat the demo observed:")
+        print(f"  mTLS identities: productpage was called by {first['caller']},")
+        print(f"                   reviews was called by {first['upstream']['caller']}")  # type: ignore[index]
 
         t0 = time.monotonic()
-        write_atomically(mesh, mesh_yaml(app_port, gw_port, 1, 1))
-        def even() -> bool:
-            _, body = http_get(f"http://127.0.0.1:{envoy_admin}/clusters")
-            return "127.0.0.2:%d::weight::1" % app_port in body
-        wait_until(even, "Envoy to apply the new weights")
-        print(f"  (mesh.yaml edited to 1:1; Envoy applied it after {time.monotonic() - t0:.2f}s)")
-        show("weights 1:1 (expect ~50/50)", split(gw_port, 400))
+        self.register("reviews-v2", "reviews", 1, "v2")
+        wait_until(lambda: any(r.get("upstream", {}).get("version") == "v2" for r in self.through_gateway(10)),  # type: ignore[union-attr]
+                   "reviews-v2 to receive traffic")
+        print(f"  a new registration (reviews-v2) received traffic {time.monotonic() - t0:.2f}s after `xdsd register` started")
 
-        write_atomically(mesh, mesh_yaml(app_port, gw_port, 1, 1).replace(f"port: {app_port}, weight: 1, labels: {{version: v2}}", "port: 0, weight: 1"))
-        wait_until(lambda: not json.loads(http_get(f"http://127.0.0.1:{admin_port}/debug/config")[1])["valid"], "the rejection")
-        status = json.loads(http_get(f"http://127.0.0.1:{admin_port}/debug/config")[1])
-        print(f"  (invalid edit refused: {status['last_error'][0]})")
-        show("after the refused edit (still 1:1)", split(gw_port, 400))
+        seen = Counter(str(r.get("upstream", {}).get("version", r.get("status"))) for r in self.through_gateway(400))  # type: ignore[union-attr]
+        total = sum(seen.values())
+        print("  weighted split, reviews v1:v2 = 3:1 over 400 requests: "
+              + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in sorted(seen.items())))
 
-        proxies = json.loads(http_get(f"http://127.0.0.1:{admin_port}/debug/proxies")[1])
-        print("\nxdsd /debug/proxies:")
-        for p in proxies:
-            states = ", ".join(f"{t} {v['state']}" for t, v in p["types"].items())
-            print(f"  {p['node_id']} ({p['cluster']}, {p['protocol']}/{p['transport']}): {states}")
-        print("\ndemo: done; stopping everything")
+        ok = http_get(f"http://127.0.0.1:{p['to_ratings']}/ratings/1")[0]
+        denied, body = http_get(f"http://127.0.0.1:{p['to_ratings']}/admin")
+        print(f"  authorization: productpage -> ratings GET /ratings/1: {ok}; GET /admin: {denied} ({body.strip()})")
+
+        mesh.write_text(mesh_yaml(p).replace(f"app_port: {p['app']}}}\n  ratings", "app_port: 0}\n  ratings"))
+        wait_until(lambda: not json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/config")[1])["valid"], "the rejection")
+        error = json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/config")[1])["last_error"][0]
+        still = Counter(str(r.get("upstream", {}).get("version", r.get("status"))) for r in self.through_gateway(40))  # type: ignore[union-attr]
+        print(f"  an invalid edit was refused ({error}); traffic kept flowing: {dict(still)}")
+
+        proxies = json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/proxies")[1])
+        print("\nxdsd status:")
+        print(subprocess.run(self.xdsd("status", "--admin-address", f"127.0.0.1:{p['admin']}"),
+                             capture_output=True, text=True).stdout.rstrip())
+        synced = sum(all(t["state"] == "SYNCED" for t in px["types"].values()) for px in proxies)
+        print(f"\ndemo: {synced} of {len(proxies)} proxies fully SYNCED; stopping everything")
         return 0
-    finally:
-        for p in reversed(procs):
-            p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in reversed(self.procs):
             try:
-                p.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                p.kill()
-        for a in apps:
-            a.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def main() -> int:
+    demo = Demo()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        return demo.run()
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; stopping everything")
+        return 130
+    finally:
+        demo.stop()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class BootstrapOptions:
     xds_tls_ca: str | None = None  # PEM file: reach xdsd over TLS and verify it with this CA
     xds_tls_server_name: str | None = None
     inbound_address: str | None = None  # sidecars: where this instance's inbound listener binds
+    app_address: str | None = None  # sidecars: where this instance's app listens
 
 
 def _is_ip(host: str) -> bool:
@@ -71,8 +72,13 @@ def render(opts: BootstrapOptions) -> dict[str, Any]:
             "lds_config": {"api_config_source": _api_config_source(opts), "resource_api_version": "V3"},
         }
     node: dict[str, Any] = {"id": opts.node_id, "cluster": opts.cluster}
+    metadata = {}
     if opts.inbound_address:
-        node["metadata"] = {"xdsd.inbound_address": opts.inbound_address}
+        metadata["xdsd.inbound_address"] = opts.inbound_address
+    if opts.app_address:
+        metadata["xdsd.app_address"] = opts.app_address
+    if metadata:
+        node["metadata"] = metadata
     xds_cluster = _xds_cluster(opts)
     return {
         "node": node,

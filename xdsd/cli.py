@@ -125,6 +125,7 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_tls_ca=args.xds_tls_ca,
         xds_tls_server_name=args.xds_tls_server_name,
         inbound_address=args.inbound_address,
+        app_address=args.app_address,
     )
     sys.stdout.write(render_text(opts, fmt=args.format))
     return 0
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-tls-server-name", metavar="NAME", help="SNI / name to verify on xdsd's certificate")
     p.add_argument("--inbound-address", metavar="IP",
                    help="sidecars: the instance's mesh address (when the service config leaves it open)")
+    p.add_argument("--app-address", metavar="IP",
+                   help="sidecars: where this instance's app listens (overrides the service's app_address)")
     p.set_defaults(func=_cmd_bootstrap)
 
     p = sub.add_parser("status", help="per-proxy sync status, like proxy-status")

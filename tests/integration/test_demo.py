@@ -1,4 +1,4 @@
-"""Smoke test: `make demo` (demo/local_mesh.py) runs end to end and reports what it showed."""
+"""Smoke test: `make demo` (demo/local_mesh.py) runs the loopback mesh end to end and reports it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_and_reports_the_weighted_split() -> None:
+def test_demo_runs_the_mesh_and_reports_what_it_observed() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "demo" / "local_mesh.py")], capture_output=True, text=True,
-                          timeout=180, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+                          timeout=300, cwd=ROOT)
     out = proc.stdout
-    first = re.search(r"weights 3:1.*reviews-v1: (\d+) \(([\d.]+)%\)", out)
-    assert first and 70.0 <= float(first.group(2)) <= 80.0, out
-    assert "invalid edit refused: services.reviews.endpoints[1].port" in out
-    assert "CDS SYNCED, EDS SYNCED, LDS SYNCED, RDS SYNCED" in out
-    assert "stopping everything" in out
+    assert proc.returncode == 0, out + proc.stderr
+    assert "productpage was called by spiffe://demo.local/gateway/edge" in out
+    assert "reviews was called by spiffe://demo.local/service/productpage" in out
+    assert re.search(r"reviews-v2\) received traffic [\d.]+s after", out)
+    split = re.search(r"v1 (\d+) \(([\d.]+)%\), v2 (\d+)", out)
+    assert split and 70.0 <= float(split.group(2)) <= 80.0, out
+    assert "GET /ratings/1: 200; GET /admin: 403" in out
+    assert "an invalid edit was refused" in out
+    assert re.search(r"demo: 5 of 5 proxies fully SYNCED; stopping everything", out), out

@@ -63,7 +63,7 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     upstreams = sorted(sidecar.upstreams)
     app_cluster = f"inbound|{sidecar.app_port}|{name}"
     out[typeurls.CLUSTER] = [
-        clusters.local_app_cluster(app_cluster, sidecar.app_address, sidecar.app_port, service.protocol),
+        clusters.local_app_cluster(app_cluster, group.app_address or sidecar.app_address, sidecar.app_port, service.protocol),
         *clusters.generate(mesh, group, upstreams, own_id),
     ]
     out[typeurls.ENDPOINT] = list(endpoints.generate(mesh, upstreams))

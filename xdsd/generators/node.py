@@ -32,6 +32,7 @@ class NodeGroup:
     # A sidecar instance may say where its inbound listener binds (node metadata), when the
     # service's config leaves the address open.
     inbound_address: str | None = None
+    app_address: str | None = None  # likewise for where the app listens (several instances on one host)
     # Standalone (non-ADS) nodes open more streams from config sources we generate; those must carry
     # the node's credentials too, so its gRPC metadata is copied into them (such groups are per node).
     initial_metadata: tuple[tuple[str, str], ...] = ()

@@ -111,6 +111,7 @@ class Stream:
         if "xdsd.xds_cluster" in fields and fields["xdsd.xds_cluster"].string_value:
             xds_cluster = fields["xdsd.xds_cluster"].string_value
         inbound = fields["xdsd.inbound_address"].string_value if "xdsd.inbound_address" in fields else None
+        app = fields["xdsd.app_address"].string_value if "xdsd.app_address" in fields else None
         carried: tuple[tuple[str, str], ...] = ()
         if not self.ads:
             carried = tuple((k, self.metadata[k]) for k in PROPAGATED_METADATA if k in self.metadata)
@@ -119,6 +120,7 @@ class Stream:
             transport=self.transport,
             xds_cluster=xds_cluster,
             inbound_address=inbound or None,
+            app_address=app or None,
             initial_metadata=carried,
         )
         self.cache.watch(self.group, self._on_snapshot)
