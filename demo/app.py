@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import random
+import urllib.error
 import urllib.request
 
 NAME = os.environ.get("APP_NAME", "app")
@@ -13,12 +15,20 @@ VERSION = os.environ.get("APP_VERSION", "v1")
 UPSTREAM = os.environ.get("UPSTREAM", "")
 PORT = int(os.environ.get("APP_PORT", "9080"))
 ADDRESS = os.environ.get("APP_ADDRESS", "0.0.0.0")
+FAILURE_RATE = [float(os.environ.get("FAILURE_RATE", "0"))]  # settable at run time: GET /__fail?rate=0.3
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/__fail?rate="):
+            FAILURE_RATE[0] = float(self.path.split("=", 1)[1])
+            self._send(200, {"failure_rate": FAILURE_RATE[0]})
+            return
+        if FAILURE_RATE[0] and random.random() < FAILURE_RATE[0]:
+            self._send(503, {"service": NAME, "version": VERSION, "injected": "failure"})
+            return
         caller = self.headers.get("x-forwarded-client-cert", "")
         body: dict[str, object] = {"service": NAME, "version": VERSION, "path": self.path,
                                    "caller": caller.split("URI=", 1)[-1] if "URI=" in caller else None}
@@ -27,9 +37,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             try:
                 with urllib.request.urlopen(UPSTREAM + self.path, timeout=3) as resp:
                     body["upstream"] = json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                body["upstream_error"] = f"HTTP {exc.code}"
+                status = 502
             except Exception as exc:  # noqa: BLE001 - report, do not crash the demo app
                 body["upstream_error"] = str(exc)
                 status = 502
+        self._send(status, body)
+
+    def _send(self, status: int, body: dict[str, object]) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("content-type", "application/json")

@@ -75,6 +75,7 @@ services:
     sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}, upstreams: {{reviews: {p['to_reviews']}, ratings: {p['to_ratings']}}}}}
   reviews:
     sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}}}
+    retries: {{attempts: 5, retry_on: [5xx]}}   # callers of reviews retry its failures
   ratings:
     sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}}}
 gateways:
@@ -184,6 +185,15 @@ class Demo:
         total = sum(seen.values())
         print("  weighted split, reviews v1:v2 = 3:1 over 400 requests: "
               + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in sorted(seen.items())))
+
+        for node in ("reviews-v1", "reviews-v2"):
+            http_get(f"http://{IPS[node]}:{p['app']}/__fail?rate=0.3")
+        injected = self.through_gateway(300)
+        good = sum(1 for r in injected if "upstream" in r and "status" not in r)
+        print(f"  retries: with 30% of reviews' responses failing (injected), {good} of 300 requests through the "
+              f"gateway succeeded ({100 * good / 300:.1f}%; 5 attempts)")
+        for node in ("reviews-v1", "reviews-v2"):
+            http_get(f"http://{IPS[node]}:{p['app']}/__fail?rate=0")
 
         ok = http_get(f"http://127.0.0.1:{p['to_ratings']}/ratings/1")[0]
         denied, body = http_get(f"http://127.0.0.1:{p['to_ratings']}/admin")

@@ -21,5 +21,7 @@ def test_demo_runs_the_mesh_and_reports_what_it_observed() -> None:
     split = re.search(r"v1 (\d+) \(([\d.]+)%\), v2 (\d+)", out)
     assert split and 70.0 <= float(split.group(2)) <= 80.0, out
     assert "GET /ratings/1: 200; GET /admin: 403" in out
+    retried = re.search(r"retries: .* (\d+) of 300 requests through the gateway succeeded", out)
+    assert retried and int(retried.group(1)) >= 295, out
     assert "an invalid edit was refused" in out
     assert re.search(r"demo: 5 of 5 proxies fully SYNCED; stopping everything", out), out

@@ -48,7 +48,7 @@ def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     out[typeurls.CLUSTER] = list(clusters.generate(mesh, group, services, own_id))
     out[typeurls.ENDPOINT] = list(endpoints.generate(mesh, services))
     out[typeurls.LISTENER] = [listeners.gateway_listener(group.cluster, gateway, group)]
-    out[typeurls.ROUTE] = [routes.gateway_routes(group.cluster, gateway)]
+    out[typeurls.ROUTE] = [routes.gateway_routes(group.cluster, gateway, mesh)]
     if own_id is not None:
         out[typeurls.SECRET] = list(secrets.generate(credentials, own_id))
 
@@ -76,5 +76,5 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
             for u in upstreams
         ),
     ]
-    out[typeurls.ROUTE] = [routes.outbound_routes(u) for u in upstreams]
+    out[typeurls.ROUTE] = [routes.outbound_routes(u, mesh) for u in upstreams]
     out[typeurls.SECRET] = list(secrets.generate(credentials, own_id))

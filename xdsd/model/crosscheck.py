@@ -3,8 +3,10 @@ not collide. A reference to an unknown service is an error here, never an Envoy 
 
 from __future__ import annotations
 
+import ipaddress
+
 from xdsd.errors import FieldError
-from xdsd.model.mesh import Mesh, Policy, Service
+from xdsd.model.mesh import Mesh, Policy, Retries, Service
 
 
 def cross_check(mesh: Mesh) -> list[FieldError]:
@@ -12,7 +14,7 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
     for name, service in mesh.services.items():
         seen: dict[tuple[str, int], int] = {}
         for i, ep in enumerate(service.endpoints):
-            key = (ep.address, ep.port)
+            key = (_same_address(ep.address), ep.port)
             if key in seen:
                 errors.append(
                     FieldError(
@@ -25,6 +27,7 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
 
     for name, service in mesh.services.items():
         errors.extend(_check_sidecar(mesh, name, service))
+        errors.extend(_check_retries(f"services.{name}.retries", service.retries))
 
     for name, policy in mesh.authorization.items():
         errors.extend(_check_policy(mesh, name, policy))
@@ -38,18 +41,19 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
                     f"name {gname!r} is also a service; node.cluster could not tell the two apart",
                 )
             )
-        key = (gateway.listen.address, gateway.listen.port)
+        key = (_same_address(gateway.listen.address), gateway.listen.port)
         if key in listens:
             errors.append(
                 FieldError(
                     f"gateways.{gname}.listen",
-                    f"{key[0]}:{key[1]} is already the listen address of gateway {listens[key]!r}",
+                    f"{gateway.listen.address}:{key[1]} is already the listen address of gateway {listens[key]!r}",
                 )
             )
         else:
             listens[key] = gname
         prefixes: dict[str, int] = {}
         for i, route in enumerate(gateway.routes):
+            errors.extend(_check_retries(f"gateways.{gname}.routes[{i}].retries", route.retries))
             if route.service not in mesh.services:
                 errors.append(
                     FieldError(f"gateways.{gname}.routes[{i}].service", f"unknown service {route.service!r}")
@@ -65,6 +69,15 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
             else:
                 prefixes[route.prefix] = i
     return errors
+
+
+def _same_address(address: str) -> str:
+    """One spelling per address, so that ``::1`` and ``0::1`` (or ``Host.example.`` and
+    ``host.example``) count as the same when looking for duplicates."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address.lower().rstrip(".")
 
 
 def _check_sidecar(mesh: Mesh, name: str, service: Service) -> list[FieldError]:
@@ -130,4 +143,18 @@ def _check_policy(mesh: Mesh, name: str, policy: Policy) -> list[FieldError]:
         for j, p in enumerate(match.paths):
             if p != "*" and (not p.startswith("/") or "*" in p[:-1]):
                 errors.append(FieldError(f"{rpath}.{kind}.paths[{j}]", f"{p!r}: use an exact path, a prefix ending in '*', or '*'"))
+    return errors
+
+
+def _check_retries(path: str, retries: Retries | None) -> list[FieldError]:
+    if retries is None:
+        return []
+    errors: list[FieldError] = []
+    if retries.status_codes and "retriable-status-codes" not in retries.retry_on:
+        errors.append(FieldError(f"{path}.status_codes", "only used when retry_on includes retriable-status-codes"))
+    if "retriable-status-codes" in retries.retry_on and not retries.status_codes:
+        errors.append(FieldError(f"{path}.status_codes", "give the codes to retry for retriable-status-codes"))
+    b = retries.backoff
+    if b is not None and b.max is not None and b.max < b.base:
+        errors.append(FieldError(f"{path}.backoff.max", "must not be smaller than backoff.base"))
     return errors

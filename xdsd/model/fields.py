@@ -76,6 +76,8 @@ Host = Annotated[StrictStr, AfterValidator(check_host)]
 PathPrefix = Annotated[StrictStr, AfterValidator(check_prefix)]
 
 
+# google.protobuf.Duration's limit, which every Envoy duration field has.
+MAX_DURATION_SECONDS = 315_576_000_000
 _DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -87,7 +89,12 @@ def parse_duration(value: object) -> float:
     match = _DURATION_RE.match(value.strip())
     if not match:
         raise ValueError(f"must be a duration such as '250ms', '2s', '1m' or '1h', got {value!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not seconds <= MAX_DURATION_SECONDS:  # also catches inf from a very long digit string
+        raise ValueError(f"must be at most {MAX_DURATION_SECONDS}s (10000 years), got {value!r}")
+    # Whole nanoseconds, like protobuf's Duration: "0.0000000001s" is zero (not a positive duration
+    # that would print as "0s"), and format_duration(x) always reads back as exactly x.
+    return round(seconds * 1e9) / 1e9
 
 
 def check_positive_duration(value: float) -> float:

@@ -3,9 +3,9 @@ rules that span several fields (references, duplicates) live in ``crosscheck``."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from xdsd.model.fields import Host, IPAddress, Name, PathPrefix, Port, PositiveDuration, TrustDomain, Weight
 
@@ -43,8 +43,29 @@ class Sidecar(_Model):
     upstreams: dict[Name, Port] = Field(default_factory=dict)
 
 
+RetryOn = Literal["5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "refused-stream"]
+
+
+class Backoff(_Model):
+    base: PositiveDuration = 0.025
+    max: PositiveDuration | None = None  # default 10 x base
+
+
+class Retries(_Model):
+    """Envoy's retry policy: ``attempts`` counts the first try (3 = one try and two retries)."""
+
+    attempts: Annotated[StrictInt, Field(ge=1, le=10)] = 3
+    retry_on: list[RetryOn] = Field(default_factory=lambda: ["5xx", "reset", "connect-failure"])
+    status_codes: list[Annotated[StrictInt, Field(ge=100, le=599)]] = Field(default_factory=list)
+    per_try_timeout: PositiveDuration | None = None
+    backoff: Backoff | None = None
+
+
 class Service(_Model):
     endpoints: list[Endpoint] = Field(default_factory=list)
+    # Applied to every route to this service (gateway routes and sidecar outbound routes).
+    retries: Retries | None = None
+    timeout: PositiveDuration | None = None  # whole request, all attempts included
     sidecar: Sidecar | None = None
     # HTTP protocol spoken by the service's instances.
     protocol: Literal["http1", "http2"] = "http1"
@@ -59,6 +80,8 @@ class Listen(_Model):
 class GatewayRoute(_Model):
     prefix: PathPrefix
     service: Name
+    retries: Retries | None = None  # overrides the service's
+    timeout: PositiveDuration | None = None
 
 
 class Gateway(_Model):
