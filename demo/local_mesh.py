@@ -199,7 +199,7 @@ class Demo:
         denied, body = http_get(f"http://127.0.0.1:{p['to_ratings']}/admin")
         print(f"  authorization: productpage -> ratings GET /ratings/1: {ok}; GET /admin: {denied} ({body.strip()})")
 
-        mesh.write_text(mesh_yaml(p).replace(f"app_port: {p['app']}}}\n  ratings", "app_port: 0}\n  ratings"))
+        mesh.write_text(mesh_yaml(p).replace(f"port: {p['gateway']}}}", "port: 0}"))
         wait_until(lambda: not json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/config")[1])["valid"], "the rejection")
         error = json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/config")[1])["last_error"][0]
         still = Counter(str(r.get("upstream", {}).get("version", r.get("status"))) for r in self.through_gateway(40))  # type: ignore[union-attr]
