@@ -1,9 +1,11 @@
 """Upstream apps whose status, latency and failure rate a test controls.
 
 One subprocess hosts several named apps: ``python -m tests.support.upstream --listen NAME=HOST:PORT ...``.
-Every path answers 200 with ``{"app": NAME, ...}`` and header ``x-app: NAME``, unless the app was told
-otherwise through ``POST /__control`` (``status``, ``failure_rate``, ``failure_status``, ``latency_ms``).
-``GET /__stats`` returns the number of requests the app served.
+Every path answers 200 with ``{"app": NAME, "path": ..., "method": ..., "headers": {lower-case: ...}}`` and header ``x-app: NAME``,
+unless the app was told otherwise through ``POST /__control`` with a JSON object of any of
+``status``, ``failure_rate`` (0..1), ``failure_status``, ``latency_ms``, ``reset`` (back to defaults),
+``reset_stats`` (request count to 0). ``GET /__stats`` returns ``{"app": NAME, "requests": N}``: the
+requests the app served (control and stats calls not counted).
 """
 
 from __future__ import annotations
@@ -11,13 +13,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
+import tempfile
 import urllib.request
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from tests.support.ports import port_open
 from tests.support.procs import Proc, free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -29,100 +38,165 @@ class Behaviour:
     requests: int = 0
 
 
-async def _serve(apps: dict[str, tuple[str, int]]) -> None:
+_CONTROL_KEYS = ("status", "failure_rate", "failure_status", "latency_ms")
+
+
+def _make_app(app_name: str) -> Any:
+    from aiohttp import web
+
+    b = Behaviour()
+
+    async def control(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "expected a JSON object"}, status=400)
+        if not isinstance(body, dict) or set(body) - {*_CONTROL_KEYS, "reset", "reset_stats"}:
+            return web.json_response({"error": f"allowed keys: {_CONTROL_KEYS} reset reset_stats"}, status=400)
+        if body.get("reset"):
+            requests = b.requests
+            b.__init__()  # type: ignore[misc]
+            b.requests = requests
+        for key in _CONTROL_KEYS:
+            if key in body:
+                setattr(b, key, type(getattr(b, key))(body[key]))
+        if body.get("reset_stats"):
+            b.requests = 0
+        return web.json_response({"ok": True, "app": app_name})
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"app": app_name, "requests": b.requests})
+
+    async def handle(request: web.Request) -> web.Response:
+        b.requests += 1
+        if b.latency_ms:
+            await asyncio.sleep(b.latency_ms / 1000)
+        status = b.status
+        if b.failure_rate and random.random() < b.failure_rate:
+            status = b.failure_status
+        await request.read()
+        body = {"app": app_name, "path": request.path_qs, "method": request.method, "headers": {k.lower(): v for k, v in request.headers.items()}}
+        return web.json_response(body, status=status, headers={"x-app": app_name})
+
+    app = web.Application()
+    app.router.add_post("/__control", control)
+    app.router.add_get("/__stats", stats)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+async def _serve(apps: Mapping[str, tuple[str, int]]) -> None:
     from aiohttp import web
 
     runners = []
     for name, (host, port) in apps.items():
-        behaviour = Behaviour()
-
-        async def control(request: web.Request, b: Behaviour = behaviour) -> web.Response:
-            body = await request.json()
-            for key in ("status", "failure_rate", "failure_status", "latency_ms"):
-                if key in body:
-                    setattr(b, key, type(getattr(b, key))(body[key]))
-            if body.get("reset_stats"):
-                b.requests = 0
-            return web.json_response({"ok": True})
-
-        async def stats(_: web.Request, b: Behaviour = behaviour) -> web.Response:
-            return web.json_response({"requests": b.requests})
-
-        async def handle(request: web.Request, b: Behaviour = behaviour, app_name: str = name) -> web.Response:
-            b.requests += 1
-            if b.latency_ms:
-                await asyncio.sleep(b.latency_ms / 1000)
-            status = b.status
-            if b.failure_rate and random.random() < b.failure_rate:
-                status = b.failure_status
-            body = {"app": app_name, "path": request.path_qs, "headers": dict(request.headers)}
-            return web.json_response(body, status=status, headers={"x-app": app_name})
-
-        app = web.Application()
-        app.router.add_post("/__control", control)
-        app.router.add_get("/__stats", stats)
-        app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(_make_app(name), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host, port).start()
         runners.append(runner)
-    print("ready", flush=True)
+    print("ready " + " ".join(f"{n}={h}:{p}" for n, (h, p) in apps.items()), flush=True)
     await asyncio.Event().wait()
 
 
+def _parse_listen(spec: str) -> tuple[str, tuple[str, int]]:
+    name, sep, addr = spec.partition("=")
+    host, _, port = addr.rpartition(":")
+    if not sep or not name or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {spec!r}")
+    return name, (host, int(port))
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--listen", action="append", required=True, metavar="NAME=HOST:PORT")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.upstream")
+    parser.add_argument("--listen", action="append", required=True, metavar="NAME=HOST:PORT", type=_parse_listen)
     args = parser.parse_args(argv)
-    apps = {}
-    for spec in args.listen:
-        name, _, addr = spec.partition("=")
-        host, _, port = addr.rpartition(":")
-        apps[name] = (host, int(port))
+    apps = dict(args.listen)
+    if len(apps) != len(args.listen):
+        parser.error("app names must be unique")
     asyncio.run(_serve(apps))
 
 
 class Upstreams:
-    """Starts the app farm; ``addresses[name]`` is (host, port)."""
+    """Starts the app farm in one subprocess; ``addresses[name]`` is (host, port).
 
-    def __init__(self, apps: dict[str, str], workdir: Path) -> None:
-        """``apps``: name -> host (a free port is picked) or "host:port"."""
+    ``apps``: name -> host (a free port is picked there) or "host:port"; or just names (all on
+    127.0.0.1). Usable as a context manager (starts on enter, stops on exit).
+    """
+
+    def __init__(self, apps: Mapping[str, str] | Iterable[str], workdir: Path | None = None) -> None:
+        if not isinstance(apps, Mapping):
+            apps = {name: "127.0.0.1" for name in apps}
+        if not apps:
+            raise ValueError("Upstreams needs at least one app")
         self.addresses: dict[str, tuple[str, int]] = {}
         for name, where in apps.items():
             host, _, port = where.partition(":")
             self.addresses[name] = (host, int(port) if port else free_port(host))
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="upstreams-"))
         listen = [f"--listen={n}={h}:{p}" for n, (h, p) in self.addresses.items()]
-        root = Path(__file__).resolve().parents[2]
-        self.proc = Proc("upstreams", [sys.executable, "-m", "tests.support.upstream", *listen], workdir / "upstreams.log")
-        self.proc.cmd = ["env", f"PYTHONPATH={root}", *self.proc.cmd]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        log = self.workdir / "upstreams.log"
+        if log.exists():  # a second farm in the same workdir keeps its own log
+            log = self.workdir / f"upstreams-{'-'.join(self.addresses)}-{os.getpid()}-{id(self)}.log"
+        self.proc = Proc("upstreams", [sys.executable, "-m", "tests.support.upstream", *listen], log, env=env, cwd=ROOT)
 
-    def start(self) -> Upstreams:
+    def start(self, timeout: float = 30.0) -> Upstreams:
+        """Starts the subprocess and waits until every app accepts connections and answers."""
         self.proc.start()
-        for name in self.addresses:
-            wait_for(lambda n=name: self.stats(n) is not None or self.proc.check_alive(), f"upstream {name}", 20)
+        try:
+            for name, (host, port) in self.addresses.items():
+                def up(n: str = name, h: str = host, p: int = port) -> bool:
+                    self.proc.check_alive()
+                    return port_open(h, p) and self.stats(n) >= 0
+
+                wait_for(up, f"upstream app {name} on {host}:{port}", timeout)
+        except AssertionError as exc:
+            self.stop()
+            raise AssertionError(f"{exc}\n--- upstreams log ---\n{self.proc.log_tail()}") from None
         return self
+
+    def address(self, name: str) -> tuple[str, int]:
+        return self.addresses[name]
+
+    def port(self, name: str) -> int:
+        return self.addresses[name][1]
 
     def url(self, name: str, path: str = "/") -> str:
         host, port = self.addresses[name]
         return f"http://{host}:{port}{path}"
 
-    def set(self, name: str, **behaviour: object) -> None:
+    def _control(self, name: str, body: dict[str, Any]) -> None:
         req = urllib.request.Request(
-            self.url(name, "/__control"), data=json.dumps(behaviour).encode(), method="POST",
+            self.url(name, "/__control"), data=json.dumps(body).encode(), method="POST",
             headers={"content-type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert resp.status == 200
 
+    def set(self, name: str, **behaviour: Any) -> None:
+        """Changes one app's behaviour: ``status``, ``failure_rate``, ``failure_status``, ``latency_ms``
+        (unnamed settings keep their value; ``reset=True`` first restores the defaults)."""
+        self._control(name, behaviour)
+
+    def reset(self, name: str | None = None) -> None:
+        """Default behaviour and request count 0, for one app or all."""
+        for n in [name] if name else list(self.addresses):
+            self._control(n, {"reset": True, "reset_stats": True})
+
     def stats(self, name: str) -> int:
-        with urllib.request.urlopen(self.url(name, "/__stats"), timeout=2) as resp:
+        """Requests served by the app so far."""
+        with urllib.request.urlopen(self.url(name, "/__stats"), timeout=5) as resp:
             return int(json.loads(resp.read())["requests"])
+
+    def all_stats(self) -> dict[str, int]:
+        return {name: self.stats(name) for name in self.addresses}
 
     def stop(self) -> None:
         self.proc.stop()
 
     def __enter__(self) -> Upstreams:
-        return self.start()
+        return self if self.proc.running else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

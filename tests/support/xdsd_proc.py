@@ -4,32 +4,60 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import Proc, free_port, wait_for
+from tests.support.procs import Proc, ProcessExited, free_port, wait_for
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class XdsdProcess:
-    def __init__(self, config_path: Path, workdir: Path, xds_port: int | None = None, admin_port: int | None = None,
-                 extra_args: list[str] | None = None) -> None:
-        self.config_path = config_path
-        self.state_dir = workdir / "xdsd-state"
+    """``XdsdProcess(config_path, workdir=None, xds_port=None, admin_port=None, extra_args=None)``.
+
+    Pass ports by keyword. Missing ports are free ports picked now and kept across ``restart()``.
+    The log is ``<workdir>/xdsd.log`` (workdir defaults to a fresh temp dir), the state directory
+    ``<workdir>/xdsd-state`` unless ``state_dir`` says otherwise (replicas may share one).
+    """
+
+    def __init__(
+        self,
+        config_path: Path,
+        workdir: Path | None = None,
+        xds_port: int | None = None,
+        admin_port: int | None = None,
+        extra_args: Sequence[str] | None = None,
+        *,
+        state_dir: Path | None = None,
+        log_level: str = "debug",
+        name: str = "xdsd",
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="xdsd-"))
+        self.state_dir = Path(state_dir) if state_dir is not None else self.workdir / "xdsd-state"
         self.xds_port = xds_port or free_port()
         self.admin_port = admin_port or free_port()
+        self.name = name
+        self.log_path = self.workdir / f"{name}.log"
         self.proc = Proc(
-            "xdsd",
-            [sys.executable, "-m", "xdsd", "serve", "--config", str(config_path),
+            name,
+            [sys.executable, "-m", "xdsd", "serve", "--config", str(self.config_path),
              "--xds-address", f"127.0.0.1:{self.xds_port}", "--admin-address", f"127.0.0.1:{self.admin_port}",
-             "--log-level", "debug", "--state-dir", str(self.state_dir), *(extra_args or [])],
-            workdir / "xdsd.log",
+             "--log-level", log_level, "--state-dir", str(self.state_dir), *(extra_args or [])],
+            self.log_path,
+            cwd=ROOT,
         )
 
     def token(self, node_id: str, cluster: str) -> str:
+        """A node token signed with this xdsd's key (created in its state dir if missing)."""
         from xdsd.auth.tokens import TokenSigner
 
         return TokenSigner.load_or_create(self.state_dir).issue(node_id, cluster)
@@ -38,64 +66,105 @@ class XdsdProcess:
     def xds_address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.xds_port)
 
-    def start(self, wait_ready: bool = True) -> XdsdProcess:
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> XdsdProcess:
         self.proc.start()
         if wait_ready:
-            self.wait_ready()
+            self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        def ready() -> bool:
-            self.proc.check_alive()
-            return self.http_status("/readyz") == 200
-
-        try:
-            wait_for(ready, "xdsd /readyz", timeout)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- xdsd log ---\n{self.proc.log_tail()}") from None
+        """Polls ``/readyz`` until 200; fails at once (with the log tail) if xdsd exits."""
+        self.wait_for(lambda: self.http_status("/readyz") == 200, "xdsd /readyz to answer 200", timeout)
 
     def stop(self) -> None:
+        """SIGTERM (graceful), SIGKILL if it lingers; idempotent."""
         self.proc.stop()
 
     def kill(self) -> None:
+        """SIGKILL, no goodbye."""
         self.proc.kill()
 
-    def restart(self, wait_ready: bool = True) -> None:
+    def restart(self, wait_ready: bool = True, timeout: float = 30.0) -> XdsdProcess:
+        """Stop (if running) and start again on the same ports and state dir."""
         self.proc.stop()
-        self.start(wait_ready)
+        return self.start(wait_ready, timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.running
+
+    def log_tail(self, lines: int = 60) -> str:
+        return self.proc.log_tail(lines)
+
+    def wait_for(self, check: Callable[[], T], what: str | float = "condition", timeout: float | str = 30.0,
+                 interval: float = 0.05) -> T:
+        """``procs.wait_for`` that fails at once if xdsd died, with its log tail in the error."""
+        def guarded() -> T:
+            self.proc.check_alive()
+            return check()
+
+        try:
+            return wait_for(guarded, what, timeout, interval)
+        except ProcessExited as exc:  # already carries the log tail
+            raise ProcessExited(f"{exc}\n(full log: {self.log_path})") from None
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- {self.name} log ({self.log_path}) ---\n{self.proc.log_tail(60)}") from None
+
+    def __enter__(self) -> XdsdProcess:
+        return self if self.proc.running else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     # -- admin API ------------------------------------------------------------------------
 
-    def http_status(self, path: str) -> int:
+    def http_status(self, path: str, timeout: float = 5.0) -> int:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as resp:
+            with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
                 return int(resp.status)
         except urllib.error.HTTPError as exc:
             return int(exc.code)
 
-    def admin_get(self, path: str) -> str:
+    def admin_get(self, path: str, timeout: float = 5.0) -> str:
+        """The body of GET ``path`` on the admin API (also for non-2xx answers)."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as resp:
+            with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as resp:
                 return resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.read().decode()
 
-    def admin_get_json(self, path: str) -> Any:
-        return json.loads(self.admin_get(path))
+    def admin_get_json(self, path: str, timeout: float = 5.0) -> Any:
+        return json.loads(self.admin_get(path, timeout))
 
     def proxies(self) -> list[dict[str, Any]]:
+        """``/debug/proxies``: the connected nodes."""
         return list(self.admin_get_json("/debug/proxies"))
 
     def proxy(self, node_id: str) -> dict[str, Any] | None:
         return next((p for p in self.proxies() if p["node_id"] == node_id), None)
 
-    def metric_value(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """The value of one sample (``name`` as exposed, e.g. ``xdsd_nacks_total``); 0 if absent."""
-        for family in text_string_to_metric_families(self.admin_get("/metrics")):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                    return float(sample.value)
-        return 0.0
+    def metrics_text(self) -> str:
+        return self.admin_get("/metrics")
 
-    def log_tail(self, lines: int = 60) -> str:
-        return self.proc.log_tail(lines)
+    def metric_samples(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Every (labels, value) of a sample named ``name`` (a counter also answers to its family
+        name: ``xdsd_nacks`` finds ``xdsd_nacks_total``)."""
+        out: list[tuple[dict[str, str], float]] = []
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                if sample.name == name or (family.name == name and sample.name == f"{name}_total"):
+                    out.append((dict(sample.labels), float(sample.value)))
+        return out
+
+    def metric_value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """The value of the first sample named ``name`` whose labels include ``labels``; 0 if absent."""
+        for sample_labels, value in self.metric_samples(name):
+            if all(sample_labels.get(k) == v for k, v in (labels or {}).items()):
+                return value
+        return 0.0
