@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from tests.support.procs import Proc, ProcessExited, free_port, wait_for
+from tests.support.procs import Proc, free_port
 
 T = TypeVar("T")
 
@@ -172,18 +172,8 @@ class EnvoyProcess:
 
     def wait_for(self, check: Callable[[], T], what: str | float = "condition", timeout: float | str = 30.0,
                  interval: float = 0.05) -> T:
-        """``procs.wait_for`` that fails at once if this Envoy died, with its log tail in the error.
-        Either order: ``wait_for(check, "what", 10)`` or ``wait_for(check, 10, "what")``."""
-        def guarded() -> T:
-            self.proc.check_alive()
-            return check()
-
-        try:
-            return wait_for(guarded, what, timeout, interval)
-        except ProcessExited as exc:  # already carries the log tail
-            raise ProcessExited(f"{exc}\n(full log: {self.log_path})") from None
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- envoy {self.name} log ({self.log_path}) ---\n{self.proc.log_tail()}") from None
+        """``Proc.wait_for``: fails at once if this Envoy died, with its log tail in the error."""
+        return self.proc.wait_for(check, what, timeout, interval)
 
 
 def static_proxy_bootstrap(

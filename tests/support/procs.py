@@ -161,6 +161,21 @@ class Proc:
         if code is not None:
             raise ProcessExited(f"{self.name} exited with {code}:\n{self.log_tail()}")
 
+    def wait_for(self, check: Callable[[], T], what: str | float = "condition", timeout: float | str = 30.0,
+                 interval: float = 0.05) -> T:
+        """``wait_for`` that fails at once if this process died; a timeout carries its log tail.
+        Either order: ``wait_for(check, "what", 10)`` or ``wait_for(check, 10, "what")``."""
+        def guarded() -> T:
+            self.check_alive()
+            return check()
+
+        try:
+            return wait_for(guarded, what, timeout, interval)
+        except ProcessExited as exc:  # already carries the log tail
+            raise ProcessExited(f"{exc}\n(full log: {self.log_path})") from None
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- {self.name} log ({self.log_path}) ---\n{self.log_tail()}") from None
+
     def _signal_group(self, sig: int) -> None:
         assert self.popen is not None
         try:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.procs import Proc, ProcessExited, free_port, wait_for
+from tests.support.procs import Proc, free_port
 
 T = TypeVar("T")
 
@@ -104,17 +104,8 @@ class XdsdProcess:
 
     def wait_for(self, check: Callable[[], T], what: str | float = "condition", timeout: float | str = 30.0,
                  interval: float = 0.05) -> T:
-        """``procs.wait_for`` that fails at once if xdsd died, with its log tail in the error."""
-        def guarded() -> T:
-            self.proc.check_alive()
-            return check()
-
-        try:
-            return wait_for(guarded, what, timeout, interval)
-        except ProcessExited as exc:  # already carries the log tail
-            raise ProcessExited(f"{exc}\n(full log: {self.log_path})") from None
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n--- {self.name} log ({self.log_path}) ---\n{self.proc.log_tail(60)}") from None
+        """``Proc.wait_for``: fails at once if xdsd died, with its log tail in the error."""
+        return self.proc.wait_for(check, what, timeout, interval)
 
     def __enter__(self) -> XdsdProcess:
         return self if self.proc.running else self.start()

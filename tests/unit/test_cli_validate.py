@@ -9,23 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_model import VALID  # one example mesh for both modules
 from xdsd.cli import main
-
-VALID = """
-services:
-  reviews:
-    endpoints:
-      - {address: 127.0.0.2, port: 8080, weight: 3}
-      - {address: 127.0.0.3, port: 8080, weight: 1}
-  productpage:
-    endpoints: [{address: productpage.internal, port: 9080}]
-gateways:
-  edge:
-    listen: {address: 127.0.0.1, port: 10000}
-    routes:
-      - {prefix: /reviews, service: reviews}
-      - {prefix: /, service: productpage}
-"""
 
 INVALID = VALID.replace("127.0.0.3, port: 8080", "127.0.0.3, port: 0")
 
