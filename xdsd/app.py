@@ -57,7 +57,7 @@ class App:
         else:
             ca = CertificateAuthority.load_or_create(state_dir, "mesh")
         self.identities = IdentityStore(ca, dt.timedelta(hours=1))
-        self.cache = SnapshotCache(lambda mesh, group: generate(mesh, group, self.identities.credentials))
+        self.cache = SnapshotCache(lambda mesh, group: generate(mesh, group, self.identities.credentials, self.cache.memo))
         authenticator = None
         if args.auth == "required":
             authenticator = token_authenticator(TokenSigner.load_or_create(state_dir))

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from google.protobuf.message import Message
 
-from xdsd.cache.snapshot import Snapshot
-from xdsd.generators import NodeGroup
+from xdsd.cache.snapshot import Encoder, Snapshot
+from xdsd.generators import Memo, NodeGroup
 from xdsd.model import Mesh
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,10 @@ class SnapshotCache:
         self.revision = 0
         self._snapshots: dict[NodeGroup, Snapshot] = {}
         self._watchers: dict[NodeGroup, set[Watcher]] = {}
+        # Shared by all groups: per-service resources are generated and serialized once (a
+        # generator that takes a ``memo`` argument should be given this one).
+        self.memo = Memo()
+        self._encoder = Encoder()
 
     @property
     def ready(self) -> bool:
@@ -37,13 +41,15 @@ class SnapshotCache:
         return self._mesh
 
     def _build(self, mesh: Mesh, group: NodeGroup, revision: int) -> Snapshot:
-        return Snapshot.build(group, revision, self._generate(mesh, group))
+        return Snapshot.build(group, revision, self._generate(mesh, group), self._encoder, self._snapshots.get(group))
 
     def set_mesh(self, mesh: Mesh) -> dict[NodeGroup, set[str]]:
         """Regenerate every watched group. All or nothing: if one group fails, nothing changes and
         the error propagates. Returns the changed types per group (watchers already woken)."""
         revision = self.revision + 1
         fresh = {group: self._build(mesh, group, revision) for group in self._watchers}
+        self.memo.sweep()
+        self._encoder.sweep()
         self._mesh = mesh
         self.revision = revision
         changed: dict[NodeGroup, set[str]] = {}

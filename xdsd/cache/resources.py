@@ -57,12 +57,22 @@ class TypeSnapshot:
     eds_names: frozenset[str] = field(default_factory=frozenset)
 
     @classmethod
-    def build(cls, type_url: str, resources: Iterable[Resource], eds_names: frozenset[str] = frozenset()) -> TypeSnapshot:
+    def build(cls, type_url: str, resources: Iterable[Resource], eds_names: frozenset[str] = frozenset(),
+              previous: TypeSnapshot | None = None) -> TypeSnapshot:
+        """``previous`` (the group's last snapshot of this type) is returned as is when it holds the
+        very same resources: most types of most groups do not change in a revision."""
         by_name: dict[str, Resource] = {}
         for r in resources:
             if r.name in by_name:
                 raise ValueError(f"duplicate {type_url.rsplit('.', 1)[-1]} resource name {r.name!r}")
             by_name[r.name] = r
+        if (
+            previous is not None
+            and previous.eds_names == eds_names
+            and len(previous.resources) == len(by_name)
+            and all(previous.resources.get(n) is r for n, r in by_name.items())
+        ):
+            return previous
         digest = hashlib.sha256()
         for name in sorted(by_name):
             digest.update(name.encode())

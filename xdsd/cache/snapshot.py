@@ -43,6 +43,34 @@ def _rds_names(listener: listener_pb2.Listener) -> set[str]:
     return names
 
 
+class Encoder:
+    """Serializes each generated message once. Generators hand back the same message object while
+    its inputs are unchanged (generators.memo), so a message seen before, in any group or an
+    earlier revision, reuses its Resource. Entries live for the revision that used them and the next."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, tuple[Message, Resource, frozenset[str]]] = {}
+        self._current: dict[int, tuple[Message, Resource, frozenset[str]]] = {}
+
+    def _entry(self, message: Message) -> tuple[Message, Resource, frozenset[str]]:
+        key = id(message)
+        entry = self._current.get(key) or self._previous.get(key)
+        if entry is None or entry[0] is not message:
+            rds = frozenset(_rds_names(message)) if isinstance(message, listener_pb2.Listener) else frozenset()
+            entry = (message, Resource.from_message(_resource_name(message), message), rds)
+        self._current[key] = entry  # holds the message, so its id is not reused while the entry lives
+        return entry
+
+    def resource(self, message: Message) -> Resource:
+        return self._entry(message)[1]
+
+    def rds_names(self, listener: Message) -> frozenset[str]:
+        return self._entry(listener)[2]
+
+    def sweep(self) -> None:
+        self._previous, self._current = self._current, {}
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     group: NodeGroup
@@ -55,8 +83,10 @@ class Snapshot:
         return ts if ts is not None else TypeSnapshot.empty(type_url)
 
     @classmethod
-    def build(cls, group: NodeGroup, revision: int, generated: dict[str, list[Message]]) -> Snapshot:
+    def build(cls, group: NodeGroup, revision: int, generated: dict[str, list[Message]],
+              encoder: Encoder | None = None, previous: Snapshot | None = None) -> Snapshot:
         """Serialize every resource once and check that references resolve (DESIGN: cache)."""
+        enc = encoder if encoder is not None else Encoder()
         eds_names = frozenset(
             c.name
             for c in generated.get(typeurls.CLUSTER, [])
@@ -68,13 +98,14 @@ class Snapshot:
         route_names = {_resource_name(m) for m in generated.get(typeurls.ROUTE, [])}
         for listener in generated.get(typeurls.LISTENER, []):
             assert isinstance(listener, listener_pb2.Listener)
-            if missing := _rds_names(listener) - route_names:
+            if missing := enc.rds_names(listener) - route_names:
                 raise InconsistentSnapshot(f"listener {listener.name!r} references unknown routes {sorted(missing)}")
         types = {
             type_url: TypeSnapshot.build(
                 type_url,
-                (Resource.from_message(_resource_name(m), m) for m in messages),
+                [enc.resource(m) for m in messages],
                 eds_names if type_url == typeurls.CLUSTER else frozenset(),
+                previous.types.get(type_url) if previous is not None else None,
             )
             for type_url, messages in generated.items()
         }

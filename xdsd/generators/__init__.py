@@ -8,13 +8,15 @@ from google.protobuf.message import Message
 from xdsd import typeurls
 from xdsd.ca import Credentials, gateway_id, service_id
 from xdsd.generators import clusters, endpoints, listeners, routes, secrets
+from xdsd.generators.memo import Memo, NoMemo
 from xdsd.generators.node import NodeGroup, Transport
 from xdsd.generators.roles import GATEWAY, SIDECAR, role_of
-from xdsd.model import Mesh
+from xdsd.model import Mesh, Service
 
-__all__ = ["NodeGroup", "Transport", "generate", "required_identities"]
+__all__ = ["Memo", "NodeGroup", "Transport", "generate", "required_identities"]
 
 _NO_CREDENTIALS = Credentials()
+_NO_MEMO = NoMemo()
 
 
 def required_identities(mesh: Mesh) -> set[str]:
@@ -28,32 +30,67 @@ def required_identities(mesh: Mesh) -> set[str]:
     return ids
 
 
-def generate(mesh: Mesh, group: NodeGroup, credentials: Credentials = _NO_CREDENTIALS) -> dict[str, list[Message]]:
-    """Every resource a node of ``group`` should hold, by type URL."""
+def generate(mesh: Mesh, group: NodeGroup, credentials: Credentials = _NO_CREDENTIALS,
+             memo: Memo = _NO_MEMO) -> dict[str, list[Message]]:
+    """Every resource a node of ``group`` should hold, by type URL. With a ``memo``, per-service
+    resources are built once per revision for all groups, and kept while their service is unchanged."""
     out: dict[str, list[Message]] = {t: [] for t in typeurls.PUSH_ORDER}
     role = role_of(mesh, group.cluster)
     if role == GATEWAY:
-        _gateway(mesh, group, credentials, out)
+        _gateway(mesh, group, credentials, out, memo)
     elif role == SIDECAR and mesh.services[group.cluster].sidecar is not None:
-        _sidecar(mesh, group, credentials, out)
+        _sidecar(mesh, group, credentials, out, memo)
     return out
 
 
-def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[str, list[Message]]) -> None:
+def _transport(group: NodeGroup) -> tuple[object, ...]:
+    """What of the group a per-service resource depends on (its config sources)."""
+    return (group.transport, group.xds_cluster, group.initial_metadata)
+
+
+def _service_cluster(mesh: Mesh, name: str, group: NodeGroup, own_id: str | None, memo: Memo) -> Message:
+    service = mesh.services[name]
+    eds = _uses_eds(mesh, name, memo)
+    # An EDS cluster does not carry its endpoints: an endpoint change must not rebuild it for every
+    # caller (its TLS context names the caller's own certificate, so there is one per caller).
+    inputs = (*_policy(service), mesh.mesh) if eds else (service, mesh.mesh)
+    return memo.get(("cds", name, _transport(group), own_id, eds), inputs,
+                    lambda: clusters.service_cluster(mesh, name, group, own_id))
+
+
+def _policy(service: Service) -> tuple[object, ...]:
+    """A service's fields except its endpoints: what its routes, listeners and EDS cluster depend on."""
+    return tuple(v for k, v in service if k != "endpoints")
+
+
+def _uses_eds(mesh: Mesh, name: str, memo: Memo) -> bool:
+    service = mesh.services[name]
+    return memo.get(("eds?", name), (service,), lambda: endpoints.uses_eds(mesh.endpoints_of(name)))
+
+
+def _service_endpoints(mesh: Mesh, names: list[str], memo: Memo) -> list[Message]:
+    return [
+        cla
+        for name in names
+        for cla in memo.get(("eds", name), (mesh.services[name],), lambda n=name: endpoints.generate(mesh, [n]))  # type: ignore[misc]
+    ]
+
+
+def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[str, list[Message]], memo: Memo) -> None:
     gateway = mesh.gateways[group.cluster]
     services = sorted({r.service for r in gateway.routes})
     own_id = gateway_id(mesh.mesh.trust_domain, group.cluster)
     if own_id not in required_identities(mesh):
         own_id = None  # type: ignore[assignment]
-    out[typeurls.CLUSTER] = list(clusters.generate(mesh, group, services, own_id))
-    out[typeurls.ENDPOINT] = list(endpoints.generate(mesh, services))
+    out[typeurls.CLUSTER] = [_service_cluster(mesh, s, group, own_id, memo) for s in services]
+    out[typeurls.ENDPOINT] = _service_endpoints(mesh, services, memo)
     out[typeurls.LISTENER] = [listeners.gateway_listener(group.cluster, gateway, group)]
     out[typeurls.ROUTE] = [routes.gateway_routes(group.cluster, gateway, mesh)]
     if own_id is not None:
-        out[typeurls.SECRET] = list(secrets.generate(credentials, own_id))
+        out[typeurls.SECRET] = _secrets(credentials, own_id, memo)
 
 
-def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[str, list[Message]]) -> None:
+def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[str, list[Message]], memo: Memo) -> None:
     name = group.cluster
     service = mesh.services[name]
     sidecar = service.sidecar
@@ -62,19 +99,39 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     own_id = service_id(td, name)
     upstreams = sorted(sidecar.upstreams)
     app_cluster = f"inbound|{sidecar.app_port}|{name}"
-    out[typeurls.CLUSTER] = [
-        clusters.local_app_cluster(app_cluster, group.app_address or sidecar.app_address, sidecar.app_port, service.protocol),
-        *clusters.generate(mesh, group, upstreams, own_id),
+    local_cluster, own_listeners = memo.get(
+        ("sidecar", group, own_id), (*_policy(service), mesh.mesh),
+        lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams),
+    )
+    out[typeurls.CLUSTER] = [local_cluster, *(_service_cluster(mesh, u, group, own_id, memo) for u in upstreams)]
+    out[typeurls.ENDPOINT] = _service_endpoints(mesh, upstreams, memo)
+    out[typeurls.LISTENER] = list(own_listeners)
+    out[typeurls.ROUTE] = [
+        memo.get(("rds-out", u), _policy(mesh.services[u]), lambda u=u: routes.outbound_routes(u, mesh))  # type: ignore[misc]
+        for u in upstreams
     ]
-    out[typeurls.ENDPOINT] = list(endpoints.generate(mesh, upstreams))
+    out[typeurls.SECRET] = _secrets(credentials, own_id, memo)
+
+
+def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td: str, app_cluster: str,
+                 upstreams: list[str]) -> tuple[Message, tuple[Message, ...]]:
+    """What a sidecar holds for its own service: the local app cluster, its inbound listener and
+    one outbound listener per upstream. Depends on its own service (and the group) only."""
+    sidecar = service.sidecar
+    assert sidecar is not None
+    local = clusters.local_app_cluster(app_cluster, group.app_address or sidecar.app_address, sidecar.app_port, service.protocol)
     inbound_address = group.inbound_address or sidecar.inbound.address
-    out[typeurls.LISTENER] = [
+    own_listeners = (
         listeners.inbound_listener(name, inbound_address, sidecar.inbound.port,
                                    routes.inbound_routes(name, app_cluster), group, own_id, td),
         *(
             listeners.outbound_listener(u, sidecar.upstreams[u], routes.outbound_route_name(u), group)
             for u in upstreams
         ),
-    ]
-    out[typeurls.ROUTE] = [routes.outbound_routes(u, mesh) for u in upstreams]
-    out[typeurls.SECRET] = list(secrets.generate(credentials, own_id))
+    )
+    return local, own_listeners
+
+
+def _secrets(credentials: Credentials, own_id: str, memo: Memo) -> list[Message]:
+    svid = credentials.svids.get(own_id)
+    return memo.get(("sds", own_id), (svid, credentials.bundle_pem), lambda: secrets.generate(credentials, own_id))
