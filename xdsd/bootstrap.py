@@ -29,6 +29,7 @@ class BootstrapOptions:
     xds_tls_server_name: str | None = None
     inbound_address: str | None = None  # sidecars: where this instance's inbound listener binds
     app_address: str | None = None  # sidecars: where this instance's app listens
+    zone: str | None = None  # node.locality.zone: this Envoy prefers endpoints in its own zone
 
 
 def _is_ip(host: str) -> bool:
@@ -79,6 +80,8 @@ def render(opts: BootstrapOptions) -> dict[str, Any]:
         metadata["xdsd.app_address"] = opts.app_address
     if metadata:
         node["metadata"] = metadata
+    if opts.zone:
+        node["locality"] = {"zone": opts.zone}
     xds_cluster = _xds_cluster(opts)
     return {
         "node": node,

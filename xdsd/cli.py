@@ -126,6 +126,7 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
         xds_tls_server_name=args.xds_tls_server_name,
         inbound_address=args.inbound_address,
         app_address=args.app_address,
+        zone=args.zone,
     )
     sys.stdout.write(render_text(opts, fmt=args.format))
     return 0
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sidecars: the instance's mesh address (when the service config leaves it open)")
     p.add_argument("--app-address", metavar="IP",
                    help="sidecars: where this instance's app listens (overrides the service's app_address)")
+    p.add_argument("--zone", help="node.locality.zone: prefer endpoints in this zone, fail over to the others")
     p.set_defaults(func=_cmd_bootstrap)
 
     p = sub.add_parser("status", help="per-proxy sync status, like proxy-status")

@@ -12,6 +12,7 @@ from xdsd.generators.memo import Memo, NoMemo
 from xdsd.generators.node import NodeGroup, Transport
 from xdsd.generators.roles import GATEWAY, SIDECAR, role_of
 from xdsd.model import Mesh, Service
+from xdsd.model.traffic import Route
 
 __all__ = ["Memo", "NodeGroup", "Transport", "generate", "required_identities"]
 
@@ -25,7 +26,7 @@ def required_identities(mesh: Mesh) -> set[str]:
     td = mesh.mesh.trust_domain
     ids = {service_id(td, name) for name, svc in mesh.services.items() if svc.sidecar is not None}
     for name, gw in mesh.gateways.items():
-        if any(mesh.services[r.service].sidecar is not None for r in gw.routes):
+        if any(mesh.services[s].sidecar is not None for r in gw.routes for s, _ in r.destinations()):
             ids.add(gateway_id(td, name))
     return ids
 
@@ -48,14 +49,28 @@ def _transport(group: NodeGroup) -> tuple[object, ...]:
     return (group.transport, group.xds_cluster, group.initial_metadata)
 
 
-def _service_cluster(mesh: Mesh, name: str, group: NodeGroup, own_id: str | None, memo: Memo) -> Message:
+Target = tuple[str, str | None]  # (service, subset): one cluster
+
+
+def _targets(mesh: Mesh, routes: list[Route], default_service: str | None = None) -> list[Target]:
+    """The clusters ``routes`` send to (subsets, split arms and mirrors included), sorted."""
+    found = {t for r in routes for t in r.destinations(default_service)}
+    if default_service is not None:
+        found.add((default_service, None))
+    return sorted(found, key=lambda t: (t[0], t[1] or ""))
+
+
+def _service_cluster(mesh: Mesh, target: Target, group: NodeGroup, own_id: str | None, memo: Memo) -> Message:
+    name, subset = target
     service = mesh.services[name]
     eds = _uses_eds(mesh, name, memo)
     # An EDS cluster does not carry its endpoints: an endpoint change must not rebuild it for every
     # caller (its TLS context names the caller's own certificate, so there is one per caller).
+    # A STRICT_DNS one does, with priorities by the node's zone.
     inputs = (*_policy(service), mesh.mesh) if eds else (service, mesh.mesh)
-    return memo.get(("cds", name, _transport(group), own_id, eds), inputs,
-                    lambda: clusters.service_cluster(mesh, name, group, own_id))
+    zone = None if eds else group.zone
+    return memo.get(("cds", name, subset, _transport(group), own_id, eds, zone), inputs,
+                    lambda: clusters.service_cluster(mesh, name, group, own_id, subset))
 
 
 def _policy(service: Service) -> tuple[object, ...]:
@@ -68,22 +83,24 @@ def _uses_eds(mesh: Mesh, name: str, memo: Memo) -> bool:
     return memo.get(("eds?", name), (service,), lambda: endpoints.uses_eds(mesh.endpoints_of(name)))
 
 
-def _service_endpoints(mesh: Mesh, names: list[str], memo: Memo) -> list[Message]:
-    return [
-        cla
-        for name in names
-        for cla in memo.get(("eds", name), (mesh.services[name],), lambda n=name: endpoints.generate(mesh, [n]))  # type: ignore[misc]
-    ]
+def _service_endpoints(mesh: Mesh, targets: list[Target], zone: str | None, memo: Memo) -> list[Message]:
+    out = []
+    for name, subset in targets:
+        cla = memo.get(("eds", name, subset, zone), (mesh.services[name],),
+                       lambda n=name, s=subset: endpoints.service_assignment(mesh, n, s, zone))  # type: ignore[misc]
+        if cla is not None:  # None: a STRICT_DNS cluster, endpoints inline
+            out.append(cla)
+    return out
 
 
 def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[str, list[Message]], memo: Memo) -> None:
     gateway = mesh.gateways[group.cluster]
-    services = sorted({r.service for r in gateway.routes})
+    targets = _targets(mesh, list(gateway.routes))
     own_id = gateway_id(mesh.mesh.trust_domain, group.cluster)
     if own_id not in required_identities(mesh):
         own_id = None  # type: ignore[assignment]
-    out[typeurls.CLUSTER] = [_service_cluster(mesh, s, group, own_id, memo) for s in services]
-    out[typeurls.ENDPOINT] = _service_endpoints(mesh, services, memo)
+    out[typeurls.CLUSTER] = [_service_cluster(mesh, t, group, own_id, memo) for t in targets]
+    out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo)
     out[typeurls.LISTENER] = [listeners.gateway_listener(group.cluster, gateway, group)]
     out[typeurls.ROUTE] = [routes.gateway_routes(group.cluster, gateway, mesh)]
     if own_id is not None:
@@ -103,8 +120,10 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
         ("sidecar", group, own_id), (*_policy(service), mesh.mesh),
         lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams),
     )
-    out[typeurls.CLUSTER] = [local_cluster, *(_service_cluster(mesh, u, group, own_id, memo) for u in upstreams)]
-    out[typeurls.ENDPOINT] = _service_endpoints(mesh, upstreams, memo)
+    # Each upstream's clusters: the whole service and the subsets its own routes send to.
+    targets = [t for u in upstreams for t in _targets(mesh, mesh.services[u].routes, default_service=u)]
+    out[typeurls.CLUSTER] = [local_cluster, *(_service_cluster(mesh, t, group, own_id, memo) for t in targets)]
+    out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo)
     out[typeurls.LISTENER] = list(own_listeners)
     out[typeurls.ROUTE] = [
         memo.get(("rds-out", u), _policy(mesh.services[u]), lambda u=u: routes.outbound_routes(u, mesh))  # type: ignore[misc]

@@ -1,5 +1,5 @@
-"""EDS: one ClusterLoadAssignment per service, endpoints grouped by zone, weights carried as
-``load_balancing_weight``."""
+"""EDS: one ClusterLoadAssignment per cluster (a service, or one subset of it), endpoints grouped by
+zone, weights carried as ``load_balancing_weight``."""
 
 from __future__ import annotations
 
@@ -9,18 +9,41 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from xdsd.model import Endpoint, Mesh
 from xdsd.model.fields import is_ip
 
+# Subset clusters are named "<service>~<subset>": '~' is never part of a Name (fields.check_name).
+SUBSET_SEPARATOR = "~"
 
-def load_assignment(name: str, endpoints: list[Endpoint]) -> endpoint_pb2.ClusterLoadAssignment:
+
+def cluster_name(service: str, subset: str | None = None) -> str:
+    return service if subset is None else f"{service}{SUBSET_SEPARATOR}{subset}"
+
+
+def endpoints_for(mesh: Mesh, service: str, subset: str | None = None) -> list[Endpoint]:
+    """The service's endpoints, or those carrying all of the subset's labels."""
+    endpoints = mesh.endpoints_of(service)
+    if subset is None:
+        return endpoints
+    selector = mesh.services[service].subsets[subset]
+    return [ep for ep in endpoints if all(ep.labels.get(k) == v for k, v in selector.items())]
+
+
+def load_assignment(name: str, endpoints: list[Endpoint], zone: str | None = None) -> endpoint_pb2.ClusterLoadAssignment:
+    """With the node's ``zone``, that zone's endpoints are priority 0 and all others priority 1:
+    Envoy sends everything to priority 0 while it is healthy enough and spills over to 1 as its
+    endpoints fail (health checks, outlier ejection). Without a zone, or when no endpoint is in the
+    node's zone, everything is priority 0 (priorities must start at 0)."""
+    local = zone is not None and any(ep.zone == zone for ep in endpoints)
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     by_zone: dict[str, endpoint_components_pb2.LocalityLbEndpoints] = {}
     for ep in endpoints:
-        zone = ep.zone or ""
-        locality = by_zone.get(zone)
+        key = ep.zone or ""
+        locality = by_zone.get(key)
         if locality is None:
             locality = cla.endpoints.add()
-            if zone:
-                locality.locality.zone = zone
-            by_zone[zone] = locality
+            if key:
+                locality.locality.zone = key
+            if local and ep.zone != zone:
+                locality.priority = 1
+            by_zone[key] = locality
         lb = locality.lb_endpoints.add()
         sock = lb.endpoint.address.socket_address
         sock.address = ep.address
@@ -36,10 +59,15 @@ def uses_eds(endpoints: list[Endpoint]) -> bool:
     return all(is_ip(ep.address) for ep in endpoints)
 
 
-def generate(mesh: Mesh, services: list[str]) -> list[endpoint_pb2.ClusterLoadAssignment]:
-    out = []
-    for name in services:
-        endpoints = mesh.endpoints_of(name)
-        if uses_eds(endpoints):
-            out.append(load_assignment(name, endpoints))
-    return out
+def service_assignment(mesh: Mesh, service: str, subset: str | None = None,
+                       zone: str | None = None) -> endpoint_pb2.ClusterLoadAssignment | None:
+    """The EDS resource of one cluster of ``service`` (None for a STRICT_DNS service). Depends only
+    on the service itself and the node's zone."""
+    if not uses_eds(mesh.endpoints_of(service)):
+        return None
+    return load_assignment(cluster_name(service, subset), endpoints_for(mesh, service, subset), zone)
+
+
+def generate(mesh: Mesh, services: list[str], zone: str | None = None) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    """The whole-service assignments of ``services`` (subsets not included)."""
+    return [cla for name in services if (cla := service_assignment(mesh, name, None, zone)) is not None]

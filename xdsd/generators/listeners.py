@@ -6,6 +6,7 @@ from envoy.config.core.v3 import config_source_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.v3 import http_status_pb2
@@ -18,6 +19,7 @@ HCM_FILTER = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 AUTHZ_TIMEOUT_MS = 500
 ROUTER_FILTER = "envoy.filters.http.router"
+FAULT_FILTER = "envoy.filters.http.fault"
 
 
 def ext_authz_filter(group: NodeGroup) -> hcm_pb2.HttpFilter:
@@ -49,6 +51,9 @@ def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | No
         hcm.use_remote_address.value = True
     if authz:
         hcm.http_filters.append(ext_authz_filter(group))
+    if rds is not None:
+        # Fault injection, configured per route (typed_per_filter_config); this config injects nothing.
+        hcm.http_filters.add(name=FAULT_FILTER).typed_config.Pack(fault_pb2.HTTPFault())
     router = hcm.http_filters.add(name=ROUTER_FILTER)
     router.typed_config.Pack(router_pb2.Router())
     return hcm

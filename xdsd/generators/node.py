@@ -36,6 +36,8 @@ class NodeGroup:
     # Standalone (non-ADS) nodes open more streams from config sources we generate; those must carry
     # the node's credentials too, so its gRPC metadata is copied into them (such groups are per node).
     initial_metadata: tuple[tuple[str, str], ...] = ()
+    # The node's own zone (node.locality.zone): endpoints there get priority 0, others priority 1.
+    zone: str | None = None
 
     def __str__(self) -> str:
         return f"{self.cluster}/{self.transport}"

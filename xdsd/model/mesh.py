@@ -3,15 +3,25 @@ rules that span several fields (references, duplicates) live in ``crosscheck``."
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import Field
 
-from xdsd.model.fields import Host, IPAddress, Name, PathPrefix, Port, PositiveDuration, TrustDomain, Weight
+from xdsd.model.base import FrozenModel as _Model
+from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, TrustDomain, Weight
+from xdsd.model.traffic import (
+    Backoff,
+    CircuitBreakers,
+    HealthCheck,
+    LoadBalancer,
+    OutlierDetection,
+    Retries,
+    RetryOn,
+    Route,
+    Subset,
+)
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False, populate_by_name=True)
+__all__ = ["Backoff", "CircuitBreakers", "HealthCheck", "LoadBalancer", "OutlierDetection", "Retries", "RetryOn", "Route"]
 
 
 class Endpoint(_Model):
@@ -43,24 +53,6 @@ class Sidecar(_Model):
     upstreams: dict[Name, Port] = Field(default_factory=dict)
 
 
-RetryOn = Literal["5xx", "gateway-error", "reset", "connect-failure", "retriable-status-codes", "refused-stream"]
-
-
-class Backoff(_Model):
-    base: PositiveDuration = 0.025
-    max: PositiveDuration | None = None  # default 10 x base
-
-
-class Retries(_Model):
-    """Envoy's retry policy: ``attempts`` counts the first try (3 = one try and two retries)."""
-
-    attempts: Annotated[StrictInt, Field(ge=1, le=10)] = 3
-    retry_on: list[RetryOn] = Field(default_factory=lambda: ["5xx", "reset", "connect-failure"])
-    status_codes: list[Annotated[StrictInt, Field(ge=100, le=599)]] = Field(default_factory=list)
-    per_try_timeout: PositiveDuration | None = None
-    backoff: Backoff | None = None
-
-
 class Service(_Model):
     endpoints: list[Endpoint] = Field(default_factory=list)
     # Applied to every route to this service (gateway routes and sidecar outbound routes).
@@ -70,6 +62,15 @@ class Service(_Model):
     # HTTP protocol spoken by the service's instances.
     protocol: Literal["http1", "http2"] = "http1"
     connect_timeout: PositiveDuration = 1.0
+    # Named groups of endpoints selected by labels (``v2: {version: v2}``); each is its own cluster.
+    subsets: dict[Name, Subset] = Field(default_factory=dict)
+    # What sidecars calling this service do with its traffic (matched in order; anything that
+    # matches none goes to the whole service). Targets are this service's subsets.
+    routes: list[Route] = Field(default_factory=list)
+    load_balancer: LoadBalancer | None = None
+    outlier_detection: OutlierDetection | None = None
+    circuit_breakers: CircuitBreakers | None = None
+    health_check: HealthCheck | None = None
 
 
 class Listen(_Model):
@@ -77,11 +78,9 @@ class Listen(_Model):
     port: Port
 
 
-class GatewayRoute(_Model):
-    prefix: PathPrefix
-    service: Name
-    retries: Retries | None = None  # overrides the service's
-    timeout: PositiveDuration | None = None
+class GatewayRoute(Route):
+    """A gateway route: a match (prefix, exact path or regex; methods; headers) and a target
+    (a service, a subset of one, or a weighted split), with per-route policy (see ``Route``)."""
 
 
 class Gateway(_Model):

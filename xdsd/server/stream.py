@@ -122,6 +122,7 @@ class Stream:
             inbound_address=inbound or None,
             app_address=app or None,
             initial_metadata=carried,
+            zone=node.locality.zone or None,
         )
         self.cache.watch(self.group, self._on_snapshot)
         self.snapshot = self.cache.snapshot(self.group)
