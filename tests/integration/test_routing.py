@@ -23,6 +23,7 @@ class Edge:
     ups: Upstreams
     envoy: EnvoyProcess
     base: str
+    xdsd: XdsdProcess
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
@@ -62,8 +63,9 @@ def edge(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: C
     ups = upstreams({"v1": "127.0.0.2", "v2": "127.0.0.3", "ratings": "127.0.0.4"})
     gw = free_port()
     mesh_file.write(routing_mesh(ups, gw))
-    envoy = envoy_factory(xdsd(), "edge-1", "edge")
-    e = Edge(ups, envoy, f"http://127.0.0.1:{gw}")
+    server = xdsd()
+    envoy = envoy_factory(server, "edge-1", "edge")
+    e = Edge(ups, envoy, f"http://127.0.0.1:{gw}", server)
     wait_for(lambda: send_requests(e.url("/ratings/exact"), 1)[0].app == "ratings", "routes", 30)
     return e
 
@@ -124,3 +126,13 @@ def test_fault_abort_percentage_and_delay(edge: Edge) -> None:
     assert send_requests(edge.url("/slow"), 3)[-1].app == "ratings"
     assert time.monotonic() - start >= 0.9
     assert edge.envoy.stat("http.edge.fault.delays_injected") == 3
+
+
+def test_a_bad_split_is_refused_and_the_last_good_routes_keep_serving(edge: Edge, mesh_file: MeshFile) -> None:
+    mesh_file.update(lambda m: m["gateways"]["edge"]["routes"][-1]["split"][1].update(weight=20))
+    server_errors = "gateways.edge.routes[8].split: weights must add up to 100, got 110"
+    proc = edge.xdsd
+    wait_for(lambda: proc.metric_value("xdsd_config_rejections_total") >= 1, "the rejection", 15)
+    assert server_errors in proc.admin_get_json("/debug/config")["last_error"]
+    counts = Counter(r.app for r in send_requests(edge.url("/reviews"), 300))
+    assert counts["v1"] + counts["v2"] == 300 and counts["v2"] < 60, counts

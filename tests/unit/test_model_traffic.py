@@ -220,3 +220,26 @@ def test_circuit_breaker_bounds() -> None:
     d = data()
     d["services"]["reviews"]["circuit_breakers"]["max_connections"] = 0
     assert one(d) == "services.reviews.circuit_breakers.max_connections: must be 1..1000000000, got 0"
+
+
+def test_readme_traffic_policy_example_is_valid() -> None:
+    from pathlib import Path
+
+    from xdsd.generators import NodeGroup, generate
+    from xdsd.model import load_mesh
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### Traffic policy", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    mesh = load_mesh(block)
+    assert set(mesh.services["reviews"].subsets) == {"v1", "v2"}
+    assert generate(mesh, NodeGroup("edge", zone="zone-a"))
+
+
+def test_bootstrap_zone_sets_the_node_locality() -> None:
+    from xdsd.bootstrap import BootstrapOptions, render
+    from xdsd.cli import build_parser
+
+    assert render(BootstrapOptions("n1", "edge", zone="zone-a"))["node"]["locality"] == {"zone": "zone-a"}
+    assert "locality" not in render(BootstrapOptions("n1", "edge"))["node"]
+    args = build_parser().parse_args(["bootstrap", "--node-id", "n1", "--cluster", "edge", "--zone", "zone-b"])
+    assert args.zone == "zone-b"
