@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP admin address: /metrics /healthz /readyz /debug/* (default 127.0.0.1:19000)")
     p.add_argument("--debounce", type=float, default=0.05, metavar="SECONDS",
                    help="quiet period that coalesces bursts of changes (default 0.05)")
+    p.add_argument("--registry-debounce", type=float, default=0.01, metavar="SECONDS",
+                   help="registration changes within this window become one revision (default 0.01)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="CA root, token key (default $XDSD_STATE_DIR or ~/.local/state/xdsd)")

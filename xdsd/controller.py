@@ -16,7 +16,7 @@ from xdsd.errors import FieldError, MeshError
 from xdsd.generators import required_identities
 from xdsd.model import Mesh
 from xdsd.observability.metrics import Metrics
-from xdsd.registry.merge import merge, mesh_check
+from xdsd.registry.merge import Merger, mesh_check
 from xdsd.registry.registry import Registry
 from xdsd.sources.file import FileSource
 
@@ -55,13 +55,19 @@ class Controller:
         identities: IdentityStore | None = None,
         on_mesh: Callable[[Mesh], None] | None = None,
         registry: Registry | None = None,
+        registry_debounce: float = 0.0,
     ) -> None:
         self.identities = identities
         self.registry = registry
         self.file_mesh: Mesh | None = None
+        # Registrations arrive one by one (a fleet restarting registers hundreds in a second):
+        # changes within this window become one revision.
+        self.registry_debounce = registry_debounce
+        self._registry_pending: asyncio.TimerHandle | None = None
+        self._merger = Merger()
         if registry is not None:
             registry.mesh_check = mesh_check(lambda: self.file_mesh)
-            registry.on_change = self.apply_registry
+            registry.on_change = self.registry_changed
         self.on_mesh = on_mesh
         self.source = source
         self.cache = cache
@@ -86,8 +92,23 @@ class Controller:
         self.metrics.config_valid.set(1)
         return True
 
+    def registry_changed(self) -> None:
+        """Apply after the debounce window (at once without one, or outside an event loop)."""
+        if self.registry_debounce <= 0:
+            self.apply_registry()
+            return
+        if self._registry_pending is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.apply_registry()
+            return
+        self._registry_pending = loop.call_later(self.registry_debounce, self.apply_registry)
+
     def apply_registry(self) -> None:
         """Registrations changed: serve the file's mesh with the new set of live instances."""
+        self._registry_pending = None
         if self.file_mesh is None:
             return
         try:
@@ -104,12 +125,14 @@ class Controller:
         log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
 
     def _serve(self, file_mesh: Mesh) -> None:
-        mesh = merge(file_mesh, self.registry.list()) if self.registry is not None else file_mesh
+        mesh = self._merger.merge(file_mesh, self.registry.list()) if self.registry is not None else file_mesh
         if self.identities is not None:
             self.identities.ensure(
                 mesh.mesh.trust_domain, required_identities(mesh), dt.timedelta(seconds=mesh.mesh.cert_lifetime)
             )
+        started = time.perf_counter()
         self.cache.set_mesh(mesh)
+        self.metrics.snapshot_build.observe(time.perf_counter() - started)
         if self.on_mesh is not None:
             self.on_mesh(mesh)  # same revision for the authorization service
         self.status.revision = self.cache.revision

@@ -1,4 +1,4 @@
-"""Admin HTTP: /metrics, /healthz, /readyz, /debug/proxies, /debug/config."""
+"""Admin HTTP: /metrics, /healthz, /readyz, /debug/proxies, /debug/config, /debug/loop."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from aiohttp import web
 
 from xdsd.admin.dump import node_config
 from xdsd.controller import Controller
+from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
 from xdsd.server.xds import XdsServer
 
 
-def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_serving: Callable[[], bool]) -> web.Application:
+def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_serving: Callable[[], bool],
+             loop_monitor: LoopMonitor | None = None) -> web.Application:
     async def metrics_page(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -51,6 +53,14 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
     async def config(_: web.Request) -> web.Response:
         return web.json_response(controller.status.as_json())
 
+    async def loop_health(request: web.Request) -> web.Response:
+        # The longest event-loop stall since the last ``?reset=1`` (benchmarks read it per scenario).
+        if loop_monitor is None:
+            return web.json_response({"error": "no loop monitor"}, status=404)
+        if request.query.get("reset") == "1":
+            return web.json_response(loop_monitor.reset())
+        return web.json_response({"max_stall_seconds": loop_monitor.max_stall, "since": loop_monitor.since})
+
     app = web.Application()
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
@@ -59,4 +69,5 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
     app.router.add_get("/debug/config", config)
     app.router.add_get("/debug/refused", refused)
     app.router.add_get("/debug/config_dump", config_dump)
+    app.router.add_get("/debug/loop", loop_health)
     return app

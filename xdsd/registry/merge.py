@@ -6,32 +6,67 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from xdsd.errors import FieldError
-from xdsd.model import Endpoint, Mesh
+from xdsd.model import Endpoint, Mesh, Service
 from xdsd.registry.instance import Instance, RegistrationInput
 
 
 def merge(mesh: Mesh, instances: Iterable[Instance]) -> Mesh:
-    by_service: dict[str, list[Instance]] = {}
-    for inst in instances:
-        if inst.service in mesh.services:  # a service dropped from the file takes its instances along
-            by_service.setdefault(inst.service, []).append(inst)
-    if not by_service:
-        return mesh
-    services = dict(mesh.services)
-    for name, insts in by_service.items():
-        service = services[name]
+    return Merger().merge(mesh, instances)
+
+
+class Merger:
+    """Merges, remembering each service's last result: a service whose static config and live
+    instances did not change keeps its very object, so everything generated from it is reused."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[Service, tuple[tuple[object, ...], ...], Service]] = {}
+        self._endpoints: dict[tuple[object, ...], Endpoint] = {}
+
+    def merge(self, mesh: Mesh, instances: Iterable[Instance]) -> Mesh:
+        by_service: dict[str, list[Instance]] = {}
+        for inst in instances:
+            if inst.service in mesh.services:  # a service dropped from the file takes its instances along
+                by_service.setdefault(inst.service, []).append(inst)
+        last, self._last = self._last, {}
+        known, self._endpoints = self._endpoints, {}
+        if not by_service:
+            return mesh
+        services = dict(mesh.services)
+        for name, insts in by_service.items():
+            service = services[name]
+            insts.sort(key=lambda i: i.instance_id)
+            key = tuple(_serving(i) for i in insts)
+            previous = last.get(name)
+            if previous is not None and previous[0] is service and previous[1] == key:
+                merged = previous[2]
+                self._endpoints.update((k, known[k]) for k in key if k in known)
+            else:
+                merged = self._with_instances(mesh, name, insts, key, known)
+            self._last[name] = (service, key, merged)
+            services[name] = merged
+        return mesh.model_copy(update={"services": services})
+
+    def _with_instances(self, mesh: Mesh, name: str, insts: list[Instance], keys: tuple[tuple[object, ...], ...],
+                        known: dict[tuple[object, ...], Endpoint]) -> Service:
         static = mesh.endpoints_of(name)
         taken = {(e.address, e.port) for e in static}
-        extra = [
-            Endpoint(
-                address=i.address, port=i.port, weight=i.weight, zone=i.zone, labels=dict(i.labels),
-                status="draining" if i.state == "DRAINING" else "healthy",
-            )
-            for i in sorted(insts, key=lambda i: i.instance_id)
-            if (i.address, i.port) not in taken
-        ]
-        services[name] = service.model_copy(update={"endpoints": [*static, *extra]})
-    return mesh.model_copy(update={"services": services})
+        extra = []
+        for i, k in zip(insts, keys, strict=True):
+            if (i.address, i.port) in taken:
+                continue
+            ep = known.get(k)
+            if ep is None:
+                ep = Endpoint(
+                    address=i.address, port=i.port, weight=i.weight, zone=i.zone, labels=dict(i.labels),
+                    status="draining" if i.state == "DRAINING" else "healthy",
+                )
+            self._endpoints[k] = ep
+            extra.append(ep)
+        return mesh.services[name].model_copy(update={"endpoints": [*static, *extra]})
+
+
+def _serving(i: Instance) -> tuple[object, ...]:
+    return (i.instance_id, i.address, i.port, i.weight, i.zone, tuple(sorted(i.labels.items())), i.state)
 
 
 def mesh_check(current: Callable[[], Mesh | None]) -> Callable[[RegistrationInput, dict[tuple[str, str], Instance]], list[FieldError]]:

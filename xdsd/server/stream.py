@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -43,6 +44,41 @@ class Refused(Exception):
 Authenticator = Callable[[base_pb2.Node, dict[str, str]], str | None]
 
 
+class WakeQueue:
+    """Wakes streams for a new snapshot a batch per event-loop iteration.
+
+    A revision can concern thousands of streams at once; woken together, their passes would all
+    run in one loop iteration and hold the loop (timers, new connections, ACKs) for the whole
+    fan-out. In batches, other work interleaves and no single iteration is long."""
+
+    BATCH = 64
+
+    def __init__(self) -> None:
+        self._queue: deque[Stream] = deque()
+        self._scheduled = False
+
+    def add(self, stream: Stream) -> None:
+        self._queue.append(stream)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (unit tests): wake at once
+            while self._queue:
+                self._queue.popleft().wake.set()
+            return
+        self._scheduled = True
+        loop.call_soon(self._drain, loop)
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        for _ in range(min(self.BATCH, len(self._queue))):
+            self._queue.popleft().wake.set()
+        if self._queue:
+            loop.call_soon(self._drain, loop)
+        else:
+            self._scheduled = False
+
+
 @dataclass(slots=True)
 class Outgoing:
     type_url: str
@@ -60,8 +96,10 @@ class Stream:
         peer: str,
         metadata: dict[str, str] | None = None,
         authenticator: Authenticator | None = None,
+        wakes: WakeQueue | None = None,
     ) -> None:
         self.id = next(_stream_ids)
+        self._wakes = wakes
         self.metadata = metadata or {}
         self.authenticator = authenticator
         self.cache = cache
@@ -140,7 +178,10 @@ class Stream:
     def _on_snapshot(self, snapshot: Snapshot, changed: set[str]) -> None:
         self.snapshot = snapshot
         if changed & self.states.keys():
-            self.wake.set()
+            if self._wakes is not None:
+                self._wakes.add(self)
+            else:
+                self.wake.set()
 
     def _state(self, type_url: str) -> SotwState | DeltaState:
         st = self.states.get(type_url)
@@ -181,8 +222,11 @@ class Stream:
             # A request without a nonce is the client's first for this type (or a fresh start):
             # it is owed a response even if we think nothing changed.
             st.must_respond = True
-        st.subscribe(list(req.resource_names))
-        self.wake.set()
+        changed = st.subscribe(list(req.resource_names))
+        # An ACK that repeats the subscription owes nothing: the stream is not woken (a fan-out to
+        # a thousand proxies would otherwise recompute a thousand empty passes).
+        if changed or st.must_respond or st.nack_error is not None:
+            self.wake.set()
 
     def on_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
         if self.node is None:
@@ -194,6 +238,8 @@ class Stream:
             self._ack_or_nack(st, req.response_nonce, req.error_detail.message if req.HasField("error_detail") else None)
         # "Incremental xDS": the nonce only correlates ACK/NACK; subscription changes carried by a
         # request with a stale nonce are honoured all the same.
+        if not (req.resource_names_subscribe or req.resource_names_unsubscribe) and st.requested and req.response_nonce:
+            return  # an ACK or NACK: nothing owed until the snapshot changes
         st.subscribe(
             list(req.resource_names_subscribe),
             list(req.resource_names_unsubscribe),
@@ -343,6 +389,7 @@ class Stream:
                 if resources is None:
                     return
                 st.sent = {**st.sent, **{r.name: r.version for r in retained}}
+                st.settled = None  # the retained clusters still have to go
                 version = f"{ts.version}+{len(retained)}"
                 payload = encode.sotw_response(version, type_url, self._nonce(st), [*resources, *retained])
                 self._sent(st, version, payload, len(resources) + len(retained), out)

@@ -20,6 +20,7 @@ class TypeState:
         "type_url",
         "requested",
         "must_respond",
+        "settled",
         "wildcard",
         "names",
         "sent_version",
@@ -35,6 +36,9 @@ class TypeState:
         self.type_url = type_url
         self.requested = False  # the client asked for this type on this stream
         self.must_respond = False  # the client asked something that needs an answer
+        # The type snapshot this client was last brought fully up to date with (nothing held back,
+        # no subscription change since): while it is still current, there is nothing to work out.
+        self.settled: TypeSnapshot | None = None
         self.wildcard = False
         self.names: set[str] = set()
         self.sent_version = ""
@@ -81,8 +85,8 @@ class SotwState(TypeState):
         self.ever_named = False
         self.sent: Mapping[str, str] = {}
 
-    def subscribe(self, resource_names: list[str]) -> None:
-        """Apply the subscription carried by a (non-stale) request.
+    def subscribe(self, resource_names: list[str]) -> bool:
+        """Apply the subscription carried by a (non-stale) request; True if it changed anything.
 
         "How the client specifies what resources to return": ``*`` subscribes to everything; for
         historical reasons an empty list means wildcard too, but only while the client has never
@@ -91,8 +95,12 @@ class SotwState(TypeState):
         names = set(resource_names)
         if names:
             self.ever_named = True
-        self.wildcard = WILDCARD in names or not self.ever_named
+        wildcard = WILDCARD in names or not self.ever_named
         names.discard(WILDCARD)
+        if self.requested and wildcard == self.wildcard and names == self.names:
+            return False  # the usual ACK: the same subscription again
+        self.wildcard = wildcard
+        self.settled = None
         added = names - self.names
         dropped = self.names - names
         self.names = names
@@ -105,10 +113,11 @@ class SotwState(TypeState):
             for name in dropped:
                 sent.pop(name, None)
             self.sent = sent
+        return True
 
     def pending(self, ts: TypeSnapshot, full_state: bool) -> bool:
         """Would a response be sent now?"""
-        if not self.requested:
+        if not self.requested or (self.settled is ts and not self.must_respond):
             return False
         desired = self.select(ts)
         if full_state:
@@ -123,9 +132,10 @@ class SotwState(TypeState):
         A NACKed version is never resent by itself: ``sent`` records what we sent, accepted or
         not, so only a new snapshot makes the resource differ again.
         """
-        if not self.requested:
+        if not self.requested or (self.settled is ts and not self.must_respond):
             return None
         desired = self.select(ts)
+        self.settled = ts  # after this call the client has (or is being sent) all of ts
         if full_state:
             if not self.must_respond and _same(desired, self.sent):
                 return None
@@ -154,6 +164,7 @@ class DeltaState(TypeState):
         self.forced: set[str] = set()  # explicitly (re)subscribed names awaiting an answer
 
     def subscribe(self, subscribe: list[str], unsubscribe: list[str], initial: Mapping[str, str]) -> None:
+        self.settled = None
         first = not self.requested
         if first:
             self.requested = True
@@ -195,17 +206,19 @@ class DeltaState(TypeState):
         return send, removed
 
     def pending(self, ts: TypeSnapshot) -> bool:
-        if not self.requested:
+        if not self.requested or (self.settled is ts and not self.must_respond):
             return False
         send, removed = self.plan(ts)
         return bool(send or removed)
 
     def take(self, ts: TypeSnapshot, keep: frozenset[str] = frozenset()) -> tuple[list[Resource], list[str]] | None:
         """The next response's resources and removals (``keep``: removals to hold back for now)."""
-        if not self.requested:
+        if not self.requested or (self.settled is ts and not self.must_respond):
             return None
         send, removed = self.plan(ts)
+        held_back = [n for n in removed if n in keep]
         removed = [n for n in removed if n not in keep]
+        self.settled = None if held_back else ts
         if not send and not removed and not self.must_respond:
             return None
         for r in send:

@@ -16,7 +16,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from xdsd import typeurls
 from xdsd.cache import SnapshotCache
 from xdsd.server.observer import NullObserver, StreamObserver
-from xdsd.server.stream import Authenticator, ProtocolError, Refused, Stream
+from xdsd.server.stream import Authenticator, ProtocolError, Refused, Stream, WakeQueue
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class XdsServer:
         self.streams: dict[int, Stream] = {}
         self.nodes: dict[str, set[Stream]] = {}  # node id -> its open streams
         self._registered: set[int] = set()
+        self._wakes = WakeQueue()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         out: list[grpc.GenericRpcHandler] = []
@@ -97,6 +98,7 @@ class XdsServer:
             peer=context.peer(),
             metadata=metadata,
             authenticator=self.authenticator,
+            wakes=self._wakes,
         )
 
     async def _run(

@@ -1,0 +1,347 @@
+"""xDS load generator: many sidecar-like ADS streams, in processes of their own.
+
+Each stream has its own HTTP/2 connection (its own gRPC channel with a local subchannel pool),
+identifies its node (with a token), subscribes like an Envoy sidecar does — CDS and LDS wildcard,
+then EDS for the EDS clusters it received and RDS for the route names its listeners carry, SDS for
+its own certificate and the trust bundle — and ACKs every response. State of the world or delta.
+
+The driver (bench.xds) talks to workers over a pipe:
+    ("connect", specs)        open streams; answers per-stream seconds until CDS+EDS+LDS+RDS were ACKed
+    ("since", t0, timeout)    answers, per stream, seconds from t0 to the ACK of the first EDS response after t0
+    ("bytes",)                bytes received per type, summed over this worker's streams (then reset)
+    ("close",)                close all streams and exit
+Times are ``time.monotonic()``, which is one clock for every process on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+READY_TYPES = frozenset({CDS, EDS, LDS, RDS})
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    node_id: str
+    cluster: str
+    token: str | None
+    delta: bool
+    secrets: tuple[str, ...] = ()  # SDS names to subscribe to
+
+
+@dataclass
+class StreamState:
+    spec: StreamSpec
+    started: float = 0.0
+    acked: dict[str, float] = field(default_factory=dict)  # type -> first ACK time
+    ready_at: float | None = None
+    eds_acks: list[float] = field(default_factory=list)  # ACK times of every EDS response
+    eds_event: asyncio.Event = field(default_factory=asyncio.Event)
+    bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    error: str | None = None
+    done: asyncio.Event | None = None  # set when ready or failed
+
+
+def _eds_names(resources: Any) -> list[str]:
+    names = []
+    for any_ in resources:
+        c = cluster_pb2.Cluster.FromString(any_.value)
+        if c.type == cluster_pb2.Cluster.EDS:
+            names.append(c.name)
+    return sorted(names)
+
+
+def _rds_names(resources: Any) -> list[str]:
+    names: set[str] = set()
+    for any_ in resources:
+        listener = listener_pb2.Listener.FromString(any_.value)
+        for chain in listener.filter_chains:
+            for f in chain.filters:
+                if f.typed_config.type_url.endswith("HttpConnectionManager"):
+                    hcm = hcm_pb2.HttpConnectionManager.FromString(f.typed_config.value)
+                    if hcm.HasField("rds"):
+                        names.add(hcm.rds.route_config_name)
+    return sorted(names)
+
+
+class _Sotw:
+    def __init__(self, st: StreamState, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.st = st
+        rpc = channel.stream_stream(ADS + "StreamAggregatedResources", request_serializer=_identity,
+                                    response_deserializer=_identity)
+        self.call = rpc(metadata=metadata)
+        self.first = True
+        self.names: dict[str, list[str]] = {}
+
+    async def send(self, type_url: str, names: list[str], version: str = "", nonce: str = "") -> None:
+        req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, version_info=version,
+                                             response_nonce=nonce)
+        if self.first:
+            self.first = False
+            req.node.id = self.st.spec.node_id
+            req.node.cluster = self.st.spec.cluster
+        self.names[type_url] = names
+        await self.call.write(req.SerializeToString())
+
+    async def run(self) -> None:
+        await self.send(CDS, [])
+        await self.send(LDS, [])
+        if self.st.spec.secrets:
+            await self.send(SDS, list(self.st.spec.secrets))
+        async for raw in self.call:
+            resp = discovery_pb2.DiscoveryResponse.FromString(raw)
+            t = resp.type_url
+            self.st.bytes[t] += len(raw)
+            follow: tuple[str, list[str]] | None = None
+            if t == CDS:
+                eds = _eds_names(resp.resources)
+                if eds != self.names.get(EDS):
+                    follow = (EDS, eds)
+            elif t == LDS:
+                rds = _rds_names(resp.resources)
+                if rds != self.names.get(RDS):
+                    follow = (RDS, rds)
+            await self.send(t, self.names.get(t, []), resp.version_info, resp.nonce)  # ACK
+            _acked(self.st, t)
+            if follow is not None:
+                await self.send(*follow)
+
+
+class _Delta:
+    def __init__(self, st: StreamState, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.st = st
+        rpc = channel.stream_stream(ADS + "DeltaAggregatedResources", request_serializer=_identity,
+                                    response_deserializer=_identity)
+        self.call = rpc(metadata=metadata)
+        self.first = True
+        self.names: dict[str, set[str]] = defaultdict(set)
+        self.held: dict[str, set[str]] = defaultdict(set)
+
+    async def send(self, type_url: str, subscribe: list[str] = [], unsubscribe: list[str] = [],  # noqa: B006
+                   nonce: str = "") -> None:
+        req = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=subscribe,
+                                                  resource_names_unsubscribe=unsubscribe, response_nonce=nonce)
+        if self.first:
+            self.first = False
+            req.node.id = self.st.spec.node_id
+            req.node.cluster = self.st.spec.cluster
+        await self.call.write(req.SerializeToString())
+
+    async def _follow(self, type_url: str, wanted: set[str]) -> None:
+        have = self.names[type_url]
+        add, drop = sorted(wanted - have), sorted(have - wanted)
+        self.names[type_url] = wanted
+        if add or drop:
+            await self.send(type_url, add, drop)
+
+    async def run(self) -> None:
+        await self.send(CDS)
+        await self.send(LDS)
+        if self.st.spec.secrets:
+            await self.send(SDS, list(self.st.spec.secrets))
+        async for raw in self.call:
+            resp = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
+            t = resp.type_url
+            self.st.bytes[t] += len(raw)
+            held = self.held[t]
+            held.difference_update(resp.removed_resources)
+            await self.send(t, nonce=resp.nonce)  # ACK
+            _acked(self.st, t)
+            if t == CDS:
+                eds = set(_eds_names([r.resource for r in resp.resources]))
+                changed = {r.name for r in resp.resources}
+                # Keep EDS subscriptions for clusters held and still EDS; a removal drops them.
+                keep = {n for n in self.names[EDS] if n in held and n not in changed} | eds
+                held.update(changed)
+                await self._follow(EDS, keep - set(resp.removed_resources))
+            elif t == LDS:
+                held.update(r.name for r in resp.resources)
+                rds = set(_rds_names([r.resource for r in resp.resources]))
+                await self._follow(RDS, self.names[RDS] | rds)
+            else:
+                held.update(r.name for r in resp.resources)
+
+
+def _acked(st: StreamState, type_url: str) -> None:
+    now = time.monotonic()
+    st.acked.setdefault(type_url, now)
+    if st.ready_at is None and READY_TYPES <= st.acked.keys():
+        st.ready_at = now
+        if st.done is not None:
+            st.done.set()
+    if type_url == EDS:
+        st.eds_acks.append(now)
+        st.eds_event.set()
+
+
+class Worker:
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.streams: list[StreamState] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.channels: list[grpc.aio.Channel] = []
+
+    async def _run_stream(self, st: StreamState) -> None:
+        channel = grpc.aio.insecure_channel(self.target, options=[
+            ("grpc.use_local_subchannel_pool", 1),  # its own HTTP/2 connection, like a separate Envoy
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+        ])
+        self.channels.append(channel)
+        metadata = (("x-xdsd-token", st.spec.token),) if st.spec.token else ()
+        proto = _Delta(st, channel, metadata) if st.spec.delta else _Sotw(st, channel, metadata)
+        try:
+            await proto.run()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                st.error = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if st.done is not None:
+                st.done.set()
+
+    async def connect(self, specs: list[StreamSpec], timeout: float) -> list[float | None]:
+        t0 = time.monotonic()
+        fresh = [StreamState(spec, started=t0, done=asyncio.Event()) for spec in specs]
+        self.streams.extend(fresh)
+        self.tasks.extend(asyncio.create_task(self._run_stream(st)) for st in fresh)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(st.done.wait() for st in fresh if st.done)), timeout)
+        return [None if st.ready_at is None else st.ready_at - t0 for st in fresh]
+
+    async def since(self, t0: float, timeout: float) -> list[float | None]:
+        deadline = time.monotonic() + timeout
+
+        async def one(st: StreamState) -> float | None:
+            while True:
+                after = [t for t in st.eds_acks if t >= t0]
+                if after:
+                    return after[0] - t0
+                st.eds_event.clear()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(st.eds_event.wait(), left)
+
+        out = await asyncio.gather(*(one(st) for st in self.streams))
+        for st in self.streams:
+            st.eds_acks = [t for t in st.eds_acks if t >= t0][-1:]
+        return list(out)
+
+    def take_bytes(self) -> dict[str, int]:
+        total: dict[str, int] = defaultdict(int)
+        for st in self.streams:
+            for t, n in st.bytes.items():
+                total[t] += n
+            st.bytes.clear()
+        return dict(total)
+
+    def errors(self) -> list[str]:
+        return [f"{st.spec.node_id}: {st.error}" for st in self.streams if st.error]
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
+
+
+async def _serve(conn: Connection, target: str) -> None:
+    worker = Worker(target)
+    loop = asyncio.get_running_loop()
+    while True:
+        cmd = await loop.run_in_executor(None, conn.recv)
+        op = cmd[0]
+        if op == "connect":
+            conn.send((await worker.connect(cmd[1], cmd[2]), worker.errors()))
+        elif op == "since":
+            conn.send((await worker.since(cmd[1], cmd[2]), worker.errors()))
+        elif op == "bytes":
+            conn.send(worker.take_bytes())
+        elif op == "close":
+            await worker.close()
+            conn.send(None)
+            return
+
+
+def _main(conn: Connection, target: str) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(_serve(conn, target))
+    except ImportError:  # pragma: no cover
+        asyncio.run(_serve(conn, target))
+
+
+class LoadGenerator:
+    """``processes`` workers; streams are dealt to them round robin."""
+
+    def __init__(self, target: str, processes: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs = []
+        for _ in range(processes):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_main, args=(child, target), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def _all(self, make: Any) -> list[Any]:
+        for i, c in enumerate(self.conns):
+            c.send(make(i))
+        return [c.recv() for c in self.conns]
+
+    def connect(self, specs: list[StreamSpec], timeout: float = 120.0) -> tuple[list[float | None], list[str]]:
+        n = len(self.conns)
+        answers = self._all(lambda i: ("connect", specs[i::n], timeout))
+        return [x for a in answers for x in a[0]], [e for a in answers for e in a[1]]
+
+    def since(self, t0: float, timeout: float = 30.0) -> tuple[list[float | None], list[str]]:
+        answers = self._all(lambda i: ("since", t0, timeout))
+        return [x for a in answers for x in a[0]], [e for a in answers for e in a[1]]
+
+    def take_bytes(self) -> dict[str, int]:
+        total: dict[str, int] = defaultdict(int)
+        for part in self._all(lambda i: ("bytes",)):
+            for t, v in part.items():
+                total[t] += v
+        return dict(total)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._all(lambda i: ("close",))
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+    def __enter__(self) -> LoadGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

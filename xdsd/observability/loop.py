@@ -1,0 +1,56 @@
+"""Event-loop health: how late the loop wakes a task that asked to sleep a few milliseconds.
+
+Anything that holds the loop (a long generation, a huge serialization, a synchronous call) shows
+up here as a stall. The maximum since the last reset answers "did this scenario ever stall?"."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Callable
+
+TICK = 0.005
+
+
+class LoopMonitor:
+    def __init__(self, observe: Callable[[float], None] | None = None, tick: float = TICK) -> None:
+        self._observe = observe
+        self._tick = tick
+        self.max_stall = 0.0
+        self.since = time.time()
+        self.max_gc = 0.0  # the longest garbage-collector pause, a frequent cause of stalls
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self.max_gc = max(self.max_gc, time.perf_counter() - self._gc_started)
+
+    def reset(self) -> dict[str, float]:
+        """The largest stall since the last reset (seconds), then start over."""
+        out = {"max_stall_seconds": self.max_stall, "max_gc_seconds": self.max_gc, "since": self.since,
+               "until": time.time()}
+        self.max_stall = 0.0
+        self.max_gc = 0.0
+        self.since = time.time()
+        return out
+
+    async def run(self, stop: asyncio.Event) -> None:
+        clock = time.perf_counter
+        gc.callbacks.append(self._on_gc)
+        try:
+            await self._run(stop, clock)
+        finally:
+            gc.callbacks.remove(self._on_gc)
+
+    async def _run(self, stop: asyncio.Event, clock: Callable[[], float]) -> None:
+        while not stop.is_set():
+            start = clock()
+            await asyncio.sleep(self._tick)
+            stall = max(0.0, clock() - start - self._tick)
+            if stall > self.max_stall:
+                self.max_stall = stall
+            if self._observe is not None:
+                self._observe(stall)
