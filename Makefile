@@ -1,6 +1,6 @@
 # make test  — create .venv if needed, install xdsd with its test dependencies, run the whole suite
 # make demo  — run a local mesh of real Envoys driven by xdsd, print what it observed, stop everything
-# make bench — benchmarks; rewrites BENCHMARKS.md
+# make bench — benchmarks (quick, < 5 min; BENCH_FULL=1 for bigger N); rewrites BENCHMARKS.md
 # make lint  — ruff
 PYTHON ?= python3
 VENV   ?= .venv
@@ -26,6 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(PY) -m bench.authz --seconds $${BENCH_SECONDS:-10}
+	$(PY) -m bench.xds $${BENCH_FULL:+--full}
 	$(PY) -m bench.report
 
 lint: $(STAMP)

@@ -52,12 +52,97 @@ def authz_section(r: dict) -> str:  # type: ignore[type-arg]
     ])
 
 
+def _ms(x: dict, key: str) -> str:  # type: ignore[type-arg]
+    return f"{x[key]:,.0f}" if key in x else "–"
+
+
+def xds_section(r: dict) -> str:  # type: ignore[type-arg]
+    mode = r.get("mode", "quick")
+    cmd = ".venv/bin/python -m bench.xds" + (" --full" if mode == "full" else "")
+    lines = [
+        "## xDS fan-out, convergence, memory, reconnect storms (issue 8)",
+        "",
+        f"Command: `{cmd}` ({mode} mode; `make bench` runs the quick one). xdsd runs as `xdsd serve`",
+        "(`--auth required`, real tokens); the streams come from `bench/loadgen.py` worker processes on the",
+        "same 2-core machine (each stream its own HTTP/2 connection, half state of the world, half delta;",
+        "each subscribes like a sidecar: CDS+LDS wildcard, EDS/RDS for what it received, SDS, and ACKs).",
+        "Mesh: 100 services x 10 endpoints, every sidecar calls the changed service plus 4 others",
+        "(`bench/meshgen.py`). A change is a registration over the HTTP API; the clock starts before",
+        "the request, so the registration debounce (10 ms) is included. Times in ms.",
+        "",
+        "| scenario | streams | p50 | p99 | max | xdsd CPU s | peak RSS MB | longest loop stall ms | target |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for f in r.get("fleet", []):
+        s, fo = f["storm"], f["fanout"]
+        lines.append(f"| reconnect storm: all of CDS, EDS, LDS, RDS ACKed | {f['n']:,} | {_ms(s, 'p50')} | {_ms(s, 'p99')} | "
+                     f"{_ms(s, 'max')} | {s['cpu_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['loop_stall_ms']:.0f} | "
+                     f"{'≤ 3,000 ms for 1,000' if f['n'] == 1000 else ''} |")
+        lines.append(f"| fan-out: one endpoint change, every stream ACKed ({fo['changes']} changes) | {f['n']:,} | "
+                     f"{_ms(fo, 'p50')} | {_ms(fo, 'p99')} | {_ms(fo, 'max')} | {fo['cpu_s_per_change']:.3f} per change | "
+                     f"{fo['peak_rss_mb']:.0f} | {fo['loop_stall_ms']:.0f} | {'p99 ≤ 150 ms for 1,000' if f['n'] == 1000 else ''} |")
+    if "large" in r:
+        x = r["large"]
+        lines.append(f"| 10,000-endpoint service, one endpoint changed | {x['streams']} | {_ms(x, 'p50')} | {_ms(x, 'p99')} | "
+                     f"{_ms(x, 'max')} | {x['cpu_s_per_change']:.3f} per change | {x['peak_rss_mb']:.0f} | {x['loop_stall_ms']:.0f} | |")
+    if "envoys" in r:
+        x = r["envoys"]
+        lines.append(f"| {x['envoys']} real Envoys: change until every one routes to the new endpoint | {x['envoys']} | "
+                     f"{_ms(x, 'p50')} | {_ms(x, 'p99')} | {_ms(x, 'max')} | {x['cpu_s_per_change']:.3f} per change | | "
+                     f"{x['loop_stall_ms']:.0f} | |")
+    lines += ["", "| measure | result | target |", "|---|---|---|"]
+    for f in r.get("fleet", []):
+        m = f["memory"]
+        lines.append(f"| RSS per idle stream, {m['streams']:,} streams ({m['rss_before_mb']:.0f} → {m['rss_after_mb']:.0f} MB) | "
+                     f"{m['per_stream_kib']:.0f} KiB | ≤ 64 KiB |")
+    if "large" in r:
+        x = r["large"]
+        lines.append(f"| 10,000-endpoint service: new snapshot ready (generate + serialize, `xdsd_snapshot_build_seconds`) | "
+                     f"{x['build_ms']:.1f} ms | ≤ 1 ms |")
+        lines.append(f"| 10,000-endpoint service: EDS bytes per stream per change | {x['eds_bytes_per_stream_per_change']:,.0f} | |")
+    for d in r.get("delta", []):
+        e, c = d["endpoint_change_bytes"], d["cluster_change_bytes"]
+        share = c["delta"] / c["sotw"] * 100 if c.get("sotw") else 0.0
+        lines.append(f"| {d['clusters']:,} clusters (a gateway holding all): one-endpoint change, bytes SotW / delta | "
+                     f"{e['sotw']:,.0f} / {e['delta']:,.0f} | |")
+        lines.append(f"| {d['clusters']:,} clusters: one-cluster change (CDS is full-state), bytes SotW / delta | "
+                     f"{c['sotw']:,.0f} / {c['delta']:,.0f} ({share:.2f}%) | delta ≤ 1% of SotW |")
+        lines.append(f"| {d['clusters']:,} clusters: xdsd CPU per endpoint change (snapshot build) | "
+                     f"{d['cpu_ms_per_endpoint_change']:.0f} ms ({d['build_ms']:.0f} ms) | flat as clusters grow |")
+    lines += [
+        "",
+        f"Whole run: {r.get('seconds', 0):.0f} s.",
+        "",
+        "How the numbers were made good, and where they still miss (see the commits for before/after):",
+        "- Generation runs once per revision for all groups: per-service resources are memoized by object",
+        "  identity (`xdsd/generators/memo.py`), each message is serialized once (`cache.snapshot.Encoder`),",
+        "  unchanged type snapshots are reused, so an endpoint change rebuilds one ClusterLoadAssignment.",
+        "  100 groups: 60 ms → 9 ms per change.",
+        "- ACKs that repeat a subscription do not wake their stream; a stream skips types whose snapshot it",
+        "  is settled on; a revision wakes streams 64 per loop iteration, so the loop keeps serving.",
+        "- The cyclic GC stopped the loop for up to 140 ms with 1,000 streams; the start-up heap is frozen",
+        "  and the young generation collected less often (worst pause now ~25 ms, visible in `/debug/loop`).",
+        "- Misses: fan-out to 1,000 streams costs ~0.19 s of xdsd CPU per change (≈ 190 µs per stream, about",
+        "  half of it inside grpcio's asyncio transport), so p99 is about twice the target; idle streams",
+        "  cost ~69 KiB each (mostly gRPC's per-connection buffers); a 10,000-endpoint assignment is still",
+        "  rebuilt whole (tens of ms, target 1 ms); per-change CPU grows with the number of clusters a group",
+        "  holds (one memo lookup per cluster per change). Next steps: pre-encoded endpoint chunks for big",
+        "  assignments, dependency-driven regeneration of only the groups and resources a change touches,",
+        "  and several serving processes sharing the snapshot bytes.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = ["# Benchmarks", "", f"Machine: {machine()}.", "",
              "Figures are rewritten by the benchmark commands below; each section names its command.", ""]
     authz = ROOT / "bench/results/authz.json"
     if authz.exists():
         parts.append(authz_section(json.loads(authz.read_text())))
+    xds = ROOT / "bench/results/xds.json"
+    if xds.exists():
+        parts.append(xds_section(json.loads(xds.read_text())))
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
 
 

@@ -138,7 +138,7 @@ class Target:
         for i in range(n):
             cluster = clusters[i % len(clusters)]
             node_id = f"bench{tag}-{i}"
-            delta = (i % 100) < delta_share * 100
+            delta = int((i + 1) * delta_share) > int(i * delta_share)  # spread evenly
             own = f"spiffe://{self.trust_domain}/service/{cluster}"
             out.append(StreamSpec(node_id, cluster, signer_state.token(node_id, cluster), delta, (own, bundle)))
         return out
@@ -297,6 +297,7 @@ def real_envoys(workdir: Path, count: int = 20, changes: int = 5) -> dict[str, A
                                           "routes": [{"prefix": "/", "service": "target"}]}
                          for i, p in enumerate(ports)}}
     envoys: list[EnvoyProcess] = []
+    (workdir / "envoys").mkdir(exist_ok=True)
     try:
         with Target(mesh, workdir) as t:
             host, port = ups.address("blue")

@@ -59,8 +59,9 @@ def test_an_endpoint_change_rebuilds_one_assignment_for_all_groups() -> None:
     before = {g: cache.snapshot(g) for g in groups}
     misses = cache.memo.misses
     cache.set_mesh(_change_endpoint(m, service_name(0), 9001))
-    # One ClusterLoadAssignment (and the EDS-or-DNS decision for the service), shared by 19 groups.
-    assert cache.memo.misses - misses == 2
+    # One ClusterLoadAssignment, shared by 19 groups (plus, for the changed service object, the
+    # EDS-or-DNS decision and its policy tuple, which compares equal: nothing else is rebuilt).
+    assert cache.memo.misses - misses == 3
     hot = {id(cache.snapshot(g).get(typeurls.ENDPOINT).resources[service_name(0)]) for g in groups[1:]}  # type: ignore[union-attr]
     assert len(hot) == 1  # one serialized resource for every group
     for g in groups[1:]:
@@ -69,3 +70,30 @@ def test_an_endpoint_change_rebuilds_one_assignment_for_all_groups() -> None:
         # Unchanged types keep their snapshot objects (nothing rebuilt, nothing to compare).
         for t in (typeurls.CLUSTER, typeurls.LISTENER, typeurls.ROUTE):
             assert now.get(t) is old.get(t)
+
+
+def test_memoized_policy_edits_equal_generation_from_scratch() -> None:
+    """Routes, subsets and splits depend on other services' policies: edits to any of them (and to
+    endpoints) must reach every group exactly as a from-scratch generation would."""
+    from tests.unit.test_generators import POLICY_MESH
+    from xdsd.model import load_mesh
+
+    m = load_mesh(POLICY_MESH)
+    groups = [NodeGroup("edge", zone="zone-a"), NodeGroup("edge"), NodeGroup("shop")]
+    memoized = _cache()
+    for g in groups:
+        memoized.watch(g, lambda s, t: None)
+    memoized.set_mesh(m)
+    edits = [
+        ("ratings", {"timeout": 7.0}),
+        ("reviews", {"retries": None}),
+        ("ratings", {"load_balancer": None}),
+        ("reviews", {"endpoints": list(m.services["reviews"].endpoints[:2])}),
+    ]
+    for name, update in edits:
+        m = m.model_copy(update={"services": {**m.services, name: m.services[name].model_copy(update=update)}})
+        memoized.set_mesh(m)
+        scratch = SnapshotCache(generate)
+        scratch.set_mesh(m)
+        for g in groups:
+            assert _bytes(memoized, g) == _bytes(scratch, g), (name, update, g)

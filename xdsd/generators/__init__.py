@@ -67,15 +67,23 @@ def _service_cluster(mesh: Mesh, target: Target, group: NodeGroup, own_id: str |
     # An EDS cluster does not carry its endpoints: an endpoint change must not rebuild it for every
     # caller (its TLS context names the caller's own certificate, so there is one per caller).
     # A STRICT_DNS one does, with priorities by the node's zone.
-    inputs = (*_policy(service), mesh.mesh) if eds else (service, mesh.mesh)
+    inputs = (mesh.mesh,) if eds else (service, mesh.mesh)
     zone = None if eds else group.zone
     return memo.get(("cds", name, subset, _transport(group), own_id, eds, zone), inputs,
-                    lambda: clusters.service_cluster(mesh, name, group, own_id, subset))
+                    lambda: clusters.service_cluster(mesh, name, group, own_id, subset),
+                    equal=_policy_of(mesh, name, memo) if eds else None)
 
 
 def _policy(service: Service) -> tuple[object, ...]:
     """A service's fields except its endpoints: what its routes, listeners and EDS cluster depend on."""
     return tuple(v for k, v in service if k != "endpoints")
+
+
+def _policy_of(mesh: Mesh, name: str, memo: Memo) -> tuple[object, ...]:
+    """``_policy`` of a service, computed once per service object. After an endpoint change it is a
+    new tuple of the very same members, so it compares equal at the cost of identity checks."""
+    service = mesh.services[name]
+    return memo.get(("policy", name), (service,), lambda: _policy(service))
 
 
 def _uses_eds(mesh: Mesh, name: str, memo: Memo) -> bool:
@@ -93,16 +101,24 @@ def _service_endpoints(mesh: Mesh, targets: list[Target], zone: str | None, memo
     return out
 
 
+def _policies(mesh: Mesh, names: set[str], memo: Memo) -> tuple[tuple[object, ...], ...]:
+    return tuple(_policy_of(mesh, s, memo) for s in sorted(names))
+
+
 def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[str, list[Message]], memo: Memo) -> None:
     gateway = mesh.gateways[group.cluster]
     targets = _targets(mesh, list(gateway.routes))
-    own_id = gateway_id(mesh.mesh.trust_domain, group.cluster)
-    if own_id not in required_identities(mesh):
-        own_id = None  # type: ignore[assignment]
+    # The gateway has an identity when it calls a service with sidecars (as in required_identities).
+    own_id: str | None = gateway_id(mesh.mesh.trust_domain, group.cluster)
+    if not any(mesh.services[s].sidecar is not None for s, _ in targets):
+        own_id = None
     out[typeurls.CLUSTER] = [_service_cluster(mesh, t, group, own_id, memo) for t in targets]
     out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo)
-    out[typeurls.LISTENER] = [listeners.gateway_listener(group.cluster, gateway, group)]
-    out[typeurls.ROUTE] = [routes.gateway_routes(group.cluster, gateway, mesh)]
+    # Listener and routes depend on the gateway and the policies of the services it routes to.
+    policies = _policies(mesh, {s for s, _ in targets}, memo)
+    out[typeurls.LISTENER] = [memo.get(("gw-lds", group), (gateway,), lambda: listeners.gateway_listener(group.cluster, gateway, group))]
+    out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster), (gateway, mesh.mesh),
+                                    lambda: routes.gateway_routes(group.cluster, gateway, mesh), equal=policies)]
     if own_id is not None:
         out[typeurls.SECRET] = _secrets(credentials, own_id, memo)
 
@@ -117,8 +133,9 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     upstreams = sorted(sidecar.upstreams)
     app_cluster = f"inbound|{sidecar.app_port}|{name}"
     local_cluster, own_listeners = memo.get(
-        ("sidecar", group, own_id), (*_policy(service), mesh.mesh),
+        ("sidecar", group, own_id), (mesh.mesh,),
         lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams),
+        equal=_policy_of(mesh, name, memo),
     )
     # Each upstream's clusters: the whole service and the subsets its own routes send to.
     targets = [t for u in upstreams for t in _targets(mesh, mesh.services[u].routes, default_service=u)]
@@ -126,7 +143,8 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo)
     out[typeurls.LISTENER] = list(own_listeners)
     out[typeurls.ROUTE] = [
-        memo.get(("rds-out", u), _policy(mesh.services[u]), lambda u=u: routes.outbound_routes(u, mesh))  # type: ignore[misc]
+        memo.get(("rds-out", u), (mesh.mesh,), lambda u=u: routes.outbound_routes(u, mesh),  # type: ignore[misc]
+                 equal=_policies(mesh, {u, *(s for s, _ in _targets(mesh, mesh.services[u].routes, u))}, memo))
         for u in upstreams
     ]
     out[typeurls.SECRET] = _secrets(credentials, own_id, memo)

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 M = TypeVar("M")
 
-_Entry = tuple[tuple[object, ...], object]
+_Entry = tuple[tuple[object, ...], object, object]
 
 
 class Memo:
@@ -23,16 +23,23 @@ class Memo:
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M]) -> M:
-        """``build()``'s result for ``key``, built again only if some input is a different object.
-        ``key`` holds the plain values the result depends on; ``inputs`` the model objects."""
+    def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M], equal: object = None) -> M:
+        """``build()``'s result for ``key``, built again only if some input is a different object
+        (or ``equal`` is no longer equal). ``key`` holds the plain values the result depends on;
+        ``inputs`` the model objects; ``equal`` a value compared with ``==`` (e.g. a tuple of
+        per-service policy tuples, new objects with the same members when only endpoints changed)."""
         entry = self._current.get(key) or self._previous.get(key)
-        if entry is not None and len(entry[0]) == len(inputs) and all(a is b for a, b in zip(entry[0], inputs, strict=True)):
+        if (
+            entry is not None
+            and len(entry[0]) == len(inputs)
+            and all(a is b for a, b in zip(entry[0], inputs, strict=True))
+            and entry[2] == equal
+        ):
             self._current[key] = entry
             self.hits += 1
             return entry[1]  # type: ignore[return-value]
         message = build()
-        self._current[key] = (inputs, message)
+        self._current[key] = (inputs, message, equal)
         self.misses += 1
         return message
 
@@ -44,5 +51,5 @@ class Memo:
 class NoMemo(Memo):
     """Builds every time (tests, one-off generation)."""
 
-    def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M]) -> M:
+    def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M], equal: object = None) -> M:
         return build()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Annotated
@@ -42,6 +43,7 @@ def check_ip(value: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=65536)
 def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
