@@ -265,12 +265,18 @@ class Stream:
         snap = self.snapshot
         if snap is None or self.group is None:
             return []  # not ready: a restarted control plane never serves an empty state
+        states = self.states
+        if all(st.settled is snap.get(t) and not st.must_respond for t, st in states.items()) and self._siblings_settled():
+            return []  # every type is up to date with this snapshot: the common case after a fan-out
         out: list[Outgoing] = []
-        ordered = [t for t in typeurls.PUSH_ORDER if t in self.states]
-        ordered += sorted(t for t in self.states if t not in typeurls.PUSH_ORDER)
+        ordered = [t for t in typeurls.PUSH_ORDER if t in states]
+        ordered += sorted(t for t in states if t not in typeurls.PUSH_ORDER)
         gated: bool | None = None  # decided after CDS/EDS of this pass went out
         for type_url in ordered:
             if type_url in (typeurls.LISTENER, typeurls.ROUTE):
+                st = states[type_url]
+                if st.settled is snap.get(type_url) and not st.must_respond:
+                    continue  # nothing to send, so nothing to gate
                 if gated is None:
                     gated = self._eds_gate_closed(snap)
                 if gated:
@@ -359,9 +365,16 @@ class Stream:
                     return False
         return True
 
+    def _siblings_settled(self) -> bool:
+        """On ADS every type is on this stream; a standalone-services node's ordering also depends on
+        its other streams, so this stream's own state does not settle it."""
+        return self.ads
+
     def _respond(self, type_url: str, snap: Snapshot, out: list[Outgoing], *, final: bool) -> None:
         st = self.states[type_url]
         ts = snap.get(type_url)
+        if st.settled is ts and not st.must_respond:
+            return  # the client is up to date with ts, and no removal is held back
         defer_removals = (
             type_url in (typeurls.CLUSTER, typeurls.ENDPOINT)
             and not final
