@@ -12,8 +12,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 
@@ -34,13 +32,32 @@ class Resource:
     def from_message(cls, name: str, message: Message) -> Resource:
         body = message.SerializeToString(deterministic=True)
         type_url = "type.googleapis.com/" + message.DESCRIPTOR.full_name
-        version = content_version(body)
-        packed = any_pb2.Any(type_url=type_url, value=body)
-        sotw_field = discovery_pb2.DiscoveryResponse(resources=[packed]).SerializeToString()
-        delta = discovery_pb2.Resource(name=name, version=version)
-        delta.resource.CopyFrom(packed)
-        delta_field = discovery_pb2.DeltaDiscoveryResponse(resources=[delta]).SerializeToString()
+        return cls.from_body(name, type_url, body, content_version(body))
+
+    @classmethod
+    def from_body(cls, name: str, type_url: str, body: bytes, version: str) -> Resource:
+        """Wraps serialized bytes by concatenation (no parse, one copy per form):
+        ``Any{type_url=1, value=2}``, ``DiscoveryResponse.resources=2``,
+        ``Resource{name=3, version=1, resource=2}`` in ``DeltaDiscoveryResponse.resources=2``."""
+        packed = _field(1, type_url.encode()) + _field(2, body)
+        sotw_field = _field(2, packed)
+        delta = _field(1, version.encode()) + _field(2, packed) + _field(3, name.encode())
+        delta_field = _field(2, delta)
         return cls(name, type_url, version, body, sotw_field, delta_field)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})

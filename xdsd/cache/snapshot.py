@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from xdsd import typeurls
 from xdsd.cache.resources import Resource, TypeSnapshot
+from xdsd.generators.encoded import Encoded
 from xdsd.generators.node import NodeGroup
 
 
@@ -19,8 +20,8 @@ class InconsistentSnapshot(ValueError):
     """The generated resources reference each other wrongly: a bug in a generator, never sent."""
 
 
-def _resource_name(message: Message) -> str:
-    if isinstance(message, cluster_pb2.Cluster | listener_pb2.Listener):
+def _resource_name(message: Message | Encoded) -> str:
+    if isinstance(message, cluster_pb2.Cluster | listener_pb2.Listener | Encoded):
         return message.name
     name = getattr(message, "cluster_name", None) or getattr(message, "name", None)
     if not name:
@@ -57,7 +58,11 @@ class Encoder:
         entry = self._current.get(key) or self._previous.get(key)
         if entry is None or entry[0] is not message:
             rds = frozenset(_rds_names(message)) if isinstance(message, listener_pb2.Listener) else frozenset()
-            entry = (message, Resource.from_message(_resource_name(message), message), rds)
+            if isinstance(message, Encoded):  # already serialized (generators.encoded)
+                resource = Resource.from_body(message.name, message.type_url, message.body, message.version)
+            else:
+                resource = Resource.from_message(_resource_name(message), message)
+            entry = (message, resource, rds)
         self._current[key] = entry  # holds the message, so its id is not reused while the entry lives
         return entry
 

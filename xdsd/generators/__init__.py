@@ -95,7 +95,8 @@ def _service_endpoints(mesh: Mesh, targets: list[Target], zone: str | None, memo
     out = []
     for name, subset in targets:
         cla = memo.get(("eds", name, subset, zone), (mesh.services[name],),
-                       lambda n=name, s=subset: endpoints.service_assignment(mesh, n, s, zone))  # type: ignore[misc]
+                       lambda n=name, s=subset: endpoints.service_assignment(  # type: ignore[misc]
+                           mesh, n, s, zone, memo.assignments, _uses_eds(mesh, n, memo)))
         if cla is not None:  # None: a STRICT_DNS cluster, endpoints inline
             out.append(cla)
     return out

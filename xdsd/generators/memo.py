@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from xdsd.generators.encoded import AssignmentEncoder
+
 M = TypeVar("M")
 
 _Entry = tuple[tuple[object, ...], object, object]
@@ -18,6 +20,8 @@ _Entry = tuple[tuple[object, ...], object, object]
 
 class Memo:
     def __init__(self) -> None:
+        # Large endpoint assignments are encoded incrementally (generators.encoded).
+        self.assignments: AssignmentEncoder | None = AssignmentEncoder()
         self._previous: dict[Hashable, _Entry] = {}
         self._current: dict[Hashable, _Entry] = {}
         self.hits = 0
@@ -46,10 +50,16 @@ class Memo:
     def sweep(self) -> None:
         """Forget what the last revision did not use (call once per revision, after generating)."""
         self._previous, self._current = self._current, {}
+        if self.assignments is not None:
+            self.assignments.sweep()
 
 
 class NoMemo(Memo):
-    """Builds every time (tests, one-off generation)."""
+    """Builds every time, and always as messages (tests, one-off generation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.assignments = None
 
     def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M], equal: object = None) -> M:
         return build()
