@@ -27,6 +27,7 @@ class Resource:
     body: bytes  # the resource message, serialized (deterministically)
     sotw_field: bytes  # this resource as one encoded ``DiscoveryResponse.resources`` entry
     delta_field: bytes  # this resource as one encoded ``DeltaDiscoveryResponse.resources`` entry
+    mix: int = 0  # hash of (name, version): a type's version is the sum of its resources' mixes
 
     @classmethod
     def from_message(cls, name: str, message: Message) -> Resource:
@@ -43,7 +44,8 @@ class Resource:
         sotw_field = _field(2, packed)
         delta = _field(1, version.encode()) + _field(2, packed) + _field(3, name.encode())
         delta_field = _field(2, delta)
-        return cls(name, type_url, version, body, sotw_field, delta_field)
+        mix = int.from_bytes(hashlib.sha256(f"{name}\0{version}".encode()).digest()[:16], "big")
+        return cls(name, type_url, version, body, sotw_field, delta_field, mix)
 
 
 def _varint(n: int) -> bytes:
@@ -63,15 +65,23 @@ def _field(number: int, payload: bytes) -> bytes:
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})
 
 
+_MASK = (1 << 128) - 1
+
+
 @dataclass(frozen=True, slots=True)
 class TypeSnapshot:
-    """All resources of one type for one node group; ``version`` changes iff any resource does."""
+    """All resources of one type for one node group; ``version`` changes iff any resource does.
+
+    The version is the sum (mod 2^128) of the resources' (name, version) hashes: independent of
+    order, the same on every replica, and updated in O(changes) when one resource of thousands
+    changes."""
 
     type_url: str
     version: str
     resources: Mapping[str, Resource]
     # For clusters: names of the clusters whose endpoints come from EDS (make-before-break gate).
     eds_names: frozenset[str] = field(default_factory=frozenset)
+    total: int = 0
 
     @classmethod
     def build(cls, type_url: str, resources: Iterable[Resource], eds_names: frozenset[str] = frozenset(),
@@ -81,7 +91,7 @@ class TypeSnapshot:
         by_name: dict[str, Resource] = {}
         for r in resources:
             if r.name in by_name:
-                raise ValueError(f"duplicate {type_url.rsplit('.', 1)[-1]} resource name {r.name!r}")
+                raise ValueError(f"duplicate {_short(type_url)} resource name {r.name!r}")
             by_name[r.name] = r
         if (
             previous is not None
@@ -90,15 +100,33 @@ class TypeSnapshot:
             and all(previous.resources.get(n) is r for n, r in by_name.items())
         ):
             return previous
-        digest = hashlib.sha256()
-        for name in sorted(by_name):
-            digest.update(name.encode())
-            digest.update(b"\0")
-            digest.update(by_name[name].version.encode())
-            digest.update(b"\0")
-        version = digest.hexdigest()[:16] if by_name else "empty"
-        return cls(type_url, version, MappingProxyType(by_name), eds_names)
+        total = sum(r.mix for r in by_name.values()) & _MASK
+        return cls._make(type_url, by_name, eds_names, total)
+
+    def patch(self, removed: Iterable[Resource], added: Iterable[Resource], eds_names: frozenset[str]) -> TypeSnapshot:
+        """This snapshot with some resources replaced: O(changes) but for one dict copy."""
+        by_name = dict(self.resources)
+        total = self.total
+        for r in removed:
+            if by_name.get(r.name) is r:
+                del by_name[r.name]
+                total -= r.mix
+        for r in added:
+            if r.name in by_name:
+                raise ValueError(f"duplicate {_short(self.type_url)} resource name {r.name!r}")
+            by_name[r.name] = r
+            total += r.mix
+        return self._make(self.type_url, by_name, eds_names, total & _MASK)
+
+    @classmethod
+    def _make(cls, type_url: str, by_name: dict[str, Resource], eds_names: frozenset[str], total: int) -> TypeSnapshot:
+        version = f"{total:032x}"[:16] if by_name else "empty"
+        return cls(type_url, version, MappingProxyType(by_name), eds_names, total)
 
     @classmethod
     def empty(cls, type_url: str) -> TypeSnapshot:
         return cls(type_url, "empty", _EMPTY)
+
+
+def _short(type_url: str) -> str:
+    return type_url.rsplit(".", 1)[-1]

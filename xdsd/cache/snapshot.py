@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -82,6 +84,8 @@ class Snapshot:
     revision: int
     types: dict[str, TypeSnapshot]
     created: float = field(default_factory=time.monotonic)
+    # The generated messages each type was built from (identity tells the next build what changed).
+    sources: dict[str, list[Message]] = field(default_factory=dict, repr=False, compare=False)
 
     def get(self, type_url: str) -> TypeSnapshot:
         ts = self.types.get(type_url)
@@ -90,31 +94,53 @@ class Snapshot:
     @classmethod
     def build(cls, group: NodeGroup, revision: int, generated: dict[str, list[Message]],
               encoder: Encoder | None = None, previous: Snapshot | None = None) -> Snapshot:
-        """Serialize every resource once and check that references resolve (DESIGN: cache)."""
+        """Serialize every resource once and check that references resolve (DESIGN: cache).
+
+        Against the group's ``previous`` snapshot, work is proportional to what changed: a type
+        whose generated messages are the very same objects keeps its TypeSnapshot; one where a few
+        positions changed is patched; reference checks run only when the types involved changed."""
         enc = encoder if encoder is not None else Encoder()
-        eds_names = frozenset(
-            c.name
-            for c in generated.get(typeurls.CLUSTER, [])
-            if isinstance(c, cluster_pb2.Cluster) and c.type == cluster_pb2.Cluster.EDS
-        )
-        cla_names = {_resource_name(m) for m in generated.get(typeurls.ENDPOINT, [])}
-        if missing := eds_names - cla_names:
-            raise InconsistentSnapshot(f"EDS clusters without a ClusterLoadAssignment: {sorted(missing)}")
-        route_names = {_resource_name(m) for m in generated.get(typeurls.ROUTE, [])}
-        for listener in generated.get(typeurls.LISTENER, []):
-            assert isinstance(listener, listener_pb2.Listener)
-            if missing := enc.rds_names(listener) - route_names:
-                raise InconsistentSnapshot(f"listener {listener.name!r} references unknown routes {sorted(missing)}")
-        types = {
-            type_url: TypeSnapshot.build(
-                type_url,
-                [enc.resource(m) for m in messages],
-                eds_names if type_url == typeurls.CLUSTER else frozenset(),
-                previous.types.get(type_url) if previous is not None else None,
-            )
-            for type_url, messages in generated.items()
+        old_sources = previous.sources if previous is not None else {}
+        same = {
+            t for t, msgs in generated.items()
+            if (old := old_sources.get(t)) is not None and len(old) == len(msgs) and all(map(operator.is_, msgs, old))
         }
-        return cls(group, revision, types)
+        if typeurls.CLUSTER in same and previous is not None:
+            eds_names = previous.get(typeurls.CLUSTER).eds_names
+        else:
+            eds_names = frozenset(
+                c.name
+                for c in generated.get(typeurls.CLUSTER, [])
+                if isinstance(c, cluster_pb2.Cluster) and c.type == cluster_pb2.Cluster.EDS
+            )
+        types: dict[str, TypeSnapshot] = {}
+        for type_url, messages in generated.items():
+            names = eds_names if type_url == typeurls.CLUSTER else frozenset()
+            prev_ts = previous.types.get(type_url) if previous is not None else None
+            old = old_sources.get(type_url)
+            if type_url in same and prev_ts is not None:
+                types[type_url] = prev_ts if prev_ts.eds_names == names else prev_ts.patch((), (), names)
+            elif prev_ts is not None and old is not None and len(old) == len(messages):
+                changed = [i for i, (a, b) in enumerate(zip(messages, old, strict=True)) if a is not b]
+                types[type_url] = prev_ts.patch(
+                    [r for i in changed if (r := prev_ts.resources.get(_resource_name(old[i]))) is not None],
+                    [enc.resource(messages[i]) for i in changed],
+                    names,
+                )
+            else:
+                types[type_url] = TypeSnapshot.build(type_url, [enc.resource(m) for m in messages], names, prev_ts)
+        empty: Mapping[str, Resource] = {}
+        if not {typeurls.CLUSTER, typeurls.ENDPOINT} <= same:
+            cla_names = types[typeurls.ENDPOINT].resources if typeurls.ENDPOINT in types else empty
+            if missing := eds_names - cla_names.keys():
+                raise InconsistentSnapshot(f"EDS clusters without a ClusterLoadAssignment: {sorted(missing)}")
+        if not {typeurls.LISTENER, typeurls.ROUTE} <= same:
+            route_names = (types[typeurls.ROUTE].resources if typeurls.ROUTE in types else empty).keys()
+            for listener in generated.get(typeurls.LISTENER, []):
+                assert isinstance(listener, listener_pb2.Listener)
+                if missing := enc.rds_names(listener) - route_names:
+                    raise InconsistentSnapshot(f"listener {listener.name!r} references unknown routes {sorted(missing)}")
+        return cls(group, revision, types, sources={t: list(m) for t, m in generated.items()})
 
     def changed_types(self, previous: Snapshot | None) -> set[str]:
         if previous is None:

@@ -47,6 +47,14 @@ class Memo:
         self.misses += 1
         return message
 
+    def last(self, key: Hashable) -> object | None:
+        """What ``keep`` stored under ``key`` in this revision or the last one."""
+        entry = self._current.get(key) or self._previous.get(key)
+        return entry[1] if entry is not None else None
+
+    def keep(self, key: Hashable, value: object) -> None:
+        self._current[key] = ((), value, None)
+
     def sweep(self) -> None:
         """Forget what the last revision did not use (call once per revision, after generating)."""
         self._previous, self._current = self._current, {}
@@ -63,3 +71,9 @@ class NoMemo(Memo):
 
     def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M], equal: object = None) -> M:
         return build()
+
+    def last(self, key: Hashable) -> object | None:
+        return None
+
+    def keep(self, key: Hashable, value: object) -> None:
+        pass
