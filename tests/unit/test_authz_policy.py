@@ -73,3 +73,32 @@ def test_default_allow_and_services_without_policy() -> None:
     assert check("productpage", "", "GET", "/")[:2] == (True, "default")
     assert check("productpage", PP, "DELETE", "/")[:2] == (False, "no-delete")
     assert check("open", "", "DELETE", "/anything")[:2] == (True, "no-policy")
+
+
+def test_a_gateway_policy_denies_with_403_and_unknown_destinations_are_errors() -> None:
+    import pytest
+
+    from xdsd.errors import MeshError
+
+    mesh = load_mesh("""
+services: {web: {}}
+gateways:
+  edge: {listen: {address: 127.0.0.1, port: 10000}, routes: [{prefix: /, service: web}]}
+authorization:
+  edge: {default: allow, rules: [{name: no-admin, deny: {paths: [/admin]}}]}
+  web: {default: deny}
+""")
+    s = AuthorizationServicer()
+    s.set_mesh(mesh)
+    for destination, expected in (("edge", 403), ("web", 401)):
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.context_extensions["xdsd.service"] = destination
+        req.attributes.request.http.method = "GET"
+        req.attributes.request.http.path = "/admin"
+        _, decision = s.decide(req)
+        assert not decision.allowed
+        # No caller principal: at a gateway that is normal (403), inside the mesh it is not (401).
+        assert s._response(decision, "").denied_response.status.code == expected
+    with pytest.raises(MeshError) as err:
+        load_mesh("services: {web: {}}\nauthorization: {nope: {default: deny}}\n")
+    assert "authorization.nope: unknown service or gateway 'nope'" in str(err.value)

@@ -50,6 +50,7 @@ class Decision:
     allowed: bool
     rule: str  # the deciding rule, or "default" / "no-policy"
     dry_run: tuple[tuple[str, bool], ...] = ()  # (rule, would allow) for matching dry-run rules
+    forbidden: bool = False  # deny as 403 even without a caller principal (gateways)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,9 @@ class CompiledPolicy:
     deny: tuple[CompiledRule, ...]
     allow: tuple[CompiledRule, ...]
     dry: tuple[CompiledRule, ...]
+    # A gateway's callers come from outside the mesh: no principal is expected, so a denial there
+    # is "forbidden" (403), never "unauthenticated" (401).
+    edge: bool = False
 
     def evaluate(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
         dry = tuple((r.name, r.allow) for r in self.dry if r.match.matches(principal, method, path, headers))
@@ -93,7 +97,7 @@ def _compile_match(mesh: Mesh, m: Match) -> CompiledMatch:
     )
 
 
-def compile_policy(mesh: Mesh, policy: Policy) -> CompiledPolicy:
+def compile_policy(mesh: Mesh, policy: Policy, edge: bool = False) -> CompiledPolicy:
     rules = []
     for r in policy.rules:
         match = r.allow if r.allow is not None else r.deny
@@ -104,8 +108,9 @@ def compile_policy(mesh: Mesh, policy: Policy) -> CompiledPolicy:
         deny=tuple(r for r in rules if not r.allow and not r.dry_run),
         allow=tuple(r for r in rules if r.allow and not r.dry_run),
         dry=tuple(r for r in rules if r.dry_run),
+        edge=edge,
     )
 
 
 def compile_mesh(mesh: Mesh) -> dict[str, CompiledPolicy]:
-    return {name: compile_policy(mesh, policy) for name, policy in mesh.authorization.items()}
+    return {name: compile_policy(mesh, policy, edge=name in mesh.gateways) for name, policy in mesh.authorization.items()}

@@ -54,7 +54,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if policy is None:
             return service, NO_POLICY
         path = http.path.split("?", 1)[0]  # already normalized by Envoy's HTTP connection manager
-        return service, policy.evaluate(attrs.source.principal, http.method.upper(), path, http.headers)
+        decision = policy.evaluate(attrs.source.principal, http.method.upper(), path, http.headers)
+        if policy.edge and not decision.allowed:
+            decision = Decision(False, decision.rule, decision.dry_run, forbidden=True)
+        return service, decision
 
     async def Check(  # noqa: N802 - gRPC method name
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -84,7 +87,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             if dry:
                 ok.response_headers_to_add.add().header.CopyFrom(base_pb2.HeaderValue(key=DRY_RUN_HEADER, value=dry))
             return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
-        unauthenticated = not principal and decision.rule != "error"
+        unauthenticated = not principal and decision.rule != "error" and not decision.forbidden
         code = code_pb2.UNAUTHENTICATED if unauthenticated else code_pb2.PERMISSION_DENIED
         http_code = http_status_pb2.Unauthorized if unauthenticated else http_status_pb2.Forbidden
         denied = external_auth_pb2.DeniedHttpResponse(

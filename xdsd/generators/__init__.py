@@ -145,8 +145,10 @@ def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo, key=group.cluster)
     # Listener and routes depend on the gateway and the policies of the services it routes to.
     policies = _policies(mesh, {s for s, _ in targets}, memo, key=group.cluster)
-    out[typeurls.LISTENER] = [memo.get(("gw-lds", group), (gateway,), lambda: listeners.gateway_listener(group.cluster, gateway, group))]
-    out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster), (gateway, mesh.mesh),
+    authz = group.cluster in mesh.authorization  # a gateway with a policy asks ext_authz
+    out[typeurls.LISTENER] = [memo.get(("gw-lds", group, authz), (gateway,),
+                                       lambda: listeners.gateway_listener(group.cluster, gateway, group, authz))]
+    out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster, authz), (gateway, mesh.mesh),
                                     lambda: routes.gateway_routes(group.cluster, gateway, mesh), equal=policies)]
     if own_id is not None:
         out[typeurls.SECRET] = _secrets(credentials, own_id, memo)

@@ -70,8 +70,9 @@ def _listener(name: str, address: str, port: int, hcm: hcm_pb2.HttpConnectionMan
     return listener
 
 
-def gateway_listener(name: str, gateway: Gateway, group: NodeGroup) -> listener_pb2.Listener:
-    hcm = http_connection_manager(name, group, rds=name, edge=True)
+def gateway_listener(name: str, gateway: Gateway, group: NodeGroup, authz: bool = False) -> listener_pb2.Listener:
+    """``authz``: the gateway has an authorization policy, so every request is checked (fail closed)."""
+    hcm = http_connection_manager(name, group, rds=name, edge=True, authz=authz)
     return _listener(name, gateway.listen.address, gateway.listen.port, hcm)
 
 

@@ -120,6 +120,9 @@ def _route(r: _rc.Route, route: Route, mesh: Mesh, default_service: str | None =
 def gateway_routes(name: str, gateway: Gateway, mesh: Mesh) -> route_pb2.RouteConfiguration:
     rc = route_pb2.RouteConfiguration(name=name)
     vhost = rc.virtual_hosts.add(name=name, domains=["*"])
+    if name in mesh.authorization:
+        # The gateway's own policy decides (its callers come from outside: no mesh principal).
+        vhost.typed_per_filter_config["envoy.filters.http.ext_authz"].Pack(_authz_context(name))
     for route in gateway.routes:
         _route(vhost.routes.add(), route, mesh)
     return rc
@@ -150,7 +153,11 @@ def inbound_routes(service: str, app_cluster: str) -> route_pb2.RouteConfigurati
     r.match.prefix = "/"
     r.route.cluster = app_cluster
     # Tell the authorization service which service this is (the destination of the request).
-    per_route = ext_authz_pb2.ExtAuthzPerRoute()
-    per_route.check_settings.context_extensions["xdsd.service"] = service
-    r.typed_per_filter_config["envoy.filters.http.ext_authz"].Pack(per_route)
+    r.typed_per_filter_config["envoy.filters.http.ext_authz"].Pack(_authz_context(service))
     return rc
+
+
+def _authz_context(destination: str) -> ext_authz_pb2.ExtAuthzPerRoute:
+    per_route = ext_authz_pb2.ExtAuthzPerRoute()
+    per_route.check_settings.context_extensions["xdsd.service"] = destination
+    return per_route

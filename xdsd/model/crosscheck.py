@@ -109,8 +109,8 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT
 def _check_policy(mesh: Mesh, name: str, policy: Policy) -> list[FieldError]:
     errors: list[FieldError] = []
     path = f"authorization.{name}"
-    if name not in mesh.services:
-        errors.append(FieldError(path, f"unknown service {name!r}"))
+    if name not in mesh.services and name not in mesh.gateways:
+        errors.append(FieldError(path, f"unknown service or gateway {name!r}"))
     seen: dict[str, int] = {}
     for i, rule in enumerate(policy.rules):
         rpath = f"{path}.rules[{i}]"
