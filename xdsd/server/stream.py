@@ -143,7 +143,13 @@ class Stream:
             reason = self.authenticator(node, self.metadata)
             if reason is not None:
                 raise Refused(reason)
-        self.node = node
+        # Keep who the node is, not its build's catalogue: Envoy sends ~100 `extensions` and its
+        # client features on every stream, kilobytes per proxy that nothing here reads.
+        kept = base_pb2.Node()
+        kept.CopyFrom(node)
+        kept.ClearField("extensions")
+        kept.ClearField("client_features")
+        self.node = kept
         xds_cluster = "xds_cluster"
         fields = node.metadata.fields
         if "xdsd.xds_cluster" in fields and fields["xdsd.xds_cluster"].string_value:
