@@ -105,3 +105,21 @@ def test_circuit_breakers_and_lb_policy_in_config_dump(
         assert len(apps) == 1, (user, apps)
         seen[user] = apps.pop()
     assert len(set(seen.values())) >= 2, seen
+
+
+def test_a_retry_budget_is_accepted_by_envoy(
+        mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: Callable[..., EnvoyProcess],
+        upstreams: Callable[..., Upstreams]) -> None:
+    ups = upstreams({"a": "127.0.0.2"})
+    envoy, url = _start(mesh_file, xdsd, envoy_factory)([ups], """\
+    retries: {attempts: 3, retry_on: [5xx]}
+    circuit_breakers: {retry_budget: {percent: 25, min_concurrency: 2}}""")
+    dump = envoy.config_dump("dynamic_active_clusters")
+    (cluster,) = [c["cluster"] for c in dump["configs"] if c["cluster"]["name"] == "reviews"]
+    assert cluster["circuit_breakers"]["thresholds"] == [
+        {"retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 2}}]
+    # Sequential requests stay within the budget's minimum concurrency: retries still hide failures.
+    ups.set("a", failure_rate=0.3, failure_status=503)
+    results = send_requests(url, 200)
+    assert sum(r.status == 200 for r in results) >= 180
+    assert envoy.stat("cluster.reviews.upstream_rq_retry") > 20

@@ -243,3 +243,22 @@ def test_bootstrap_zone_sets_the_node_locality() -> None:
     assert "locality" not in render(BootstrapOptions("n1", "edge"))["node"]
     args = build_parser().parse_args(["bootstrap", "--node-id", "n1", "--cluster", "edge", "--zone", "zone-b"])
     assert args.zone == "zone-b"
+
+
+def test_retry_budget_validation() -> None:
+    from xdsd.errors import MeshError
+    from xdsd.model import load_mesh
+
+    base = "services:\n  web:\n    endpoints: [{address: 10.0.0.1, port: 80}]\n    circuit_breakers: "
+    load_mesh(base + "{retry_budget: {percent: 20, min_concurrency: 3}}\n")
+    for cb, expected in (
+        ("{max_retries: 3, retry_budget: {}}", "services.web.circuit_breakers.retry_budget: give max_retries or retry_budget, not both"),
+        ("{retry_budget: {percent: 0}}", "services.web.circuit_breakers.retry_budget.percent: must be above 0, got 0"),
+        ("{retry_budget: {percent: 120}}", "services.web.circuit_breakers.retry_budget.percent: must be 0..100, got 120"),
+    ):
+        try:
+            load_mesh(base + cb + "\n")
+        except MeshError as exc:
+            assert expected in str(exc), str(exc)
+        else:
+            raise AssertionError(f"{cb} was accepted")

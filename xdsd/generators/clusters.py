@@ -73,6 +73,9 @@ def _resilience(cluster: cluster_pb2.Cluster, service: Service) -> None:
             value = getattr(cb, field)
             if value is not None:
                 getattr(t, field).value = value
+        if cb.retry_budget is not None:  # Envoy then ignores max_retries
+            t.retry_budget.budget_percent.value = cb.retry_budget.percent
+            t.retry_budget.min_retry_concurrency.value = cb.retry_budget.min_concurrency
     hc = service.health_check
     if hc is not None:
         check = cluster.health_checks.add()

@@ -32,6 +32,13 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
         errors.extend(_check_retries(f"services.{name}.retries", service.retries))
         errors.extend(_check_subsets(name, service))
         errors.extend(_check_load_balancer(f"services.{name}.load_balancer", service.load_balancer))
+        cb = service.circuit_breakers
+        if cb is not None and cb.retry_budget is not None and cb.max_retries is not None:
+            errors.append(FieldError(f"services.{name}.circuit_breakers.retry_budget",
+                                     "give max_retries or retry_budget, not both (Envoy ignores max_retries under a budget)"))
+        if cb is not None and cb.retry_budget is not None and cb.retry_budget.percent <= 0:
+            errors.append(FieldError(f"services.{name}.circuit_breakers.retry_budget.percent",
+                                     f"must be above 0, got {cb.retry_budget.percent}"))
         errors.extend(_check_routes(mesh, f"services.{name}.routes", service.routes, owner=name))
 
     for name, policy in mesh.authorization.items():

@@ -162,6 +162,14 @@ class OutlierDetection(FrozenModel):
     max_ejection_percent: Annotated[StrictInt, _between(0, 100)] = 10  # Envoy ejects at least one host
 
 
+class RetryBudget(FrozenModel):
+    """Retries in flight may be at most ``percent`` of the requests in flight (but always
+    ``min_concurrency``): retries cannot multiply load on a struggling service."""
+
+    percent: Percent = 20.0
+    min_concurrency: Count = 3
+
+
 class CircuitBreakers(FrozenModel):
     """Limits per Envoy (not per endpoint); past them Envoy fails fast with 503. Unset: Envoy's 1024
     (3 for retries)."""
@@ -170,6 +178,7 @@ class CircuitBreakers(FrozenModel):
     max_pending_requests: Count | None = None
     max_requests: Count | None = None
     max_retries: Annotated[StrictInt, _between(0, 1_000_000_000)] | None = None
+    retry_budget: RetryBudget | None = None  # instead of max_retries
 
 
 class HealthCheck(FrozenModel):
