@@ -81,3 +81,27 @@ def test_a_per_try_timeout_turns_a_slow_instance_into_a_retry(setup: Callable[..
     assert all(r.status == 200 for r in results), [r.status for r in results]
     assert {r.app for r in results} == {"b"}
     assert envoy.stat("cluster.reviews.upstream_rq_per_try_timeout") >= 1
+
+
+@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
+def test_one_instance_failing_30_percent_is_hidden_by_3_attempts(
+        setup: Callable[..., tuple[Upstreams, EnvoyProcess, str]], mode: Mode,
+        record_property: Callable[[str, object], None]) -> None:
+    """The issue's figure: an upstream instance failing 30% of requests with 503, 3 attempts, >= 99.5%
+    over 1000 requests. A retry goes to another host (previous_hosts predicate), so it only fails
+    if every attempt lands on a failure; without retries the failures show."""
+    ups, envoy, url = setup(mode, "    retries: {attempts: 3, retry_on: [5xx]}")
+    ups.set("a", failure_rate=0.3, failure_status=503)
+    results = send_requests(url, 1000)
+    ok = sum(r.status == 200 for r in results) / len(results)
+    record_property("success_with_retries", ok)
+    assert ok >= 0.995, f"{ok:.1%} succeeded with 3 attempts"
+    assert envoy.stat("cluster.reviews.upstream_rq_retry") > 50
+
+
+def test_one_instance_failing_30_percent_without_retries(setup: Callable[..., tuple[Upstreams, EnvoyProcess, str]]) -> None:
+    ups, _, url = setup(MODES[0], "")
+    ups.set("a", failure_rate=0.3, failure_status=503)
+    results = send_requests(url, 1000)
+    ok = sum(r.status == 200 for r in results) / len(results)
+    assert 0.78 <= ok <= 0.92, f"{ok:.1%} succeeded without retries"  # round robin: half the requests see 30%
