@@ -40,6 +40,15 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _loopback_for(address: str) -> str:
+    """The admin address as reachable from Envoy itself (a wildcard listens on loopback too)."""
+    if address == "0.0.0.0":
+        return "127.0.0.1"
+    if address == "::":
+        return "::1"
+    return address
+
+
 def _api_config_source(opts: BootstrapOptions) -> dict[str, Any]:
     service: dict[str, Any] = {
         "envoy_grpc": {
@@ -73,13 +82,14 @@ def render(opts: BootstrapOptions) -> dict[str, Any]:
             "lds_config": {"api_config_source": _api_config_source(opts), "resource_api_version": "V3"},
         }
     node: dict[str, Any] = {"id": opts.node_id, "cluster": opts.cluster}
-    metadata = {}
+    # Where this Envoy's admin listens: xdsd's stats listener (telemetry.stats) forwards
+    # /stats/prometheus there.
+    metadata = {"xdsd.admin_address": f"{_loopback_for(opts.admin_address)}:{opts.admin_port}"}
     if opts.inbound_address:
         metadata["xdsd.inbound_address"] = opts.inbound_address
     if opts.app_address:
         metadata["xdsd.app_address"] = opts.app_address
-    if metadata:
-        node["metadata"] = metadata
+    node["metadata"] = metadata
     if opts.zone:
         node["locality"] = {"zone": opts.zone}
     xds_cluster = _xds_cluster(opts)

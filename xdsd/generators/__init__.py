@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from xdsd import typeurls
 from xdsd.ca import Credentials, gateway_id, service_id
-from xdsd.generators import clusters, endpoints, listeners, routes, secrets
+from xdsd.generators import clusters, endpoints, listeners, routes, secrets, telemetry
 from xdsd.generators.memo import Memo, NoMemo
 from xdsd.generators.node import NodeGroup, Transport
 from xdsd.generators.roles import GATEWAY, SIDECAR, role_of
@@ -44,6 +44,7 @@ def generate(mesh: Mesh, group: NodeGroup, credentials: Credentials = _NO_CREDEN
         _gateway(mesh, group, credentials, out, memo)
     elif role == SIDECAR and mesh.services[group.cluster].sidecar is not None:
         _sidecar(mesh, group, credentials, out, memo)
+    telemetry.extend(mesh, group, out, memo)  # stats listener, access logs, tracing (mesh.telemetry)
     return out
 
 

@@ -38,6 +38,9 @@ class NodeGroup:
     initial_metadata: tuple[tuple[str, str], ...] = ()
     # The node's own zone (node.locality.zone): endpoints there get priority 0, others priority 1.
     zone: str | None = None
+    # Where the node's admin interface listens, HOST:PORT (node metadata ``xdsd.admin_address``,
+    # written by ``xdsd bootstrap``); the stats listener forwards /stats/prometheus there.
+    admin_address: str | None = None
 
     def __str__(self) -> str:
         return f"{self.cluster}/{self.transport}"

@@ -8,6 +8,7 @@ import re
 
 from xdsd.errors import FieldError
 from xdsd.model.mesh import Mesh, Policy, Retries, Service
+from xdsd.model.telemetry import check_telemetry
 from xdsd.model.traffic import LoadBalancer, Route
 
 
@@ -43,6 +44,7 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
 
     for name, policy in mesh.authorization.items():
         errors.extend(_check_policy(mesh, name, policy))
+    errors.extend(check_telemetry(mesh))
 
     listens: dict[tuple[str, int], str] = {}
     for gname, gateway in mesh.gateways.items():

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from xdsd.model.base import FrozenModel as _Model
 from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, TrustDomain, Weight
+from xdsd.model.telemetry import Telemetry
 from xdsd.model.traffic import (
     Backoff,
     CircuitBreakers,
@@ -102,6 +103,8 @@ class Mesh(_Model):
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
     # Per destination service: who may call it, with which methods and paths (ext_authz).
     authorization: dict[Name, Policy] = Field(default_factory=dict)
+    # Stats listener, access logs and tracing pushed to every sidecar and gateway (model.telemetry).
+    telemetry: Telemetry = Field(default_factory=Telemetry)
 
     def endpoints_of(self, name: str) -> list[Endpoint]:
         """A service's endpoints; a service with a sidecar on a fixed inbound address and no listed
