@@ -18,6 +18,9 @@ ADDRESS = os.environ.get("APP_ADDRESS", "0.0.0.0")
 FAILURE_RATE = [float(os.environ.get("FAILURE_RATE", "0"))]  # settable at run time: GET /__fail?rate=0.3
 
 
+TRACE_HEADERS = ("traceparent", "tracestate", "x-request-id", "baggage")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -35,7 +38,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         status = 200
         if UPSTREAM:
             try:
-                with urllib.request.urlopen(UPSTREAM + self.path, timeout=3) as resp:
+                # Pass the trace context on, so the sidecars' spans join one trace.
+                onward = urllib.request.Request(UPSTREAM + self.path, headers={
+                    h: v for h in TRACE_HEADERS if (v := self.headers.get(h)) is not None})
+                with urllib.request.urlopen(onward, timeout=3) as resp:
                     body["upstream"] = json.loads(resp.read())
             except urllib.error.HTTPError as exc:
                 body["upstream_error"] = f"HTTP {exc.code}"

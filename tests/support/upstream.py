@@ -4,7 +4,8 @@ One subprocess hosts several named apps: ``python -m tests.support.upstream --li
 Every path answers 200 with ``{"app": NAME, "path": ..., "method": ..., "headers": {lower-case: ...}}`` and header ``x-app: NAME``,
 unless the app was told otherwise through ``POST /__control`` with a JSON object of any of
 ``status``, ``failure_rate`` (0..1), ``failure_status``, ``latency_ms``, ``reset`` (back to defaults),
-``reset_stats`` (request count to 0). ``GET /__stats`` returns ``{"app": NAME, "requests": N}``: the
+``reset_stats`` (request count to 0), ``forward_to`` (a base URL: each request is also made there,
+with the trace context headers passed on, as a traced app would; its answer is under ``"onward"``). ``GET /__stats`` returns ``{"app": NAME, "requests": N}``: the
 requests the app served (control and stats calls not counted).
 """
 
@@ -35,10 +36,13 @@ class Behaviour:
     failure_rate: float = 0.0
     failure_status: int = 503
     latency_ms: int = 0
+    forward_to: str = ""
     requests: int = 0
 
 
-_CONTROL_KEYS = ("status", "failure_rate", "failure_status", "latency_ms")
+_CONTROL_KEYS = ("status", "failure_rate", "failure_status", "latency_ms", "forward_to")
+# What an app passes on when it calls onward, so that a trace continues across services.
+TRACE_HEADERS = ("traceparent", "tracestate", "x-request-id", "baggage")
 
 
 def _make_app(app_name: str) -> Any:
@@ -76,6 +80,8 @@ def _make_app(app_name: str) -> Any:
             status = b.failure_status
         await request.read()
         body = {"app": app_name, "path": request.path_qs, "method": request.method, "headers": {k.lower(): v for k, v in request.headers.items()}}
+        if b.forward_to:
+            body["onward"] = await _forward(b.forward_to + request.path_qs, request.headers)
         return web.json_response(body, status=status, headers={"x-app": app_name})
 
     app = web.Application()
@@ -83,6 +89,17 @@ def _make_app(app_name: str) -> Any:
     app.router.add_get("/__stats", stats)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+async def _forward(url: str, headers: Mapping[str, str]) -> Any:
+    from aiohttp import ClientSession, ClientTimeout
+
+    passed = {h: headers[h] for h in TRACE_HEADERS if h in headers}
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=5)) as session, session.get(url, headers=passed) as resp:
+            return {"status": resp.status, "body": await resp.json(content_type=None)}
+    except Exception as exc:  # the caller sees what went wrong
+        return {"status": 0, "error": repr(exc)}
 
 
 async def _serve(apps: Mapping[str, tuple[str, int]]) -> None:

@@ -1,0 +1,208 @@
+"""Telemetry configured through xdsd, proven with real Envoys: gateway -> productpage (sidecar, app)
+-> reviews (sidecar, app), mTLS between them, every Envoy with the mesh's ``telemetry:`` section.
+
+- tracing: one request makes spans in every Envoy on the way, all with ONE trace id, received by an
+  OTLP collector this test runs (the productpage app passes ``traceparent`` on, as apps must);
+- access logs: JSON lines with the documented default fields on Envoy's stdout;
+- stats: ``/stats/prometheus`` on the pushed listener of each sidecar, counters moving with traffic;
+- xdsd's own spans (load/validate -> generate -> push -> ACKs) arrive when ``--otlp-endpoint`` is
+  given, and the connected-proxies-by-role metric is right.
+
+One mesh for the whole module (module-scoped): starting it once keeps the added time small.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.integration.conftest import EnvoyFactory
+from tests.support.envoy import EnvoyProcess
+from tests.support.otlp import OtlpReceiver, Span
+from tests.support.procs import free_port, wait_for
+from tests.support.upstream import Upstreams
+from tests.support.xdsd_proc import XdsdProcess
+from xdsd.bootstrap import BootstrapOptions, render
+from xdsd.model.telemetry import DEFAULT_ACCESS_LOG_FIELDS
+
+TD = "telemetry.test"
+
+
+@dataclass
+class TelemetryMesh:
+    otlp: OtlpReceiver
+    ups: Upstreams
+    xdsd: XdsdProcess
+    envoys: dict[str, EnvoyProcess]
+    gateway_port: int
+    stats_port: int
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.gateway_port}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def stats_url(self, address: str, path: str = "/stats/prometheus") -> str:
+        return f"http://{address}:{self.stats_port}{path}"
+
+
+def _mesh_config(ups: Upstreams, gateway_port: int, inbound_port: int, out_port: int, stats_port: int,
+                 collector: str) -> dict[str, Any]:
+    return {
+        "mesh": {"trust_domain": TD},
+        "telemetry": {
+            "stats": {"port": stats_port},
+            "access_log": {"path": "/dev/stdout"},
+            "tracing": {"collector": collector, "sampling": 100},
+        },
+        "services": {
+            "productpage": {"sidecar": {
+                "inbound": {"address": "127.0.0.2", "port": inbound_port}, "app_address": "127.0.0.2",
+                "app_port": ups.port("productpage"), "upstreams": {"reviews": out_port}}},
+            "reviews": {"sidecar": {
+                "inbound": {"address": "127.0.0.3", "port": inbound_port}, "app_address": "127.0.0.3",
+                "app_port": ups.port("reviews")}},
+        },
+        "gateways": {"edge": {"listen": {"address": "127.0.0.1", "port": gateway_port},
+                              "routes": [{"prefix": "/", "service": "productpage"}]}},
+    }
+
+
+@pytest.fixture(scope="module")
+def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
+    workdir = tmp_path_factory.mktemp("telemetry")
+    with OtlpReceiver() as otlp, Upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3"}, workdir) as ups:
+        gateway_port, out_port = free_port(), free_port()
+        inbound_port = free_port("127.0.0.3")
+        stats_port = free_port("127.0.0.2")
+        config = workdir / "mesh.yaml"
+        config.write_text(yaml.safe_dump(_mesh_config(ups, gateway_port, inbound_port, out_port, stats_port,
+                                                      otlp.endpoint)))
+        # productpage's app calls reviews through its sidecar, passing the trace context on.
+        ups.set("productpage", forward_to=f"http://127.0.0.1:{out_port}")
+        xdsd = XdsdProcess(config, workdir, extra_args=[])
+        envoys = EnvoyFactory(workdir)
+        try:
+            xdsd.start()
+            started = {
+                name: envoys.from_bootstrap(name, render(BootstrapOptions(
+                    node_id=f"{name}-1", cluster=name, xds_port=xdsd.xds_port, admin_port=free_port(),
+                    token=xdsd.token(f"{name}-1", name))), wait_live=False)
+                for name in ("edge", "productpage", "reviews")
+            }
+            for envoy in started.values():
+                envoy.wait_live()
+            m = TelemetryMesh(otlp, ups, xdsd, started, gateway_port, stats_port)
+            wait_for(lambda: m.get("/warmup")[0] == 200, "gateway -> productpage -> reviews answers 200", 45)
+            yield m
+        finally:
+            envoys.stop_all()
+            xdsd.stop()
+
+
+def _traces(spans: list[Span]) -> dict[str, set[str]]:
+    """trace id -> the services (Envoys) that reported spans in it."""
+    out: dict[str, set[str]] = {}
+    for s in spans:
+        out.setdefault(s.trace_id, set()).add(s.service)
+    return out
+
+
+def test_one_request_is_one_trace_across_gateway_and_sidecars(tmesh: TelemetryMesh) -> None:
+    status, body = tmesh.get("/traced/1")
+    assert status == 200 and body["onward"]["status"] == 200, body
+    # The id the gateway gave the trace reached reviews' app, two sidecars later.
+    traceparent = body["onward"]["body"]["headers"]["traceparent"]
+    trace_id = traceparent.split("-")[1]
+    assert body["headers"]["traceparent"].split("-")[1] == trace_id
+
+    def complete(spans: list[Span]) -> list[Span] | None:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        return mine if {"edge", "productpage", "reviews"} <= {s.service for s in mine} else None
+
+    spans = tmesh.otlp.wait_for_spans(complete, f"spans of trace {trace_id} from edge, productpage and reviews")
+    # Inbound and outbound on productpage, inbound on reviews, the gateway: each HCM a span, each a
+    # child of the one before (the trace is connected, not only sharing an id).
+    by_id = {s.span_id: s for s in spans}
+    roots = [s for s in spans if not s.parent_span_id or s.parent_span_id not in by_id]
+    assert len(roots) == 1 and roots[0].service == "edge", [(s.service, s.name, s.parent_span_id) for s in spans]
+    assert len({s.service for s in spans if s.service == "productpage"}) == 1
+    assert sum(1 for s in spans if s.service == "productpage") >= 2  # inbound and outbound
+
+
+def _access_log_lines(envoy: EnvoyProcess) -> list[dict[str, Any]]:
+    lines = []
+    for line in Path(envoy.log_path).read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines
+
+
+def test_access_log_lines_carry_the_default_fields(tmesh: TelemetryMesh) -> None:
+    status, _ = tmesh.get("/logged/42", headers={"user-agent": "telemetry-test"})
+    assert status == 200
+    reviews = tmesh.envoys["reviews"]
+
+    def logged() -> dict[str, Any] | None:
+        return next((e for e in _access_log_lines(reviews) if e.get("path") == "/logged/42"), None)
+
+    entry = wait_for(logged, "reviews' access log line for /logged/42", 15)
+    assert set(entry) == set(DEFAULT_ACCESS_LOG_FIELDS)
+    assert entry["service"] == "reviews" and entry["direction"] == "inbound"
+    assert entry["method"] == "GET" and entry["response_code"] == 200
+    assert entry["downstream_peer_principal"] == f"spiffe://{TD}/service/productpage"
+    assert entry["upstream_cluster"].startswith("inbound|")
+    assert len(entry["trace_id"]) == 32
+    # The gateway logged the same request as direction "gateway", with the same trace id.
+    gw = wait_for(lambda: next((e for e in _access_log_lines(tmesh.envoys["edge"])
+                                if e.get("path") == "/logged/42"), None), "the gateway's line", 15)
+    assert gw["direction"] == "gateway" and gw["service"] == "edge" and gw["trace_id"] == entry["trace_id"]
+    assert gw["user_agent"] == "telemetry-test"
+
+
+def _counter(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def test_sidecar_stats_are_scrapeable_on_the_pushed_listener_and_move(tmesh: TelemetryMesh) -> None:
+    url = tmesh.stats_url("127.0.0.3")  # reviews' stats listener follows its inbound address
+    name = "envoy_http_downstream_rq_total"
+    before = _counter(_scrape(url), name, envoy_http_conn_manager_prefix="inbound_reviews")
+    for i in range(5):
+        assert tmesh.get(f"/counted/{i}")[0] == 200
+    wait_for(lambda: _counter(_scrape(url), name, envoy_http_conn_manager_prefix="inbound_reviews") >= before + 5,
+             "reviews' inbound request counter up by 5", 15)
+    # productpage's own stats port on its own address; the gateway's on 127.0.0.1.
+    assert _counter(_scrape(tmesh.stats_url("127.0.0.2")), name, envoy_http_conn_manager_prefix="outbound_reviews") >= 5
+    assert _counter(_scrape(tmesh.stats_url("127.0.0.1")), name, envoy_http_conn_manager_prefix="edge") >= 5
+    # Only the Prometheus page: the rest of the admin API is not reachable through the stats port.
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(tmesh.stats_url("127.0.0.3", "/quitquitquit"), timeout=5)
+    assert exc.value.code == 404
