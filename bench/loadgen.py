@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -216,7 +217,7 @@ class Worker:
             await proto.run()
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
-                st.error = f"{exc.code().name}: {exc.details()}"
+                st.error = f"{exc.code().name}: {exc.details()} [{exc.debug_error_string()}]"
         except asyncio.CancelledError:
             pass
         finally:
@@ -288,7 +289,17 @@ async def _serve(conn: Connection, target: str) -> None:
             return
 
 
+def raise_fd_limit() -> int:
+    """Each stream is a connection: lift the soft open-files limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def _main(conn: Connection, target: str) -> None:
+    raise_fd_limit()
     try:
         import uvloop
 

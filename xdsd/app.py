@@ -8,6 +8,7 @@ import contextlib
 import datetime as dt
 import gc
 import logging
+import resource
 import signal
 from pathlib import Path
 
@@ -163,6 +164,18 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def _raise_fd_limit() -> None:
+    """Every proxy holds a connection: a control plane for thousands needs more than the usual
+    1,024 open files. Lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:  # pragma: no cover - depends on the host
+            log.warning("open-files limit stays at %d (%s): at most that many proxies can connect", soft, exc)
 
 
 def run_serve(args: argparse.Namespace) -> int:
