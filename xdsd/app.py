@@ -185,6 +185,7 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     prometheus_client.disable_created_metrics()
+    _raise_fd_limit()
     try:
         import uvloop
 
