@@ -27,12 +27,15 @@ from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
 from xdsd.generators import generate
+from xdsd.generators.roles import UNKNOWN, role_of
 from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
+from xdsd.observability.tracing import endpoint_from, make_tracing
 from xdsd.registry.api import RegistrationServicer, http_routes
 from xdsd.registry.registry import Registry
 from xdsd.registry.store import LocalStore
 from xdsd.server.csds import ClientStatusServicer
+from xdsd.server.observer import FanOut
 from xdsd.server.xds import XdsServer
 from xdsd.sources.file import FileSource
 
@@ -64,8 +67,13 @@ class App:
         authenticator = None
         if args.auth == "required":
             authenticator = token_authenticator(TokenSigner.load_or_create(state_dir))
-        self.server = XdsServer(self.cache, self.metrics, authenticator)
-        self.authz = AuthorizationServicer(self.metrics.authz_decision)
+        # Control-plane spans over OTLP when an endpoint is configured (nothing is imported otherwise).
+        self.tracing = make_tracing(endpoint_from(getattr(args, "otlp_endpoint", None)))
+        observer = FanOut(self.metrics, self.tracing) if self.tracing.enabled else self.metrics
+        self.metrics.role_of = lambda cluster: role_of(self.cache.mesh, cluster) if self.cache.mesh else UNKNOWN
+        self.server = XdsServer(self.cache, observer, authenticator)  # type: ignore[arg-type]
+        self.authz = AuthorizationServicer(
+            self.metrics.authz_decision, span=self.tracing.authz_span if self.tracing.enabled else None)  # type: ignore[union-attr]
         self.registry = Registry(LocalStore(state_dir), drain_seconds=args.drain_time)
         self.registration_auth = None
         if args.auth == "required":
@@ -73,7 +81,7 @@ class App:
         self.controller = Controller(
             FileSource(args.config, debounce=args.debounce), self.cache, self.metrics, self.identities,
             on_mesh=self.authz.set_mesh, registry=self.registry,
-            registry_debounce=getattr(args, "registry_debounce", 0.0),
+            registry_debounce=getattr(args, "registry_debounce", 0.0), tracing=self.tracing,
         )
         self.loop_monitor = LoopMonitor(self.metrics.loop_stall.observe)
         self.xds_address: tuple[str, int] = args.xds_address
@@ -154,6 +162,7 @@ class App:
             for task in (watcher, rotator, sweeper, monitor):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            self.tracing.shutdown()  # write the last spans
 
 
 def _tune_gc() -> None:

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-tls-key", type=Path, metavar="PEM", help="private key of --xds-tls-cert")
     p.add_argument("--drain-time", type=float, default=5.0, metavar="SECONDS",
                    help="how long a deregistered instance stays DRAINING before it is removed (default 5)")
+    p.add_argument("--otlp-endpoint", metavar="HOST:PORT",
+                   help="export xdsd's own spans (per config revision; per authz decision) over OTLP/gRPC "
+                        "(default $OTEL_EXPORTER_OTLP_ENDPOINT; off when neither is set)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("validate", help="check a mesh config file and print its errors")

@@ -16,6 +16,7 @@ from xdsd.errors import FieldError, MeshError
 from xdsd.generators import required_identities
 from xdsd.model import Mesh
 from xdsd.observability.metrics import Metrics
+from xdsd.observability.tracing import NO_TRACING, NULL_REVISION, AnyRevisionTrace, AnyTracing
 from xdsd.registry.merge import Merger, mesh_check
 from xdsd.registry.registry import Registry
 from xdsd.sources.file import FileSource
@@ -56,7 +57,9 @@ class Controller:
         on_mesh: Callable[[Mesh], None] | None = None,
         registry: Registry | None = None,
         registry_debounce: float = 0.0,
+        tracing: AnyTracing = NO_TRACING,  # observability.tracing: spans per revision
     ) -> None:
+        self.tracing = tracing
         self.identities = identities
         self.registry = registry
         self.file_mesh: Mesh | None = None
@@ -76,17 +79,21 @@ class Controller:
 
     def reload(self) -> bool:
         """Load the source once; apply it if valid. Returns True if a new revision is served."""
+        trace = self.tracing.revision("file", source=str(self.source.path))
         try:
-            mesh = self.source.load()
+            with trace.stage("xdsd.load"):
+                mesh = self.source.load()
             if mesh is None:
                 return False
-            self._apply(mesh)
+            self._apply(mesh, trace)
         except MeshError as exc:
             self._reject(exc.errors)
+            trace.rejected(exc.errors)
             return False
         except InconsistentSnapshot as exc:
             self.source.forget()
             self._reject([FieldError("", f"internal: generated resources are inconsistent: {exc}")])
+            trace.rejected([exc])
             return False
         self.status.last_error = []
         self.metrics.config_valid.set(1)
@@ -112,27 +119,29 @@ class Controller:
         if self.file_mesh is None:
             return
         try:
-            self._serve(self.file_mesh)
+            self._serve(self.file_mesh, self.tracing.revision("registry"))
         except InconsistentSnapshot as exc:  # pragma: no cover - generator bug
             log.error("registry change not applied: %s", exc)
 
-    def _apply(self, mesh: Mesh) -> None:
-        self._serve(mesh)
+    def _apply(self, mesh: Mesh, trace: AnyRevisionTrace = NULL_REVISION) -> None:
+        self._serve(mesh, trace)
         self.file_mesh = mesh
         self.status.loaded_at = time.time()
         self.status.summary = mesh.summary()
         self.metrics.config_reloads.labels("accepted").inc()
         log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
 
-    def _serve(self, file_mesh: Mesh) -> None:
+    def _serve(self, file_mesh: Mesh, trace: AnyRevisionTrace = NULL_REVISION) -> None:
         mesh = self._merger.merge(file_mesh, self.registry.list()) if self.registry is not None else file_mesh
         if self.identities is not None:
             self.identities.ensure(
                 mesh.mesh.trust_domain, required_identities(mesh), dt.timedelta(seconds=mesh.mesh.cert_lifetime)
             )
         started = time.perf_counter()
-        self.cache.set_mesh(mesh)
+        with trace.stage("xdsd.generate"):
+            self.cache.set_mesh(mesh)
         self.metrics.snapshot_build.observe(time.perf_counter() - started)
+        trace.served(self.cache.revision)
         if self.on_mesh is not None:
             self.on_mesh(mesh)  # same revision for the authorization service
         self.status.revision = self.cache.revision
@@ -158,7 +167,10 @@ class Controller:
     def refresh(self) -> None:
         """Regenerate from the current mesh (new certificates, same config)."""
         if self.cache.mesh is not None:
-            self.cache.set_mesh(self.cache.mesh)
+            trace = self.tracing.revision("refresh")
+            with trace.stage("xdsd.generate"):
+                self.cache.set_mesh(self.cache.mesh)
+            trace.served(self.cache.revision)
             self.status.revision = self.cache.revision
             self.metrics.config_revision.set(self.cache.revision)
 

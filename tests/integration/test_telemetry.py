@@ -91,7 +91,7 @@ def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
                                                       otlp.endpoint)))
         # productpage's app calls reviews through its sidecar, passing the trace context on.
         ups.set("productpage", forward_to=f"http://127.0.0.1:{out_port}")
-        xdsd = XdsdProcess(config, workdir, extra_args=[])
+        xdsd = XdsdProcess(config, workdir, extra_args=["--otlp-endpoint", otlp.endpoint])
         envoys = EnvoyFactory(workdir)
         try:
             xdsd.start()
@@ -206,3 +206,77 @@ def test_sidecar_stats_are_scrapeable_on_the_pushed_listener_and_move(tmesh: Tel
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(tmesh.stats_url("127.0.0.3", "/quitquitquit"), timeout=5)
     assert exc.value.code == 404
+
+
+def test_authz_decisions_are_spans_in_the_callers_trace(tmesh: TelemetryMesh) -> None:
+    status, body = tmesh.get("/authz-traced")
+    assert status == 200
+    trace_id = body["onward"]["body"]["headers"]["traceparent"].split("-")[1]
+
+    def decided(spans: list[Span]) -> list[Span] | None:
+        mine = [s for s in spans if s.trace_id == trace_id and s.service == "xdsd" and s.name == "xdsd.authz"]
+        return mine if len(mine) >= 2 else None  # productpage's and reviews' inbound checks
+
+    spans = tmesh.otlp.wait_for_spans(decided, "xdsd.authz spans in the request's trace")
+    assert {s.attributes["xdsd.authz.service"] for s in spans} == {"productpage", "reviews"}
+    assert {s.attributes["xdsd.authz.outcome"] for s in spans} == {"allow"}
+    assert all(s.parent_span_id for s in spans)  # children of Envoy's ext_authz spans
+
+
+def test_proxies_by_role(tmesh: TelemetryMesh) -> None:
+    def by_role() -> dict[str, float]:
+        return {labels["role"]: value for labels, value in tmesh.xdsd.metric_samples("xdsd_connected_proxies_by_role")}
+
+    wait_for(lambda: by_role() == {"gateway": 1.0, "sidecar": 2.0, "unknown": 0.0}, "1 gateway, 2 sidecars", 15)
+
+
+def test_each_revision_is_a_trace_from_load_to_acks(tmesh: TelemetryMesh) -> None:
+    """A change that reaches every proxy (the access-log fields are in every listener): its trace
+    has the load, generate, push and ACK stages, and the ACKs of all three proxies."""
+    config = tmesh.xdsd.config_path
+    original = config.read_text()
+    data = yaml.safe_load(original)
+    before = tmesh.xdsd.metric_value("xdsd_config_revision")
+    data["telemetry"]["access_log"]["fields"] = [*DEFAULT_ACCESS_LOG_FIELDS, "route_name"]
+    try:
+        config.write_text(yaml.safe_dump(data))
+        revision = wait_for(lambda: (r := tmesh.xdsd.metric_value("xdsd_config_revision")) > before and r,
+                            "a new revision", 15)
+
+        def revision_trace(spans: list[Span]) -> dict[str, Span] | None:
+            roots = [s for s in spans if s.name == "xdsd.revision" and s.attributes.get("xdsd.revision") == revision]
+            if not roots:
+                return None
+            stages = {s.name: s for s in spans if s.trace_id == roots[0].trace_id and s.parent_span_id == roots[0].span_id}
+            acks = stages.get("xdsd.acks")
+            if acks is None or acks.attributes["xdsd.acks"] < 3:
+                return None
+            return {"root": roots[0], **stages}
+
+        trace = tmesh.otlp.wait_for_spans(revision_trace, f"the trace of revision {revision} with 3 ACKs")
+        assert trace["root"].service == "xdsd" and trace["root"].attributes["xdsd.trigger"] == "file"
+        assert set(trace) == {"root", "xdsd.load", "xdsd.generate", "xdsd.push", "xdsd.acks"}
+        assert trace["xdsd.push"].attributes["xdsd.proxies"] == 3
+        assert trace["xdsd.acks"].attributes["xdsd.nacks"] == 0
+        assert trace["xdsd.acks"].attributes["xdsd.unacked"] == 0
+    finally:
+        config.write_text(original)
+
+
+def test_a_rejected_revision_is_a_failed_trace(tmesh: TelemetryMesh) -> None:
+    config = tmesh.xdsd.config_path
+    original = config.read_text()
+    data = yaml.safe_load(original)
+    data["telemetry"]["tracing"]["sampling"] = 120
+    try:
+        config.write_text(yaml.safe_dump(data))
+
+        def rejected(spans: list[Span]) -> Span | None:
+            return next((s for s in spans if s.name == "xdsd.revision" and "xdsd.errors" in s.attributes), None)
+
+        root = tmesh.otlp.wait_for_spans(rejected, "a revision span with errors")
+        assert list(root.attributes["xdsd.errors"]) == ["telemetry.tracing.sampling: must be 0..100, got 120"]
+        load = next(s for s in tmesh.otlp.snapshot() if s.parent_span_id == root.span_id)
+        assert load.name == "xdsd.load"
+    finally:
+        config.write_text(original)

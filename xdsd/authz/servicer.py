@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -28,6 +29,8 @@ DECISION_HEADER = "x-xdsd-authz"
 
 # (service, rule, outcome, seconds) — metrics attach here; this module does not import them.
 DecisionObserver = Callable[[str, str, str, float], None]
+# Opens a span for one decision from the call's metadata (traceparent); None: tracing is off.
+SpanFactory = Callable[[Any], Any]
 
 
 def _service_of(attrs: external_auth_pb2.AttributeContext) -> str:
@@ -39,9 +42,10 @@ def _service_of(attrs: external_auth_pb2.AttributeContext) -> str:
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, observer: DecisionObserver | None = None) -> None:
+    def __init__(self, observer: DecisionObserver | None = None, span: SpanFactory | None = None) -> None:
         self._policies: dict[str, CompiledPolicy] = {}
         self._observer = observer
+        self._span = span
 
     def set_mesh(self, mesh: Mesh) -> None:
         self._policies = compile_mesh(mesh)  # swapped whole: a Check sees one revision
@@ -70,6 +74,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             service, decision = "", Decision(False, "error")
         response = self._response(decision, request.attributes.source.principal)
         elapsed = time.perf_counter() - start
+        if self._span is not None:
+            self._trace(request, context, service, decision, start, elapsed)
         if self._observer is not None:
             self._observer(service or "-", decision.rule, "allow" if decision.allowed else "deny", elapsed)
             for rule, would_allow in decision.dry_run:
@@ -78,6 +84,24 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             log.info("authz dry-run for %s from %s: %s", service, request.attributes.source.principal or "-",
                      ", ".join(f"{r}={'allow' if a else 'deny'}" for r, a in decision.dry_run))
         return response
+
+    def _trace(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext, service: str,
+               decision: Decision, start: float, elapsed: float) -> None:
+        """One span per decision, child of the span Envoy propagated with the Check call."""
+        assert self._span is not None
+        try:
+            span = self._span(context.invocation_metadata())
+            http = request.attributes.request.http
+            span.set_attributes({
+                "xdsd.authz.service": service or "-", "xdsd.authz.rule": decision.rule,
+                "xdsd.authz.outcome": "allow" if decision.allowed else "deny",
+                "xdsd.authz.principal": request.attributes.source.principal or "-",
+                "http.request.method": http.method, "url.path": http.path.split("?", 1)[0],
+                "xdsd.authz.seconds": elapsed,
+            })
+            span.end()
+        except Exception:  # tracing must never change a decision
+            log.debug("authz span failed", exc_info=True)
 
     @staticmethod
     def _response(decision: Decision, principal: str) -> external_auth_pb2.CheckResponse:

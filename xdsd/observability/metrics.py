@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter as _Counter
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from xdsd import typeurls
 
@@ -80,6 +83,11 @@ class Metrics:
             registry=r,
         )
         self._nodes: _Counter[str] = _Counter()
+        # node id -> node.cluster; the role (gateway/sidecar/unknown) is decided at scrape time against
+        # the mesh being served (``role_of``, wired by the app), so a config change re-labels proxies.
+        self._node_cluster: dict[str, str] = {}
+        self.role_of: Callable[[str], str] = lambda cluster: "unknown"
+        r.register(_ProxiesByRole(self))
         self._type_children: dict[str, tuple[Any, ...]] = {}
 
     def render(self) -> bytes:
@@ -95,6 +103,7 @@ class Metrics:
     def stream_opened(self, stream: Stream) -> None:
         self.connected_streams.labels("delta" if stream.delta else "sotw", str(stream.transport)).inc()
         self._nodes[stream.node_id] += 1
+        self._node_cluster[stream.node_id] = stream.cluster
         self.connected_proxies.set(len(self._nodes))
 
     def stream_closed(self, stream: Stream) -> None:
@@ -102,6 +111,7 @@ class Metrics:
         self._nodes[stream.node_id] -= 1
         if self._nodes[stream.node_id] <= 0:
             del self._nodes[stream.node_id]
+            self._node_cluster.pop(stream.node_id, None)
         self.connected_proxies.set(len(self._nodes))
 
     def stream_refused(self, reason: str, peer: str) -> None:
@@ -132,3 +142,23 @@ class Metrics:
 
     def nack(self, stream: Stream, type_url: str, version: str, error: str) -> None:
         self.nacks.labels(typeurls.short(type_url)).inc()
+
+
+ROLES = ("gateway", "sidecar", "unknown")
+
+
+class _ProxiesByRole(Collector):
+    """``xdsd_connected_proxies_by_role{role}``: connected proxies by the role their node.cluster has
+    in the mesh being served (an Envoy whose cluster is neither a gateway nor a service: unknown)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = _Counter(self._metrics.role_of(c) for c in list(self._metrics._node_cluster.values()))
+        family = GaugeMetricFamily("xdsd_connected_proxies_by_role",
+                                   "Distinct Envoy nodes with an open xDS stream, by role (gateway, sidecar, unknown)",
+                                   labels=["role"])
+        for role in sorted({*ROLES, *counts}):
+            family.add_metric([role], counts.get(role, 0))
+        yield family
