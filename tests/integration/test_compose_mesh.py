@@ -3,6 +3,8 @@ mounts, the Dockerfile's inputs, the mesh config, and every Envoy config under `
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -64,3 +66,85 @@ def test_envoy_config_validates(path: Path, tmp_path: Path) -> None:
     token = boot["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"][0]["value"]
     claims = TokenSigner.load_or_create(ROOT / "envoy" / "demo-state").verify(token)
     assert (claims.node_id, claims.cluster) == (boot["node"]["id"], boot["node"]["cluster"])
+
+
+# -- telemetry: Prometheus, Grafana, Jaeger ---------------------------------------------------------
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "xdsd-mesh.json"
+_METRIC_RE = re.compile(r"\b((?:xdsd|envoy)_[a-z0-9_]+)\b")
+
+
+def dashboard_metric_names() -> set[str]:
+    """Every metric name a query of the provisioned dashboard uses."""
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert exprs, "the dashboard has no queries"
+    return {m for e in exprs for m in _METRIC_RE.findall(e)} - {"envoy_http_conn_manager_prefix",
+                                                                 "envoy_response_code_class", "envoy_cluster_name"}
+
+
+def xdsd_exported_names() -> set[str]:
+    """The sample names xdsd's /metrics can carry (counters as ``_total``, histograms as
+    ``_bucket``/``_sum``/``_count``), from its own registry."""
+    from xdsd.observability.metrics import Metrics
+
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names.update(f"{family.name}{s}" for s in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(family.name)
+    return names
+
+
+def test_compose_runs_prometheus_grafana_and_jaeger() -> None:
+    services = compose()["services"]
+    assert {"prometheus", "grafana", "jaeger"} <= set(services)
+    assert services["xdsd"]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "jaeger:4317"
+    mesh = load_mesh_file(ROOT / "envoy" / "mesh.yaml")
+    tracing = mesh.telemetry.tracing
+    assert tracing is not None and (tracing.collector_host, tracing.collector_port) == ("jaeger", 4317)
+    assert mesh.telemetry.stats is not None and mesh.telemetry.access_log is not None
+
+
+def test_prometheus_scrapes_xdsd_and_every_envoys_stats_listener() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    admin_port = int((ROOT / "Dockerfile").read_text().split('"--admin-address", "0.0.0.0:', 1)[1].split('"', 1)[0])
+    assert [t for sc in jobs["xdsd"]["static_configs"] for t in sc["targets"]] == [f"xdsd:{admin_port}"]
+    envoy = jobs["envoy"]
+    assert envoy["metrics_path"] == "/stats/prometheus"
+    stats = load_mesh_file(ROOT / "envoy" / "mesh.yaml").telemetry.stats
+    assert stats is not None
+    targets = {t for sc in envoy["static_configs"] for t in sc["targets"]}
+    services = compose()["services"]
+    # One target per Envoy: the gateway, and each sidecar by the name of the app whose network it shares.
+    envoys = {name for name, s in services.items() if str(s.get("image", "")).startswith("envoyproxy/envoy")}
+    expected = {(services[e]["network_mode"].split(":", 1)[1] if "network_mode" in services[e] else e) for e in envoys}
+    assert targets == {f"{host}:{stats.port}" for host in expected}
+    mesh_services = {sc["labels"]["mesh_service"] for sc in envoy["static_configs"]}
+    assert mesh_services == {"edge", "productpage", "reviews", "ratings"}
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_datasources() -> None:
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/datasources.yaml").read_text())
+    uids = {d["uid"]: d for d in ds["datasources"]}
+    assert uids["prometheus"]["url"] == "http://prometheus:9090" and uids["jaeger"]["url"] == "http://jaeger:16686"
+    providers = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/dashboards.yaml").read_text())
+    path = providers["providers"][0]["options"]["path"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose()["services"]["grafana"]["volumes"]}
+    assert (ROOT / mounts[f"{path}/xdsd-mesh.json"]).resolve() == DASHBOARD.resolve()
+    dash = json.loads(DASHBOARD.read_text())
+    used = {t["datasource"]["uid"] for p in dash["panels"] for t in p.get("targets", [])}
+    assert used <= set(uids)
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for topic in ("proxies", "push latency", "nack", "authz", "request rate", "error rate", "latency p99 by service"):
+        assert topic in titles, topic
+
+
+def test_dashboard_queries_use_metrics_xdsd_exports() -> None:
+    used = {m for m in dashboard_metric_names() if m.startswith("xdsd_")}
+    assert used and used <= xdsd_exported_names(), sorted(used - xdsd_exported_names())
+    # Envoy's names are checked against a real Envoy's /stats/prometheus in test_telemetry.py.

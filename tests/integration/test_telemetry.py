@@ -280,3 +280,18 @@ def test_a_rejected_revision_is_a_failed_trace(tmesh: TelemetryMesh) -> None:
         assert load.name == "xdsd.load"
     finally:
         config.write_text(original)
+
+
+def test_the_dashboards_envoy_metrics_exist_in_a_real_scrape(tmesh: TelemetryMesh) -> None:
+    """The Grafana dashboard (deploy/grafana) queries Envoy metrics by name: each must be in what a
+    sidecar's and the gateway's stats listener serve."""
+    from tests.integration.test_compose_mesh import dashboard_metric_names
+
+    assert tmesh.get("/dashboard")[0] == 200
+    served: set[str] = set()  # sample names as Prometheus stores them (the exposition's, no _total added)
+    for address in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
+        for line in _scrape(tmesh.stats_url(address)).splitlines():
+            if line and not line.startswith("#"):
+                served.add(line.split("{", 1)[0].split(" ", 1)[0])
+    wanted = {m for m in dashboard_metric_names() if m.startswith("envoy_")}
+    assert wanted and wanted <= served, sorted(wanted - served)
