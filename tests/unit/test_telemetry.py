@@ -211,3 +211,24 @@ def test_memoized_decoration_never_touches_the_shared_listeners() -> None:
     del data["telemetry"]
     off = generate(parse_mesh(data), NodeGroup("productpage"), memo=memo)
     assert not _hcm(off[typeurls.LISTENER][0]).access_log
+
+
+def test_readme_example_and_default_fields_match_the_code() -> None:
+    from xdsd.model import load_mesh
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Telemetry", 1)[1].split("\n## ", 1)[0]
+    example = load_mesh(section.split("```yaml", 1)[1].split("```", 1)[0])
+    assert example.telemetry.stats is not None and example.telemetry.tracing is not None
+    listed = section.split("The default fields are", 1)[1].split(". `fields`", 1)[0]
+    import re
+
+    listed = re.sub(r"\([^)]*\)", "", listed)  # the notes in parentheses
+    assert tuple(re.findall(r"`([a-z_]+)`", listed)) == DEFAULT_ACCESS_LOG_FIELDS
+
+
+def test_bootstrap_carries_the_admin_address() -> None:
+    from xdsd.bootstrap import BootstrapOptions, render
+
+    node = render(BootstrapOptions("n1", "edge", admin_address="0.0.0.0", admin_port=9911))["node"]
+    assert node["metadata"]["xdsd.admin_address"] == "127.0.0.1:9911"  # reachable from Envoy itself
