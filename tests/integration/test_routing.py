@@ -124,7 +124,7 @@ def test_fault_abort_percentage_and_delay(edge: Edge) -> None:
     assert edge.envoy.stat("http.edge.fault.aborts_injected") == aborted
     start = time.monotonic()
     assert send_requests(edge.url("/slow"), 3)[-1].app == "ratings"
-    assert time.monotonic() - start >= 0.9
+    assert time.monotonic() - start >= 0.85  # 3 x 300 ms (Envoy timers have millisecond granularity)
     assert edge.envoy.stat("http.edge.fault.delays_injected") == 3
 
 
