@@ -3,7 +3,9 @@ FROM python:3.11-slim
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY xdsd ./xdsd
-RUN pip install --no-cache-dir . && useradd --system --home /var/lib/xdsd xdsd && mkdir -p /var/lib/xdsd && chown xdsd /var/lib/xdsd
+RUN pip install --no-cache-dir . \
+ && pip install --no-cache-dir --force-reinstall --no-deps "opentelemetry-proto==$(python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
+ && useradd --system --home /var/lib/xdsd xdsd && mkdir -p /var/lib/xdsd && chown xdsd /var/lib/xdsd
 COPY demo/app.py /demo/app.py
 USER xdsd
 EXPOSE 18000 19000

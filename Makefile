@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# xds-protos ships an older copy of opentelemetry/proto/*; whichever wheel is installed last
+	# owns those files. The OTLP exporter needs opentelemetry-proto's own: reinstall it last.
+	$(PY) -m pip install --quiet --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(PY) -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -137,7 +137,15 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         if exporter is None:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            try:
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            except ImportError as exc:
+                # xds-protos carries an older copy of opentelemetry/proto/*; if it was installed after
+                # opentelemetry-proto, its files won.
+                raise SystemExit(
+                    f"xdsd: the OTLP exporter cannot load ({exc}); the opentelemetry/proto files were "
+                    "replaced by xds-protos' older copy. Fix: pip install --force-reinstall --no-deps "
+                    "opentelemetry-proto") from exc
 
             insecure = not endpoint.startswith("https://")
             exporter = OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
