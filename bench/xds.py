@@ -358,8 +358,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true", help="bigger N (5,000 streams; 10k clusters)")
     p.add_argument("--only", action="append", help="run only these scenarios (storm, large, delta, envoys)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/xds.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench/results/xds.json (quick) or xds-full.json (--full)")
     a = p.parse_args(argv)
+    if a.out is None:
+        a.out = ROOT / ("bench/results/xds-full.json" if a.full else "bench/results/xds.json")
     only = set(a.only or ["storm", "large", "delta", "envoys"])
     results: dict[str, Any] = json.loads(a.out.read_text()) if a.out.exists() and a.only else {}
     results["mode"] = "full" if a.full else "quick"
