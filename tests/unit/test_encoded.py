@@ -66,3 +66,19 @@ def test_an_unchanged_assignment_keeps_its_version() -> None:
     enc.sweep()
     b = AssignmentEncoder().assignment("big", list(eps))  # another replica, same content
     assert a.version == b.version and a.body == b.body
+
+
+def test_incremental_eds_decision_follows_edits() -> None:
+    from xdsd.generators.endpoints import uses_eds
+
+    rnd = random.Random(3)
+    eps = [_ep(i, rnd) for i in range(5 * CHUNK)]
+    enc = AssignmentEncoder()
+    assert enc.uses_eds("big", eps) is True
+    eps[3 * CHUNK + 7] = Endpoint(address="db.internal", port=5432)  # a host name: STRICT_DNS
+    assert enc.uses_eds("big", eps) is False == uses_eds(eps)
+    del eps[3 * CHUNK + 7]
+    assert enc.uses_eds("big", eps) is True == uses_eds(eps)
+    enc.sweep()
+    eps.insert(0, Endpoint(address="db.internal", port=5432))  # everything shifts
+    assert enc.uses_eds("big", eps) is False

@@ -112,6 +112,9 @@ def _policy_of(mesh: Mesh, name: str, memo: Memo) -> tuple[object, ...]:
 
 def _uses_eds(mesh: Mesh, name: str, memo: Memo) -> bool:
     service = mesh.services[name]
+    if memo.assignments is not None and len(service.endpoints) >= endpoints.LARGE:
+        enc = memo.assignments  # large services: decided incrementally, chunk by chunk
+        return memo.get(("eds?", name), (service,), lambda: enc.uses_eds(name, mesh.endpoints_of(name)))
     return memo.get(("eds?", name), (service,), lambda: endpoints.uses_eds(mesh.endpoints_of(name)))
 
 

@@ -19,10 +19,12 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2
 
 from xdsd.model import Endpoint
+from xdsd.model.fields import is_ip
 
 ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CHUNK = 128
 _ZONE = operator.attrgetter("zone")
+_ADDRESS = operator.attrgetter("address")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +76,8 @@ class AssignmentEncoder:
     def __init__(self) -> None:
         self._chunks: dict[tuple[str, str, str | None], list[_Chunk]] = {}
         self._used: set[tuple[str, str, str | None]] = set()
+        self._ip_chunks: dict[str, list[tuple[list[Endpoint], bool]]] = {}
+        self._ip_used: set[str] = set()
         # id(Endpoint) -> (Endpoint, encoded): a chunk that shifted re-uses its endpoints' bytes.
         self._endpoints: dict[int, tuple[Endpoint, bytes]] = {}
         self._endpoints_used: dict[int, tuple[Endpoint, bytes]] = {}
@@ -129,8 +133,26 @@ class AssignmentEncoder:
                 digest.update(c.digest)
         return Encoded(name, ENDPOINT_TYPE, b"".join(parts), digest.hexdigest()[:16])
 
+    def uses_eds(self, name: str, endpoints: list[Endpoint]) -> bool:
+        """``endpoints.uses_eds`` (every address an IP), decided per chunk and remembered while
+        a chunk holds the same endpoint objects."""
+        old = self._ip_chunks.get(name, [])
+        chunks: list[tuple[list[Endpoint], bool]] = []
+        for i, start in enumerate(range(0, len(endpoints), CHUNK)):
+            part = endpoints[start:start + CHUNK]
+            prev = old[i] if i < len(old) else None
+            if prev is not None and len(prev[0]) == len(part) and all(map(operator.is_, prev[0], part)):
+                chunks.append(prev)
+            else:
+                chunks.append((part, all(map(is_ip, map(_ADDRESS, part)))))
+        self._ip_chunks[name] = chunks
+        self._ip_used.add(name)
+        return all(ok for _, ok in chunks)
+
     def sweep(self) -> None:
         """Forget the clusters the last revision did not encode."""
+        self._ip_chunks = {k: v for k, v in self._ip_chunks.items() if k in self._ip_used}
+        self._ip_used = set()
         self._chunks = {k: v for k, v in self._chunks.items() if k in self._used}
         self._used = set()
         self._endpoints, self._endpoints_used = self._endpoints_used, {}

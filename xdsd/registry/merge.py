@@ -21,6 +21,7 @@ class Merger:
     def __init__(self) -> None:
         self._last: dict[str, tuple[Service, tuple[tuple[object, ...], ...], Service]] = {}
         self._endpoints: dict[tuple[object, ...], Endpoint] = {}
+        self._taken: dict[str, tuple[Service, set[tuple[str, int]]]] = {}  # static address:ports
 
     def merge(self, mesh: Mesh, instances: Iterable[Instance]) -> Mesh:
         by_service: dict[str, list[Instance]] = {}
@@ -49,7 +50,12 @@ class Merger:
     def _with_instances(self, mesh: Mesh, name: str, insts: list[Instance], keys: tuple[tuple[object, ...], ...],
                         known: dict[tuple[object, ...], Endpoint]) -> Service:
         static = mesh.endpoints_of(name)
-        taken = {(e.address, e.port) for e in static}
+        service = mesh.services[name]
+        cached = self._taken.get(name)
+        if cached is None or cached[0] is not service:
+            cached = (service, {(e.address, e.port) for e in static})  # once per static config
+        self._taken[name] = cached
+        taken = cached[1]
         extra = []
         for i, k in zip(insts, keys, strict=True):
             if (i.address, i.port) in taken:
