@@ -18,7 +18,8 @@ ADDRESS = os.environ.get("APP_ADDRESS", "0.0.0.0")
 FAILURE_RATE = [float(os.environ.get("FAILURE_RATE", "0"))]  # settable at run time: GET /__fail?rate=0.3
 
 
-TRACE_HEADERS = ("traceparent", "tracestate", "x-request-id", "baggage")
+# Passed on to the upstream: the trace context, and the canary flag the mesh routes on.
+TRACE_HEADERS = ("traceparent", "tracestate", "x-request-id", "baggage", "x-canary")
 
 
 class Handler(http.server.BaseHTTPRequestHandler):

@@ -76,6 +76,9 @@ services:
   reviews:
     sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}}}
     retries: {{attempts: 5, retry_on: [5xx]}}   # callers of reviews retry its failures
+    subsets: {{v1: {{version: v1}}, v2: {{version: v2}}}}   # by the instances' registered labels
+    routes:                                            # what callers of reviews apply
+      - {{prefix: /, headers: {{x-canary: "yes"}}, subset: v2}}
   ratings:
     sidecar: {{inbound: {{port: {p['inbound']}}}, app_port: {p['app']}}}
 gateways:
@@ -136,11 +139,11 @@ class Demo:
             "--weight", str(weight), "--label", f"version={version}", "--ttl", "5s", "--instance-id", node,
             "--admin-address", f"127.0.0.1:{self.p['admin']}", "--state-dir", str(self.state)))
 
-    def through_gateway(self, n: int) -> list[dict[str, object]]:
+    def through_gateway(self, n: int, headers: dict[str, str] | None = None) -> list[dict[str, object]]:
         conn = http.client.HTTPConnection("127.0.0.1", self.p["gateway"], timeout=5)
         out = []
         for _ in range(n):
-            conn.request("GET", "/reviews/1")
+            conn.request("GET", "/reviews/1", headers=headers or {})
             resp = conn.getresponse()
             body = resp.read()
             out.append(json.loads(body) if resp.status == 200 else {"status": resp.status})
@@ -185,6 +188,10 @@ class Demo:
         total = sum(seen.values())
         print("  weighted split, reviews v1:v2 = 3:1 over 400 requests: "
               + ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in sorted(seen.items())))
+
+        canary = Counter(str(r.get("upstream", {}).get("version", r.get("status")))  # type: ignore[union-attr]
+                         for r in self.through_gateway(40, {"x-canary": "yes"}))
+        print(f"  header routing: 40 requests with x-canary: yes went to {dict(canary)} (route to subset v2)")
 
         for node in ("reviews-v1", "reviews-v2"):
             http_get(f"http://{IPS[node]}:{p['app']}/__fail?rate=0.3")

@@ -20,6 +20,7 @@ def test_demo_runs_the_mesh_and_reports_what_it_observed() -> None:
     assert re.search(r"reviews-v2\) received traffic [\d.]+s after", out)
     split = re.search(r"v1 (\d+) \(([\d.]+)%\), v2 (\d+)", out)
     assert split and 70.0 <= float(split.group(2)) <= 80.0, out
+    assert "x-canary: yes went to {'v2': 40}" in out, out
     assert "GET /ratings/1: 200; GET /admin: 403" in out
     retried = re.search(r"retries: .* (\d+) of 300 requests through the gateway succeeded", out)
     assert retried and int(retried.group(1)) >= 295, out
