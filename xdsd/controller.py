@@ -68,6 +68,8 @@ class Controller:
         self.registry_debounce = registry_debounce
         self._registry_pending: asyncio.TimerHandle | None = None
         self._merger = Merger()
+        self._identities_for: Mesh | None = None
+        self._required: set[str] = set()
         if registry is not None:
             registry.mesh_check = mesh_check(lambda: self.file_mesh)
             registry.on_change = self.registry_changed
@@ -134,8 +136,13 @@ class Controller:
     def _serve(self, file_mesh: Mesh, trace: AnyRevisionTrace = NULL_REVISION) -> None:
         mesh = self._merger.merge(file_mesh, self.registry.list()) if self.registry is not None else file_mesh
         if self.identities is not None:
+            # Registrations add endpoints, never services or sidecars: the identities the mesh needs
+            # are those of the file's mesh, worked out once per file revision.
+            if self._identities_for is not file_mesh:
+                self._required = required_identities(file_mesh)
+                self._identities_for = file_mesh
             self.identities.ensure(
-                mesh.mesh.trust_domain, required_identities(mesh), dt.timedelta(seconds=mesh.mesh.cert_lifetime)
+                mesh.mesh.trust_domain, self._required, dt.timedelta(seconds=mesh.mesh.cert_lifetime)
             )
         started = time.perf_counter()
         with trace.stage("xdsd.generate"):

@@ -67,13 +67,16 @@ def _targets(mesh: Mesh, routes: list[Route], default_service: str | None = None
 R = TypeVar("R")
 
 
-def _each(mesh: Mesh, memo: Memo, key: Hashable, targets: list[Target], fn: Callable[[Target], R]) -> list[R]:
+def _each(mesh: Mesh, memo: Memo, key: Hashable, targets: list[Target], fn: Callable[[Target], R],
+          services: list[Service] | None = None) -> list[R]:
     """``[fn(t) for t in targets]``, where a target whose service is the very object it was last
     revision reuses its last result: a change to one of 5,000 services costs 5,000 identity checks,
-    not 5,000 generator calls. ``fn`` must depend on the target's service (and fixed inputs) only."""
-    services = [mesh.services[name] for name, _ in targets]
+    not 5,000 generator calls. ``fn`` must depend on the target's service (and fixed inputs) only.
+    ``services``: the targets' Service objects, if the caller has them already."""
+    if services is None:
+        services = [mesh.services[name] for name, _ in targets]
     last = memo.last(key)
-    if isinstance(last, tuple) and last[0] == targets and last[1] is mesh.mesh:
+    if isinstance(last, tuple) and (last[0] is targets or last[0] == targets) and last[1] is mesh.mesh:
         results = [
             old if service is old_service else fn(t)
             for t, service, old_service, old in zip(targets, services, last[2], last[3], strict=True)
@@ -119,19 +122,20 @@ def _uses_eds(mesh: Mesh, name: str, memo: Memo) -> bool:
 
 
 def _service_endpoints(mesh: Mesh, targets: list[Target], zone: str | None, memo: Memo,
-                       key: Hashable = None) -> list[Message]:
+                       key: Hashable = None, services: list[Service] | None = None) -> list[Message]:
     def one(target: Target) -> Message | None:
         name, subset = target
         return memo.get(("eds", name, subset, zone), (mesh.services[name],),
                         lambda: endpoints.service_assignment(
                             mesh, name, subset, zone, memo.assignments, _uses_eds(mesh, name, memo)))
 
-    found = _each(mesh, memo, ("eds-of", key, zone), targets, one) if key is not None else [one(t) for t in targets]
+    found = _each(mesh, memo, ("eds-of", key, zone), targets, one, services) if key is not None else [one(t) for t in targets]
     return [cla for cla in found if cla is not None]  # None: a STRICT_DNS cluster, endpoints inline
 
 
-def _policies(mesh: Mesh, names: set[str], memo: Memo, key: Hashable = None) -> tuple[tuple[object, ...], ...]:
-    targets: list[Target] = [(s, None) for s in sorted(names)]
+def _policies(mesh: Mesh, names: set[str] | list[Target], memo: Memo, key: Hashable = None) -> tuple[tuple[object, ...], ...]:
+    """The policies of services ``names`` (or of the already sorted, distinct ``(name, None)`` targets)."""
+    targets: list[Target] = names if isinstance(names, list) else [(s, None) for s in sorted(names)]
     if key is None:
         return tuple(_policy_of(mesh, s, memo) for s, _ in targets)
     return tuple(_each(mesh, memo, ("policies-of", key), targets, lambda t: _policy_of(mesh, t[0], memo)))
@@ -144,11 +148,14 @@ def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     own_id: str | None = gateway_id(mesh.mesh.trust_domain, group.cluster)
     if not any(mesh.services[s].sidecar is not None for s, _ in targets):
         own_id = None
+    services = [mesh.services[name] for name, _ in targets]
     out[typeurls.CLUSTER] = _each(mesh, memo, ("cds-of", group, own_id), targets,
-                                  lambda t: _service_cluster(mesh, t, group, own_id, memo))
-    out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo, key=group.cluster)
+                                  lambda t: _service_cluster(mesh, t, group, own_id, memo), services)
+    out[typeurls.ENDPOINT] = _service_endpoints(mesh, targets, group.zone, memo, key=group.cluster, services=services)
     # Listener and routes depend on the gateway and the policies of the services it routes to.
-    policies = _policies(mesh, {s for s, _ in targets}, memo, key=group.cluster)
+    distinct = memo.get(("gw-services", group.cluster), (gateway,),
+                        lambda: [(s, None) for s in sorted({s for s, _ in targets})])
+    policies = _policies(mesh, distinct, memo, key=group.cluster)
     authz = group.cluster in mesh.authorization  # a gateway with a policy asks ext_authz
     out[typeurls.LISTENER] = [memo.get(("gw-lds", group, authz), (gateway,),
                                        lambda: listeners.gateway_listener(group.cluster, gateway, group, authz))]
