@@ -232,3 +232,19 @@ def test_bootstrap_carries_the_admin_address() -> None:
 
     node = render(BootstrapOptions("n1", "edge", admin_address="0.0.0.0", admin_port=9911))["node"]
     assert node["metadata"]["xdsd.admin_address"] == "127.0.0.1:9911"  # reachable from Envoy itself
+
+
+def test_a_gateway_with_telemetry_survives_revisions_that_change_its_services() -> None:
+    # The gateway's cluster list is memoized across revisions; telemetry used to append to that
+    # very list, so the next revision that changed a service failed ("zip() argument 4 is longer").
+    from xdsd.cache import SnapshotCache
+
+    cache = SnapshotCache(lambda m, g: generate(m, g, memo=cache.memo))
+    cache.watch(NodeGroup("edge"), lambda snap, types: None)
+    m = mesh()
+    page = m.services["productpage"]
+    for timeout in (1.0, 2.0, 1.0):
+        changed = page.model_copy(update={"connect_timeout": timeout})
+        cache.set_mesh(m.model_copy(update={"services": {**m.services, "productpage": changed}}))
+        clusters = cache.snapshot(NodeGroup("edge")).get(typeurls.CLUSTER).resources
+        assert {"productpage", ADMIN_CLUSTER, COLLECTOR_CLUSTER} <= clusters.keys()

@@ -68,12 +68,16 @@ def extend(mesh: Mesh, group: NodeGroup, out: dict[str, list[Message]], memo: Me
         ]
     if telemetry.tracing is not None:
         tracing = telemetry.tracing
-        out[typeurls.CLUSTER].append(memo.get(("telemetry-otel",), (tracing,), lambda: collector_cluster(tracing)))
+        # New lists, never appended to: the generators' lists may be memoized (reused next revision).
+        out[typeurls.CLUSTER] = [*out[typeurls.CLUSTER],
+                                 memo.get(("telemetry-otel",), (tracing,), lambda: collector_cluster(tracing))]
     if telemetry.stats is not None:
         address, port, _ = stats_address(mesh, service, own_address)
         admin = group.admin_address or DEFAULT_ADMIN_ADDRESS
-        out[typeurls.CLUSTER].append(memo.get(("telemetry-admin", admin), (), lambda: admin_cluster(admin)))
-        out[typeurls.LISTENER].append(memo.get(("telemetry-stats", address, port), (), lambda: stats_listener(address, port)))
+        out[typeurls.CLUSTER] = [*out[typeurls.CLUSTER],
+                                 memo.get(("telemetry-admin", admin), (), lambda: admin_cluster(admin))]
+        out[typeurls.LISTENER] = [*out[typeurls.LISTENER],
+                                  memo.get(("telemetry-stats", address, port), (), lambda: stats_listener(address, port))]
 
 
 def direction_of(listener_name: str) -> str:
