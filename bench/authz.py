@@ -49,6 +49,16 @@ def _filter(variant: str, authz_port: int) -> list[dict[str, Any]]:
               "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
     if variant == "none":
         return [router]
+    if variant == "ext_authz_http":
+        return [{
+            "name": "envoy.filters.http.ext_authz",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+                "failure_mode_allow": False,
+                "http_service": {"server_uri": {"uri": "http://xdsd", "cluster": "authz_http", "timeout": "0.5s"},
+                                 "path_prefix": "/_xdsd/authz/reviews"},
+            },
+        }, router]
     if variant == "ext_authz":
         return [{
             "name": "envoy.filters.http.ext_authz",
@@ -75,7 +85,8 @@ def _filter(variant: str, authz_port: int) -> list[dict[str, Any]]:
     }, router]
 
 
-def envoy_config(variant: str, admin: int, front: int, back: int, authz_port: int) -> dict[str, Any]:
+def envoy_config(variant: str, admin: int, front: int, back: int, authz_port: int,
+                 authz_http_port: int) -> dict[str, Any]:
     def listener(name: str, port: int, filters: list[dict[str, Any]], route: dict[str, Any]) -> dict[str, Any]:
         return {
             "name": name,
@@ -117,7 +128,8 @@ def envoy_config(variant: str, admin: int, front: int, back: int, authz_port: in
         "static_resources": {
             "listeners": [listener("front", front, _filter(variant, authz_port), front_route),
                           listener("back", back, router_only, back_route)],
-            "clusters": [static_cluster("back", back, False), static_cluster("authz", authz_port, True)],
+            "clusters": [static_cluster("back", back, False), static_cluster("authz", authz_port, True),
+                         static_cluster("authz_http", authz_http_port, False)],
         },
     }
 
@@ -195,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="xdsd-bench-"))
     results: dict[str, Any] = {"eval": eval_alone()}
     (work / "mesh.yaml").write_text(POLICY_MESH)
-    xds, admin = free_port(), free_port()
+    xds, admin, authz_http = free_port(), free_port(), free_port()
     xdsd = Proc("xdsd", [sys.executable, "-m", "xdsd", "serve", "--config", str(work / "mesh.yaml"),
                          "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin}",
+                         "--authz-http-address", f"127.0.0.1:{authz_http}",
                          "--state-dir", str(work / "state"), "--log-level", "warning"], work / "xdsd.log").start()
     try:
         def ready() -> bool:
@@ -207,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(ready, "xdsd ready", 30)
         results["servicer_alone"] = asyncio.run(servicer_alone(xds, 20000, 16))
         results["envoy"] = {}
-        for variant in ("none", "ext_authz", "rbac"):
+        for variant in ("none", "ext_authz", "ext_authz_http", "rbac"):
             eadmin, front, back = free_port(), free_port(), free_port()
             cfg = work / f"envoy-{variant}.yaml"
-            cfg.write_text(yaml.safe_dump(envoy_config(variant, eadmin, front, back, xds)))
+            cfg.write_text(yaml.safe_dump(envoy_config(variant, eadmin, front, back, xds, authz_http)))
             envoy = Proc(f"envoy {variant}", [envoy_binary(), "-c", str(cfg), "--concurrency", "1",
                                               "--disable-hot-restart", "--log-level", "error"], work / f"{variant}.log").start()
             try:

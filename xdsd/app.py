@@ -10,6 +10,7 @@ import gc
 import logging
 import resource
 import signal
+import ssl
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from xdsd.admin.http import make_app
 from xdsd.api.v1 import registration_pb2_grpc
 from xdsd.auth.node import registration_authenticator, token_authenticator
 from xdsd.auth.tokens import TokenSigner
+from xdsd.authz.http import start_http_authz
 from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
@@ -98,6 +100,22 @@ class App:
             [(self.args.xds_tls_key.read_bytes(), self.args.xds_tls_cert.read_bytes())]
         )
 
+    async def _start_authz_http(self) -> asyncio.Server | None:
+        """ext_authz over HTTP/1.1 (``--authz-http-address``), with xDS's TLS certificate if it has one."""
+        address = getattr(self.args, "authz_http_address", None)
+        if address is None:
+            return None
+        tls = None
+        if self.args.xds_tls_cert and self.args.xds_tls_key:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.args.xds_tls_cert, self.args.xds_tls_key)
+        try:
+            server = await start_http_authz(self.authz, address[0], address[1], tls)
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on authz HTTP address {address[0]}:{address[1]}: {exc}") from exc
+        log.info("ext_authz over HTTP on %s:%d", *address)
+        return server
+
     async def _sweep(self) -> None:
         """Expire registrations whose heartbeats lapsed (within a fraction of a second of the TTL)."""
         while not self.stop.is_set():
@@ -141,6 +159,7 @@ class App:
         await admin.setup()
         site = web.TCPSite(admin, self.admin_address[0], self.admin_address[1])
         await site.start()
+        authz_http = await self._start_authz_http()
         await grpc_server.start()
         self.serving = True
         log.info("xDS on %s:%d, admin on http://%s:%d", host, bound, *self.admin_address)
@@ -158,6 +177,8 @@ class App:
             sweeper.cancel()
             monitor.cancel()
             await grpc_server.stop(grace=1.0)
+            if authz_http is not None:
+                authz_http.close()
             await admin.cleanup()
             for task in (watcher, rotator, sweeper, monitor):
                 with contextlib.suppress(asyncio.CancelledError):

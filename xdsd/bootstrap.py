@@ -12,6 +12,7 @@ import yaml
 from xdsd.auth.tokens import TOKEN_HEADER
 
 XDS_CLUSTER = "xds_cluster"
+AUTHZ_CLUSTER = "xdsd_authz"  # ext_authz over HTTP/1.1 (``--authz-http-port``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class BootstrapOptions:
     inbound_address: str | None = None  # sidecars: where this instance's inbound listener binds
     app_address: str | None = None  # sidecars: where this instance's app listens
     zone: str | None = None  # node.locality.zone: this Envoy prefers endpoints in its own zone
+    authz_http_port: int | None = None  # xdsd's ext_authz over HTTP on the xDS host; None: over gRPC
 
 
 def _is_ip(host: str) -> bool:
@@ -92,13 +94,29 @@ def render(opts: BootstrapOptions) -> dict[str, Any]:
     node["metadata"] = metadata
     if opts.zone:
         node["locality"] = {"zone": opts.zone}
-    xds_cluster = _xds_cluster(opts)
+    static = [_xds_cluster(opts)]
+    if opts.authz_http_port is not None:
+        # The listeners xdsd pushes send their ext_authz checks to this cluster (HTTP/1.1).
+        metadata["xdsd.authz_cluster"] = AUTHZ_CLUSTER
+        static.append(_authz_cluster(opts))
     return {
         "node": node,
         "admin": {"address": {"socket_address": {"address": opts.admin_address, "port_value": opts.admin_port}}},
         "dynamic_resources": dynamic,
-        "static_resources": {"clusters": [xds_cluster]},
+        "static_resources": {"clusters": static},
     }
+
+
+def _authz_cluster(opts: BootstrapOptions) -> dict[str, Any]:
+    """xdsd's HTTP ext_authz: the xDS host, another port, HTTP/1.1 keep-alive, TLS as for xDS."""
+    assert opts.authz_http_port is not None
+    cluster = _xds_cluster(opts)
+    cluster["name"] = AUTHZ_CLUSTER
+    del cluster["typed_extension_protocol_options"]  # HTTP/1.1: one check per connection at a time
+    cluster["load_assignment"]["cluster_name"] = AUTHZ_CLUSTER
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"]["port_value"] = opts.authz_http_port
+    return cluster
 
 
 def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:

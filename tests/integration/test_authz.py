@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import json
 import socket
 import ssl
 from collections.abc import Callable
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MODES, MeshFile, Mode
-from tests.support.envoy import EnvoyProcess
+from tests.integration.conftest import MODES, EnvoyFactory, MeshFile, Mode
 from tests.support.procs import free_port, wait_for
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
@@ -22,6 +22,10 @@ from xdsd.ca import CertificateAuthority
 
 TD = "example.org"
 ADS_MODES = [m for m in MODES if m.ads]
+# How sidecars ask xdsd: gRPC on the xDS cluster (default bootstrap), or HTTP/1.1 (--authz-http-port).
+TRANSPORTS = ["grpc", "http"]
+CASES = [(m, "grpc") for m in ADS_MODES] + [(ADS_MODES[0], "http")]
+CASE_IDS = [f"{m.id}-{t}" for m, t in CASES]
 
 POLICY = """
 authorization:
@@ -68,31 +72,41 @@ services:
 {policy}"""
 
 
+MakeMesh = Callable[..., AuthzMesh]
+
+
 @pytest.fixture
 def make_mesh(
     mesh_file: MeshFile,
     start_xdsd: Callable[..., XdsdProcess],
-    start_envoy: Callable[..., EnvoyProcess],
+    envoy_factory: EnvoyFactory,
     start_upstreams: Callable[[dict[str, str]], Upstreams],
-) -> Callable[[Mode], AuthzMesh]:
-    def make(mode: Mode) -> AuthzMesh:
+) -> MakeMesh:
+    def make(mode: Mode, transport: str = "grpc", policy: str = POLICY) -> AuthzMesh:
         ups = start_upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3", "ratings": "127.0.0.4"})
         inbound, pp_out, ratings_out = free_port("127.0.0.3"), free_port(), free_port()
-        text = mesh_text(ups, inbound, pp_out, ratings_out)
+        text = mesh_text(ups, inbound, pp_out, ratings_out, policy)
         mesh_file.write(text)
-        xdsd = start_xdsd(mesh_file.path)
+        extra: list[str] = []
+        bootstrap: dict[str, int] = {}
+        if transport == "http":
+            port = free_port()
+            extra = ["--authz-http-address", f"127.0.0.1:{port}"]
+            bootstrap = {"authz_http_port": port}
+        xdsd = start_xdsd(mesh_file.path, extra_args=extra)
         for name in ("productpage", "reviews", "ratings"):
-            start_envoy(xdsd, f"{name}-1", name, mode)
+            envoy_factory(xdsd, f"{name}-1", name, mode=mode, **bootstrap)
         m = AuthzMesh(ups, xdsd, mesh_file, inbound, pp_out, ratings_out, text)
-        wait_for(lambda: m.get(pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
+        if policy is POLICY:
+            wait_for(lambda: m.get(pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
         return m
 
     return make
 
 
-@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
-def test_who_may_call_what(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -> None:
-    m = make_mesh(mode)
+@pytest.mark.parametrize(("mode", "transport"), CASES, ids=CASE_IDS)
+def test_who_may_call_what(make_mesh: MakeMesh, mode: Mode, transport: str) -> None:
+    m = make_mesh(mode, transport)
     assert m.get(m.pp_out, "/reviews/1")[0] == 200
     status, body = m.get(m.ratings_out, "/reviews/1")
     assert status == 403 and "access denied by xdsd" in body and "rule default" in body
@@ -105,6 +119,17 @@ def test_who_may_call_what(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -
     assert allowed >= 1 and denied >= 2
     # The dry-run rule matched ratings' request: counted, but it did not allow it.
     assert m.xdsd.metric_value("xdsd_authz_decisions_total", {"rule": "ratings-probe", "outcome": "dry-run-allow"}) >= 1
+
+
+def _status(port: int, path: str, headers: dict[str, str] | None = None) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
 
 
 def _raw_tls(port: int, request: bytes, cert: Path, key: Path) -> int:
@@ -120,9 +145,9 @@ def _raw_tls(port: int, request: bytes, cert: Path, key: Path) -> int:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
 
 
-@pytest.mark.parametrize("mode", ADS_MODES[:1], ids=[m.id for m in ADS_MODES[:1]])
-def test_path_confusion_cannot_reach_admin(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode, tmp_path: Path) -> None:
-    m = make_mesh(mode)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_path_confusion_cannot_reach_admin(make_mesh: MakeMesh, transport: str, tmp_path: Path) -> None:
+    m = make_mesh(ADS_MODES[0], transport)
     # Straight at reviews' inbound listener, as productpage (a client certificate from xdsd's CA),
     # so that nothing but the inbound sidecar normalizes the path.
     ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
@@ -140,9 +165,9 @@ def test_path_confusion_cannot_reach_admin(make_mesh: Callable[[Mode], AuthzMesh
     assert m.ups.stats("reviews") == before + 1  # only the one allowed request reached the app
 
 
-@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
-def test_fail_closed_while_the_authz_service_is_down(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -> None:
-    m = make_mesh(mode)
+@pytest.mark.parametrize(("mode", "transport"), CASES, ids=CASE_IDS)
+def test_fail_closed_while_the_authz_service_is_down(make_mesh: MakeMesh, mode: Mode, transport: str) -> None:
+    m = make_mesh(mode, transport)
     m.xdsd.kill()
     statuses = [m.get(m.pp_out, "/reviews/1")[0] for _ in range(5)]
     assert statuses == [403] * 5
@@ -150,9 +175,9 @@ def test_fail_closed_while_the_authz_service_is_down(make_mesh: Callable[[Mode],
     wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "requests to pass again", 30)
 
 
-@pytest.mark.parametrize("mode", ADS_MODES, ids=[m.id for m in ADS_MODES])
-def test_a_live_policy_edit_changes_decisions(make_mesh: Callable[[Mode], AuthzMesh], mode: Mode) -> None:
-    m = make_mesh(mode)
+@pytest.mark.parametrize(("mode", "transport"), CASES, ids=CASE_IDS)
+def test_a_live_policy_edit_changes_decisions(make_mesh: MakeMesh, mode: Mode, transport: str) -> None:
+    m = make_mesh(mode, transport)
     assert m.get(m.ratings_out, "/reviews/1")[0] == 403
     m.mesh_file.write(m.text.replace("{name: ratings-probe, dry_run: true, allow: {from: [ratings]}}",
                                      "{name: ratings-read, allow: {from: [ratings], methods: [GET]}}"))
@@ -163,8 +188,9 @@ def test_a_live_policy_edit_changes_decisions(make_mesh: Callable[[Mode], AuthzM
     assert m.get(m.ratings_out, "/reviews/1")[0] == 200
 
 
-def test_odd_requests_get_a_decision_not_a_crash(make_mesh: Callable[[Mode], AuthzMesh]) -> None:
-    m = make_mesh(MODES[0])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_odd_requests_get_a_decision_not_a_crash(make_mesh: MakeMesh, transport: str) -> None:
+    m = make_mesh(MODES[0], transport)
     many = {f"x-h{i}": "v" * 50 for i in range(90)}
     conn = http.client.HTTPConnection("127.0.0.1", m.pp_out, timeout=5)
     conn.request("GET", "/reviews/1", headers=many)
@@ -178,3 +204,46 @@ def test_odd_requests_get_a_decision_not_a_crash(make_mesh: Callable[[Mode], Aut
     assert data.startswith(b"HTTP/1.1 ")
     assert m.xdsd.http_status("/healthz") == 200
     assert m.get(m.pp_out, "/reviews/1")[0] == 200
+
+
+HEADER_POLICY = """
+authorization:
+  reviews:
+    default: deny
+    rules:
+      - {name: tenant-a, allow: {from: [productpage], headers: {x-tenant: a}}}
+      - {name: bearer, allow: {from: [ratings], headers: {authorization: Bearer ok}}}
+      - {name: probe, dry_run: true, deny: {paths: ["/reviews/probe"]}}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_header_rules_dry_run_report_and_the_http_transport_wiring(make_mesh: MakeMesh, envoy_factory: EnvoyFactory,
+                                                                   transport: str) -> None:
+    """The headers a policy reads reach the decision over either transport (over HTTP only those are
+    sent, and ``authorization`` only because a rule reads it); a dry-run rule is reported to the
+    client in a response header while the request passes."""
+    m = make_mesh(ADS_MODES[0], transport, HEADER_POLICY)
+    wait_for(lambda: _status(m.pp_out, "/reviews/1", {"x-tenant": "a"}) == 200, "tenant a allowed", 30)
+    assert _status(m.pp_out, "/reviews/1", {"x-tenant": "b"}) == 403
+    assert _status(m.pp_out, "/reviews/1") == 403
+    assert _status(m.ratings_out, "/reviews/1", {"authorization": "Bearer ok"}) == 200
+    assert _status(m.ratings_out, "/reviews/1", {"authorization": "Bearer no"}) == 403
+    conn = http.client.HTTPConnection("127.0.0.1", m.pp_out, timeout=5)
+    conn.request("GET", "/reviews/probe", headers={"x-tenant": "a"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("x-xdsd-authz-dry-run") == "probe=deny"
+    conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", m.pp_out, timeout=5)
+    conn.request("GET", "/reviews/1", headers={"x-tenant": "b"})
+    resp = conn.getresponse()
+    assert resp.status == 403 and resp.getheader("x-xdsd-authz") == "deny; rule=default"
+    conn.close()
+    if transport == "http":
+        # Envoy's own view: the inbound listener's filter asks xdsd's HTTP cluster, reviews in the
+        # path prefix, only the headers the policy reads allowed through.
+        reviews = next(e for e in envoy_factory.started if e.name == "reviews-1")
+        text = json.dumps(reviews.config_dump("dynamic_listeners"))
+        assert '"path_prefix": "/_xdsd/authz/reviews"' in text and '"cluster": "xdsd_authz"' in text
+        assert '"exact": "x-tenant"' in text and '"exact": "x-forwarded-client-cert"' in text
+        assert '"disallowed_headers"' not in text  # a rule reads authorization, so it is sent

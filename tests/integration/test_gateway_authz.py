@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from tests.integration.conftest import MODES, MeshFile
+import pytest
+
+from tests.integration.conftest import MODES, EnvoyFactory, MeshFile
 from tests.support.envoy import EnvoyProcess
 from tests.support.procs import free_port
 from tests.support.traffic import Client
@@ -23,11 +25,13 @@ authorization:
 """
 
 
+@pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_a_gateway_with_a_policy_checks_every_request(
     mesh_file: MeshFile,
     start_xdsd: Callable[..., XdsdProcess],
-    start_envoy: Callable[..., EnvoyProcess],
+    envoy_factory: EnvoyFactory,
     start_upstreams: Callable[[dict[str, str]], Upstreams],
+    transport: str,
 ) -> None:
     ups = start_upstreams({"web": "127.0.0.2"})
     host, port = ups.address("web")
@@ -39,9 +43,14 @@ gateways:
   edge: {{listen: {{address: 127.0.0.1, port: {edge}}}, routes: [{{prefix: /, service: web}}]}}
   open: {{listen: {{address: 127.0.0.1, port: {open_}}}, routes: [{{prefix: /, service: web}}]}}
 {POLICY}""")
-    xdsd = start_xdsd(mesh_file.path)
-    edge_envoy = start_envoy(xdsd, "edge-1", "edge", MODES[0])
-    open_envoy = start_envoy(xdsd, "open-1", "open", MODES[0])
+    extra: list[str] = []
+    bootstrap: dict[str, int] = {}
+    if transport == "http":  # the checks go over HTTP/1.1 (xdsd serve --authz-http-address)
+        authz_port = free_port()
+        extra, bootstrap = ["--authz-http-address", f"127.0.0.1:{authz_port}"], {"authz_http_port": authz_port}
+    xdsd = start_xdsd(mesh_file.path, extra_args=extra)
+    edge_envoy = envoy_factory(xdsd, "edge-1", "edge", mode=MODES[0], **bootstrap)
+    open_envoy = envoy_factory(xdsd, "open-1", "open", mode=MODES[0], **bootstrap)
     edge_client, open_client = Client(f"http://127.0.0.1:{edge}/"), Client(f"http://127.0.0.1:{open_}/")
     edge_envoy.wait_for(lambda: edge_client.get("/x").status == 200, "edge gateway serves", 30)
     open_envoy.wait_for(lambda: open_client.get("/x").status == 200, "open gateway serves", 30)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -50,18 +50,33 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def set_mesh(self, mesh: Mesh) -> None:
         self._policies = compile_mesh(mesh)  # swapped whole: a Check sees one revision
 
+    def evaluate(self, service: str, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
+        """The decision for one request; ``path`` is already normalized by Envoy's HTTP connection manager."""
+        policy = self._policies.get(service)
+        if policy is None:
+            return NO_POLICY
+        decision = policy.evaluate(principal, method.upper(), path.split("?", 1)[0], headers)
+        if policy.edge and not decision.allowed:
+            decision = Decision(False, decision.rule, decision.dry_run, forbidden=True)
+        return decision
+
     def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[str, Decision]:
         attrs = request.attributes
         http = attrs.request.http
         service = _service_of(attrs)
-        policy = self._policies.get(service)
-        if policy is None:
-            return service, NO_POLICY
-        path = http.path.split("?", 1)[0]  # already normalized by Envoy's HTTP connection manager
-        decision = policy.evaluate(attrs.source.principal, http.method.upper(), path, http.headers)
-        if policy.edge and not decision.allowed:
-            decision = Decision(False, decision.rule, decision.dry_run, forbidden=True)
-        return service, decision
+        return service, self.evaluate(service, attrs.source.principal, http.method, http.path, http.headers)
+
+    def record(self, service: str, decision: Decision, principal: str, method: str, path: str,
+               metadata: Any, start: float, elapsed: float) -> None:
+        """Metrics, the decision's span and the dry-run log line: the same for both transports."""
+        if self._span is not None:
+            self._trace(metadata, service, decision, principal, method, path, elapsed)
+        if self._observer is not None:
+            self._observer(service or "-", decision.rule, "allow" if decision.allowed else "deny", elapsed)
+            for rule, would_allow in decision.dry_run:
+                self._observer(service or "-", rule, "dry-run-allow" if would_allow else "dry-run-deny", 0.0)
+        if decision.dry_run:
+            log.info("authz dry-run for %s from %s: %s", service, principal or "-", dry_run_text(decision))
 
     async def Check(  # noqa: N802 - gRPC method name
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
@@ -72,31 +87,26 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         except Exception:  # never let a bad request become a gRPC error (Envoy would fail closed silently)
             log.exception("authorization check failed; denying")
             service, decision = "", Decision(False, "error")
-        response = self._response(decision, request.attributes.source.principal)
+        principal = request.attributes.source.principal
+        response = self._response(decision, principal)
         elapsed = time.perf_counter() - start
-        if self._span is not None:
-            self._trace(request, context, service, decision, start, elapsed)
-        if self._observer is not None:
-            self._observer(service or "-", decision.rule, "allow" if decision.allowed else "deny", elapsed)
-            for rule, would_allow in decision.dry_run:
-                self._observer(service or "-", rule, "dry-run-allow" if would_allow else "dry-run-deny", 0.0)
-        if decision.dry_run:
-            log.info("authz dry-run for %s from %s: %s", service, request.attributes.source.principal or "-",
-                     ", ".join(f"{r}={'allow' if a else 'deny'}" for r, a in decision.dry_run))
+        if self._span is not None or self._observer is not None or decision.dry_run:
+            http = request.attributes.request.http
+            metadata = context.invocation_metadata() if self._span is not None else None
+            self.record(service, decision, principal, http.method, http.path, metadata, start, elapsed)
         return response
 
-    def _trace(self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext, service: str,
-               decision: Decision, start: float, elapsed: float) -> None:
-        """One span per decision, child of the span Envoy propagated with the Check call."""
+    def _trace(self, metadata: Any, service: str, decision: Decision, principal: str, method: str, path: str,
+               elapsed: float) -> None:
+        """One span per decision, child of the span Envoy propagated with the check."""
         assert self._span is not None
         try:
-            span = self._span(context.invocation_metadata())
-            http = request.attributes.request.http
+            span = self._span(metadata)
             span.set_attributes({
                 "xdsd.authz.service": service or "-", "xdsd.authz.rule": decision.rule,
                 "xdsd.authz.outcome": "allow" if decision.allowed else "deny",
-                "xdsd.authz.principal": request.attributes.source.principal or "-",
-                "http.request.method": http.method, "url.path": http.path.split("?", 1)[0],
+                "xdsd.authz.principal": principal or "-",
+                "http.request.method": method, "url.path": path.split("?", 1)[0],
                 "xdsd.authz.seconds": elapsed,
             })
             span.end()
@@ -105,20 +115,36 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
     @staticmethod
     def _response(decision: Decision, principal: str) -> external_auth_pb2.CheckResponse:
-        dry = ",".join(f"{r}={'allow' if a else 'deny'}" for r, a in decision.dry_run)
+        dry = dry_run_text(decision)
         if decision.allowed:
             ok = external_auth_pb2.OkHttpResponse()
             if dry:
                 ok.response_headers_to_add.add().header.CopyFrom(base_pb2.HeaderValue(key=DRY_RUN_HEADER, value=dry))
             return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=ok)
-        unauthenticated = not principal and decision.rule != "error" and not decision.forbidden
+        unauthenticated = is_unauthenticated(decision, principal)
         code = code_pb2.UNAUTHENTICATED if unauthenticated else code_pb2.PERMISSION_DENIED
         http_code = http_status_pb2.Unauthorized if unauthenticated else http_status_pb2.Forbidden
-        denied = external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=http_code),
-            body=f"access denied by xdsd authorization (rule {decision.rule})\n",
-        )
-        denied.headers.add().header.CopyFrom(base_pb2.HeaderValue(key=DECISION_HEADER, value=f"deny; rule={decision.rule}"))
+        denied = external_auth_pb2.DeniedHttpResponse(status=http_status_pb2.HttpStatus(code=http_code),
+                                                      body=denial_body(decision))
+        denied.headers.add().header.CopyFrom(base_pb2.HeaderValue(key=DECISION_HEADER, value=denial_header(decision)))
         if dry:
             denied.headers.add().header.CopyFrom(base_pb2.HeaderValue(key=DRY_RUN_HEADER, value=dry))
         return external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code), denied_response=denied)
+
+
+def dry_run_text(decision: Decision) -> str:
+    """The dry-run report header: ``rule=allow,rule=deny`` for each matching dry-run rule."""
+    return ",".join(f"{r}={'allow' if a else 'deny'}" for r, a in decision.dry_run)
+
+
+def is_unauthenticated(decision: Decision, principal: str) -> bool:
+    """A denial for a caller without a principal is 401 (no identity), except at gateways and on errors."""
+    return not principal and decision.rule != "error" and not decision.forbidden
+
+
+def denial_body(decision: Decision) -> str:
+    return f"access denied by xdsd authorization (rule {decision.rule})\n"
+
+
+def denial_header(decision: Decision) -> str:
+    return f"deny; rule={decision.rule}"

@@ -156,10 +156,12 @@ def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     distinct = memo.get(("gw-services", group.cluster), (gateway,),
                         lambda: [(s, None) for s in sorted({s for s, _ in targets})])
     policies = _policies(mesh, distinct, memo, key=group.cluster)
-    authz = group.cluster in mesh.authorization  # a gateway with a policy asks ext_authz
+    # A gateway with a policy asks ext_authz (sending the headers its rules match on).
+    policy = mesh.authorization.get(group.cluster)
+    authz = None if policy is None else listeners.policy_headers(policy)
     out[typeurls.LISTENER] = [memo.get(("gw-lds", group, authz), (gateway,),
                                        lambda: listeners.gateway_listener(group.cluster, gateway, group, authz))]
-    out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster, authz), (gateway, mesh.mesh),
+    out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster, authz is not None), (gateway, mesh.mesh),
                                     lambda: routes.gateway_routes(group.cluster, gateway, mesh), equal=policies)]
     if own_id is not None:
         out[typeurls.SECRET] = _secrets(credentials, own_id, memo)
@@ -176,7 +178,8 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     app_cluster = f"inbound|{sidecar.app_port}|{name}"
     local_cluster, own_listeners = memo.get(
         ("sidecar", group, own_id), (mesh.mesh,),
-        lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams),
+        lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams,
+                             listeners.policy_headers(mesh.authorization.get(name))),
         equal=_policy_of(mesh, name, memo),
     )
     # Each upstream's clusters: the whole service and the subsets its own routes send to.
@@ -193,7 +196,7 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
 
 
 def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td: str, app_cluster: str,
-                 upstreams: list[str]) -> tuple[Message, tuple[Message, ...]]:
+                 upstreams: list[str], authz_headers: tuple[str, ...]) -> tuple[Message, tuple[Message, ...]]:
     """What a sidecar holds for its own service: the local app cluster, its inbound listener and
     one outbound listener per upstream. Depends on its own service (and the group) only."""
     sidecar = service.sidecar
@@ -202,7 +205,7 @@ def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td:
     inbound_address = group.inbound_address or sidecar.inbound.address
     own_listeners = (
         listeners.inbound_listener(name, inbound_address, sidecar.inbound.port,
-                                   routes.inbound_routes(name, app_cluster), group, own_id, td),
+                                   routes.inbound_routes(name, app_cluster), group, own_id, td, authz_headers),
         *(
             listeners.outbound_listener(u, sidecar.upstreams[u], routes.outbound_route_name(u), group)
             for u in upstreams

@@ -41,6 +41,9 @@ class NodeGroup:
     # Where the node's admin interface listens, HOST:PORT (node metadata ``xdsd.admin_address``,
     # written by ``xdsd bootstrap``); the stats listener forwards /stats/prometheus there.
     admin_address: str | None = None
+    # The bootstrap's cluster for xdsd's ext_authz over HTTP (node metadata ``xdsd.authz_cluster``,
+    # written by ``xdsd bootstrap --authz-http-port``); None: checks go over gRPC on the xDS cluster.
+    authz_cluster: str | None = None
 
     def __str__(self) -> str:
         return f"{self.cluster}/{self.transport}"

@@ -157,6 +157,7 @@ class Stream:
         inbound = fields["xdsd.inbound_address"].string_value if "xdsd.inbound_address" in fields else None
         app = fields["xdsd.app_address"].string_value if "xdsd.app_address" in fields else None
         admin = fields["xdsd.admin_address"].string_value if "xdsd.admin_address" in fields else None
+        authz = fields["xdsd.authz_cluster"].string_value if "xdsd.authz_cluster" in fields else None
         carried: tuple[tuple[str, str], ...] = ()
         if not self.ads:
             carried = tuple((k, self.metadata[k]) for k in PROPAGATED_METADATA if k in self.metadata)
@@ -169,6 +170,7 @@ class Stream:
             initial_metadata=carried,
             zone=node.locality.zone or None,
             admin_address=admin or None,
+            authz_cluster=authz or None,
         )
         self.cache.watch(self.group, self._on_snapshot)
         self.snapshot = self.cache.snapshot(self.group)
