@@ -14,6 +14,7 @@ One mesh for the whole module (module-scoped): starting it once keeps the added 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -87,7 +88,7 @@ def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
         inbound_port = free_port("127.0.0.3")
         stats_port = free_port("127.0.0.2")
         config = workdir / "mesh.yaml"
-        config.write_text(yaml.safe_dump(_mesh_config(ups, gateway_port, inbound_port, out_port, stats_port,
+        _write_atomically(config, yaml.safe_dump(_mesh_config(ups, gateway_port, inbound_port, out_port, stats_port,
                                                       otlp.endpoint)))
         # productpage's app calls reviews through its sidecar, passing the trace context on.
         ups.set("productpage", forward_to=f"http://127.0.0.1:{out_port}")
@@ -109,6 +110,14 @@ def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
         finally:
             envoys.stop_all()
             xdsd.stop()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """As editors and config management do: a reader (xdsd) never sees a truncated file, which
+    could parse as a smaller, valid mesh (an empty file is an empty mesh)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _traces(spans: list[Span]) -> dict[str, set[str]]:
@@ -239,7 +248,7 @@ def test_each_revision_is_a_trace_from_load_to_acks(tmesh: TelemetryMesh) -> Non
     before = tmesh.xdsd.metric_value("xdsd_config_revision")
     data["telemetry"]["access_log"]["fields"] = [*DEFAULT_ACCESS_LOG_FIELDS, "route_name"]
     try:
-        config.write_text(yaml.safe_dump(data))
+        _write_atomically(config, yaml.safe_dump(data))
         revision = wait_for(lambda: (r := tmesh.xdsd.metric_value("xdsd_config_revision")) > before and r,
                             "a new revision", 15)
 
@@ -260,7 +269,7 @@ def test_each_revision_is_a_trace_from_load_to_acks(tmesh: TelemetryMesh) -> Non
         assert trace["xdsd.acks"].attributes["xdsd.nacks"] == 0
         assert trace["xdsd.acks"].attributes["xdsd.unacked"] == 0
     finally:
-        config.write_text(original)
+        _write_atomically(config, original)
 
 
 def test_a_rejected_revision_is_a_failed_trace(tmesh: TelemetryMesh) -> None:
@@ -269,7 +278,7 @@ def test_a_rejected_revision_is_a_failed_trace(tmesh: TelemetryMesh) -> None:
     data = yaml.safe_load(original)
     data["telemetry"]["tracing"]["sampling"] = 120
     try:
-        config.write_text(yaml.safe_dump(data))
+        _write_atomically(config, yaml.safe_dump(data))
 
         def rejected(spans: list[Span]) -> Span | None:
             return next((s for s in spans if s.name == "xdsd.revision" and "xdsd.errors" in s.attributes), None)
@@ -279,7 +288,7 @@ def test_a_rejected_revision_is_a_failed_trace(tmesh: TelemetryMesh) -> None:
         load = next(s for s in tmesh.otlp.snapshot() if s.parent_span_id == root.span_id)
         assert load.name == "xdsd.load"
     finally:
-        config.write_text(original)
+        _write_atomically(config, original)
 
 
 def test_the_dashboards_envoy_metrics_exist_in_a_real_scrape(tmesh: TelemetryMesh) -> None:
@@ -287,7 +296,7 @@ def test_the_dashboards_envoy_metrics_exist_in_a_real_scrape(tmesh: TelemetryMes
     sidecar's and the gateway's stats listener serve."""
     from tests.integration.test_compose_mesh import dashboard_metric_names
 
-    assert tmesh.get("/dashboard")[0] == 200
+    wait_for(lambda: tmesh.get("/dashboard")[0] == 200, "the gateway answers", 30)
     served: set[str] = set()  # sample names as Prometheus stores them (the exposition's, no _total added)
     for address in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):
         for line in _scrape(tmesh.stats_url(address)).splitlines():
