@@ -8,6 +8,6 @@ RUN pip install --no-cache-dir . \
  && useradd --system --home /var/lib/xdsd xdsd && mkdir -p /var/lib/xdsd && chown xdsd /var/lib/xdsd
 COPY demo/app.py /demo/app.py
 USER xdsd
-EXPOSE 18000 19000
+EXPOSE 18000 18001 19000
 ENTRYPOINT ["xdsd"]
-CMD ["serve", "--config", "/etc/xdsd/mesh.yaml", "--xds-address", "0.0.0.0:18000", "--admin-address", "0.0.0.0:19000", "--state-dir", "/var/lib/xdsd"]
+CMD ["serve", "--config", "/etc/xdsd/mesh.yaml", "--xds-address", "0.0.0.0:18000", "--admin-address", "0.0.0.0:19000", "--authz-http-address", "0.0.0.0:18001", "--state-dir", "/var/lib/xdsd"]

@@ -6,9 +6,11 @@ Variants through one Envoy (``--concurrency 1``: one core) whose front listener 
 back listener that answers with a direct response (so the upstream costs next to nothing):
   none      no authorization filter
   ext_authz Envoy's ext_authz filter asking ``xdsd serve`` (gRPC, same machine)
+  ext_authz_http  the same filter asking over HTTP/1.1 (``serve --authz-http-address``)
   rbac      Envoy's in-process RBAC filter with the equivalent policy: the physical limit
 Load: ``wrk`` (Debian package), one connection, closed loop, so latency is per request end to end.
-Also: the Authorization servicer alone under a gRPC load generator, and policy evaluation alone.
+Also: the Authorization servicer alone under a gRPC load generator, the HTTP one under an HTTP/1.1
+keep-alive load generator, and policy evaluation alone.
 """
 
 from __future__ import annotations
@@ -197,6 +199,38 @@ async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str
     }
 
 
+async def http_alone(port: int, requests: int, concurrency: int) -> dict[str, float]:
+    """The HTTP check server alone: ``concurrency`` keep-alive connections, one check at a time each."""
+    request = (b"GET /_xdsd/authz/reviews/reviews/1 HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
+               b"x-forwarded-client-cert: By=spiffe://mesh.local/service/reviews;URI=spiffe://mesh.local/service/productpage"
+               b"\r\n\r\n")
+    latencies: list[float] = []
+
+    async def worker(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(k):
+            t = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200 "):
+                raise RuntimeError(f"check denied: {head[:60]!r}")
+            length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            if length:
+                await reader.readexactly(length)
+            latencies.append(time.perf_counter() - t)
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_us": latencies[len(latencies) // 2] * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
@@ -219,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
 
         wait_for(ready, "xdsd ready", 30)
         results["servicer_alone"] = asyncio.run(servicer_alone(xds, 20000, 16))
+        results["http_alone"] = asyncio.run(http_alone(authz_http, 20000, 16))
         results["envoy"] = {}
         for variant in ("none", "ext_authz", "ext_authz_http", "rbac"):
             eadmin, front, back = free_port(), free_port(), free_port()

@@ -103,7 +103,8 @@ class Demo:
     def __init__(self) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="xdsd-demo-"))
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.p = {"xds": free_port(), "admin": free_port(), "gateway": free_port(), "to_reviews": free_port(),
+        self.p = {"xds": free_port(), "admin": free_port(), "authz": free_port(), "gateway": free_port(),
+                  "to_reviews": free_port(),
                   "to_ratings": free_port(), "inbound": free_port("127.0.0.2"), "app": free_port("127.0.0.2")}
         self.state = self.work / "state"
 
@@ -120,7 +121,8 @@ class Demo:
     def sidecar(self, node: str, service: str, ip: str | None) -> None:
         admin = free_port()
         cmd = self.xdsd("bootstrap", "--node-id", node, "--cluster", service, "--xds-address", f"127.0.0.1:{self.p['xds']}",
-                        "--admin-port", str(admin), "--state-dir", str(self.state))
+                        "--admin-port", str(admin), "--state-dir", str(self.state),
+                        "--authz-http-port", str(self.p["authz"]))  # authz checks over HTTP/1.1
         if ip:
             cmd += ["--inbound-address", ip, "--app-address", ip]
         (self.work / f"{node}.yaml").write_text(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
@@ -156,7 +158,8 @@ class Demo:
         mesh.write_text(mesh_yaml(p))
         print(f"demo: xdsd serve --config {mesh}")
         self.spawn("xdsd", self.xdsd("serve", "--config", str(mesh), "--xds-address", f"127.0.0.1:{p['xds']}",
-                                     "--admin-address", f"127.0.0.1:{p['admin']}", "--state-dir", str(self.state)))
+                                     "--admin-address", f"127.0.0.1:{p['admin']}", "--state-dir", str(self.state),
+                                     "--authz-http-address", f"127.0.0.1:{p['authz']}"))
         wait_until(lambda: http_get(f"http://127.0.0.1:{p['admin']}/readyz")[0] == 200, "xdsd /readyz")
 
         print("demo: apps + sidecars on 127.0.0.2-5, an edge gateway on 127.0.0.1; instances join with `xdsd register`")
