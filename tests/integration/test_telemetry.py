@@ -92,14 +92,18 @@ def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
                                                       otlp.endpoint)))
         # productpage's app calls reviews through its sidecar, passing the trace context on.
         ups.set("productpage", forward_to=f"http://127.0.0.1:{out_port}")
-        xdsd = XdsdProcess(config, workdir, extra_args=["--otlp-endpoint", otlp.endpoint])
+        # reviews asks for its authz decisions over HTTP, productpage over gRPC: both end up as spans.
+        authz_http = free_port()
+        xdsd = XdsdProcess(config, workdir, extra_args=["--otlp-endpoint", otlp.endpoint,
+                                                        "--authz-http-address", f"127.0.0.1:{authz_http}"])
         envoys = EnvoyFactory(workdir)
         try:
             xdsd.start()
             started = {
                 name: envoys.from_bootstrap(name, render(BootstrapOptions(
                     node_id=f"{name}-1", cluster=name, xds_port=xdsd.xds_port, admin_port=free_port(),
-                    token=xdsd.token(f"{name}-1", name))), wait_live=False)
+                    token=xdsd.token(f"{name}-1", name),
+                    authz_http_port=authz_http if name == "reviews" else None)), wait_live=False)
                 for name in ("edge", "productpage", "reviews")
             }
             for envoy in started.values():
@@ -229,7 +233,7 @@ def test_authz_decisions_are_spans_in_the_callers_trace(tmesh: TelemetryMesh) ->
     spans = tmesh.otlp.wait_for_spans(decided, "xdsd.authz spans in the request's trace")
     assert {s.attributes["xdsd.authz.service"] for s in spans} == {"productpage", "reviews"}
     assert {s.attributes["xdsd.authz.outcome"] for s in spans} == {"allow"}
-    assert all(s.parent_span_id for s in spans)  # children of Envoy's ext_authz spans
+    assert all(s.parent_span_id for s in spans)  # children of Envoy's ext_authz spans (gRPC and HTTP)
 
 
 def test_proxies_by_role(tmesh: TelemetryMesh) -> None:
