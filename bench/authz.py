@@ -199,6 +199,44 @@ async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str
     }
 
 
+async def servicer_paced(port: int, rate: int, seconds: float) -> dict[str, float]:
+    """The gRPC servicer alone at a fixed rate (open loop: each check starts on schedule, whether or
+    not earlier ones finished), as OPA-Envoy reports its handler latency (p99 at 1,000 rps)."""
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        req = external_auth_pb2.CheckRequest()
+        req.attributes.context_extensions["xdsd.service"] = "reviews"
+        req.attributes.source.principal = "spiffe://mesh.local/service/productpage"
+        req.attributes.request.http.method = "GET"
+        req.attributes.request.http.path = "/reviews/1"
+        req.attributes.request.http.headers.update({":authority": "reviews", "user-agent": "bench", "accept": "*/*"})
+        await stub.Check(req)
+        latencies: list[float] = []
+
+        async def one() -> None:
+            t = time.perf_counter()
+            await stub.Check(req)
+            latencies.append(time.perf_counter() - t)
+
+        loop = asyncio.get_running_loop()
+        start, tasks = loop.time(), []
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+    latencies.sort()
+    return {
+        "rate": float(rate),
+        "p50_us": latencies[len(latencies) // 2] * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+    }
+
+
 async def http_alone(port: int, requests: int, concurrency: int) -> dict[str, float]:
     """The HTTP check server alone: ``concurrency`` keep-alive connections, one check at a time each."""
     request = (b"GET /_xdsd/authz/reviews/reviews/1 HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
@@ -254,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(ready, "xdsd ready", 30)
         results["servicer_alone"] = asyncio.run(servicer_alone(xds, 20000, 16))
         results["http_alone"] = asyncio.run(http_alone(authz_http, 20000, 16))
+        results["servicer_paced"] = asyncio.run(servicer_paced(xds, 1000, 10))
         results["envoy"] = {}
         for variant in ("none", "ext_authz", "ext_authz_http", "rbac"):
             eadmin, front, back = free_port(), free_port(), free_port()
