@@ -58,7 +58,7 @@ def _filter(variant: str, authz_port: int) -> list[dict[str, Any]]:
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
                 "failure_mode_allow": False,
                 "http_service": {"server_uri": {"uri": "http://xdsd", "cluster": "authz_http", "timeout": "0.5s"},
-                                 "path_prefix": "/_xdsd/authz/reviews"},
+                                 "path_prefix": "/_xdsd/authz/reviews/"},
             },
         }, router]
     if variant == "ext_authz":
@@ -239,7 +239,7 @@ async def servicer_paced(port: int, rate: int, seconds: float) -> dict[str, floa
 
 async def http_alone(port: int, requests: int, concurrency: int) -> dict[str, float]:
     """The HTTP check server alone: ``concurrency`` keep-alive connections, one check at a time each."""
-    request = (b"GET /_xdsd/authz/reviews/reviews/1 HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
+    request = (b"GET /_xdsd/authz/reviews//reviews/1 HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
                b"x-forwarded-client-cert: By=spiffe://mesh.local/service/reviews;URI=spiffe://mesh.local/service/productpage"
                b"\r\n\r\n")
     latencies: list[float] = []

@@ -244,6 +244,6 @@ def test_header_rules_dry_run_report_and_the_http_transport_wiring(make_mesh: Ma
         # path prefix, only the headers the policy reads allowed through.
         reviews = next(e for e in envoy_factory.started if e.name == "reviews-1")
         text = json.dumps(reviews.config_dump("dynamic_listeners"))
-        assert '"path_prefix": "/_xdsd/authz/reviews"' in text and '"cluster": "xdsd_authz"' in text
+        assert '"path_prefix": "/_xdsd/authz/reviews/"' in text and '"cluster": "xdsd_authz"' in text
         assert '"exact": "x-tenant"' in text and '"exact": "x-forwarded-client-cert"' in text
         assert '"disallowed_headers"' not in text  # a rule reads authorization, so it is sent

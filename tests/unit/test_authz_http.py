@@ -37,7 +37,8 @@ PP = "By=spiffe://td/service/reviews;Hash=abc;URI=spiffe://td/service/productpag
 
 
 def check(path: str, method: str = "GET", xfcc: str | None = PP, extra: str = "") -> bytes:
-    head = f"{method} /_xdsd/authz/{path} HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
+    service, _, rest = path.partition("/")
+    head = f"{method} /_xdsd/authz/{service}//{rest} HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
     if xfcc is not None:
         head += f"x-forwarded-client-cert: {xfcc}\r\n"
     return (head + extra + "\r\n").encode()
@@ -87,6 +88,11 @@ async def test_decisions(server: tuple[int, list[tuple[str, str, str]]]) -> None
     # A service without a policy: everything is allowed.
     writer.write(check("nopolicy/anything", xfcc=None))
     assert (await read_response(reader))[0] == 200
+    # `OPTIONS *`: the path has no slash; the service still ends at the prefix's slash.
+    writer.write(b"OPTIONS /_xdsd/authz/reviews/* HTTP/1.1\r\nx-forwarded-client-cert: " + PP.encode() + b"\r\n\r\n")
+    assert (await read_response(reader))[0] == 403
+    writer.write(b"OPTIONS /_xdsd/authz/reviews* HTTP/1.1\r\n\r\n")  # no slash after the service: no service
+    assert (await read_response(reader))[0] == 403
     writer.write(check("reviews/reviews/1", method="HEAD"))
     status, headers, _ = await read_response(reader, head_only=True)
     assert status == 200
@@ -97,7 +103,7 @@ async def test_decisions(server: tuple[int, list[tuple[str, str, str]]]) -> None
 async def test_pipelined_split_and_with_bodies(server: tuple[int, list[tuple[str, str, str]]]) -> None:
     port, _ = server
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    body_req = b"GET /_xdsd/authz/reviews/reviews/2 HTTP/1.1\r\ncontent-length: 5\r\nx-forwarded-client-cert: " + \
+    body_req = b"GET /_xdsd/authz/reviews//reviews/2 HTTP/1.1\r\ncontent-length: 5\r\nx-forwarded-client-cert: " + \
         PP.encode() + b"\r\n\r\nhello"
     stream = check("reviews/reviews/1") + body_req + check("reviews/admin")
     for i in range(len(stream)):  # one byte at a time: every split point
@@ -158,7 +164,7 @@ def test_the_filter_asks_over_http_only_when_the_bootstrap_has_the_cluster() -> 
     assert not g.failure_mode_allow and g.status_on_error.code == 403
     assert h.WhichOneof("services") == "http_service" and not h.failure_mode_allow
     assert h.http_service.server_uri.cluster == "xdsd_authz"
-    assert h.http_service.path_prefix == "/_xdsd/authz/reviews"
+    assert h.http_service.path_prefix == "/_xdsd/authz/reviews/"
     assert [p.exact for p in h.allowed_headers.patterns] == ["x-forwarded-client-cert", "traceparent", "tracestate",
                                                              "x-tenant"]
     assert [p.exact for p in h.disallowed_headers.patterns] == ["authorization"]

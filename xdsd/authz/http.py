@@ -2,7 +2,7 @@
 gRPC servicer, at a fraction of Python gRPC's per-call cost.
 
 Envoy sends each check as a bodiless request with the original method and the path
-``/_xdsd/authz/<service>`` + the request's (normalized) path, plus the headers the filter's
+``/_xdsd/authz/<service>/`` + the request's (normalized) path, plus the headers the filter's
 ``allowed_headers`` lets through. The caller's SPIFFE ID comes from ``x-forwarded-client-cert``,
 which the inbound listener sets from the verified peer certificate (``SANITIZE_SET``: a client
 cannot supply its own). The answer is 200 (allowed), or 403 / 401 with a short body and the
@@ -47,8 +47,10 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 
 
 def path_prefix(service: str) -> str:
-    """The ``http_service.path_prefix`` that names the destination service of a listener's checks."""
-    return PATH_PREFIX + service
+    """The ``http_service.path_prefix`` that names the destination service of a listener's checks.
+    It ends in a slash, so the service name ends where the request's path begins whatever that
+    path looks like (``*`` for ``OPTIONS *`` has no leading slash)."""
+    return f"{PATH_PREFIX}{service}/"
 
 
 def principal_from_xfcc(value: str) -> str:
@@ -159,8 +161,9 @@ class AuthzHttpProtocol(asyncio.Protocol):
         self._skip = length
         service, principal, path = "", "", target
         if target.startswith(PATH_PREFIX):
-            service, slash, rest = target[len(PATH_PREFIX):].partition("/")
-            path = slash + rest
+            service, slash, path = target[len(PATH_PREFIX):].partition("/")  # see path_prefix()
+            if not slash:
+                service = ""
         try:
             principal = principal_from_xfcc(headers.get(XFCC, ""))
             decision = self._authz.evaluate(service, principal, method, path, headers) if service else (

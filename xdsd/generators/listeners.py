@@ -11,8 +11,8 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.v3 import http_status_pb2
 
-from xdsd.authz.http import PATH_PREFIX as AUTHZ_PATH_PREFIX
 from xdsd.authz.http import XFCC as XFCC_HEADER
+from xdsd.authz.http import path_prefix as authz_path_prefix
 from xdsd.authz.servicer import DECISION_HEADER, DRY_RUN_HEADER
 from xdsd.generators.node import NodeGroup, config_source
 from xdsd.generators.tls import downstream_socket
@@ -42,7 +42,7 @@ def ext_authz_filter(group: NodeGroup, destination: str, headers: tuple[str, ...
         http.server_uri.uri = "http://xdsd-authz"
         http.server_uri.cluster = group.authz_cluster
         http.server_uri.timeout.FromMilliseconds(AUTHZ_TIMEOUT_MS)
-        http.path_prefix = f"{AUTHZ_PATH_PREFIX}{destination}"
+        http.path_prefix = authz_path_prefix(destination)
         for name in (XFCC_HEADER, *TRACE_HEADERS, *headers):
             authz.allowed_headers.patterns.add(exact=name)
         if "authorization" not in headers:
