@@ -247,3 +247,23 @@ def test_header_rules_dry_run_report_and_the_http_transport_wiring(make_mesh: Ma
         assert '"path_prefix": "/_xdsd/authz/reviews/"' in text and '"cluster": "xdsd_authz"' in text
         assert '"exact": "x-tenant"' in text and '"exact": "x-forwarded-client-cert"' in text
         assert '"disallowed_headers"' not in text  # a rule reads authorization, so it is sent
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_caller_cannot_claim_another_identity(make_mesh: MakeMesh, transport: str, tmp_path: Path) -> None:
+    """ratings, with its own certificate, sends an x-forwarded-client-cert naming productpage: the
+    inbound listener replaces it with the verified peer identity, so the decision is still ratings'."""
+    m = make_mesh(ADS_MODES[0], transport)
+    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
+    svid = ca.issue(f"spiffe://{TD}/service/ratings", dt.timedelta(minutes=5))
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(svid.cert_chain_pem)
+    key.write_bytes(svid.key_pem)
+    forged = f"By=spiffe://{TD}/service/reviews;URI=spiffe://{TD}/service/productpage"
+    request = f"GET /reviews/1 HTTP/1.1\r\nhost: r\r\nx-forwarded-client-cert: {forged}\r\nconnection: close\r\n\r\n"
+    assert _raw_tls(m.inbound_port, request.encode(), cert, key) == 403
+    # The same request as productpage (its own certificate) is allowed.
+    pp = ca.issue(f"spiffe://{TD}/service/productpage", dt.timedelta(minutes=5))
+    cert.write_bytes(pp.cert_chain_pem)
+    key.write_bytes(pp.key_pem)
+    assert _raw_tls(m.inbound_port, request.encode(), cert, key) == 200
