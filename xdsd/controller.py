@@ -134,19 +134,25 @@ class Controller:
         log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
 
     def _serve(self, file_mesh: Mesh, trace: AnyRevisionTrace = NULL_REVISION) -> None:
-        mesh = self._merger.merge(file_mesh, self.registry.list()) if self.registry is not None else file_mesh
-        if self.identities is not None:
+        endpoints_changed = None
+        if self.registry is not None:
+            mesh = self._merger.merge(file_mesh, self.registry.list())
+            # Same file, new registrations: the cache may patch the last snapshots (what the
+            # changed services feed) instead of walking every service for every group.
+            endpoints_changed = self._merger.endpoints_changed
+        else:
+            mesh = file_mesh
+        if self.identities is not None and self._identities_for is not file_mesh:
             # Registrations add endpoints, never services or sidecars: the identities the mesh needs
-            # are those of the file's mesh, worked out once per file revision.
-            if self._identities_for is not file_mesh:
-                self._required = required_identities(file_mesh)
-                self._identities_for = file_mesh
+            # are those of the file's mesh, worked out (and issued) once per file revision.
+            self._required = required_identities(file_mesh)
             self.identities.ensure(
                 mesh.mesh.trust_domain, self._required, dt.timedelta(seconds=mesh.mesh.cert_lifetime)
             )
+            self._identities_for = file_mesh
         started = time.perf_counter()
         with trace.stage("xdsd.generate"):
-            self.cache.set_mesh(mesh)
+            self.cache.set_mesh(mesh, endpoints_changed=endpoints_changed)
         self.metrics.snapshot_build.observe(time.perf_counter() - started)
         trace.served(self.cache.revision)
         if self.on_mesh is not None:

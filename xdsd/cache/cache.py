@@ -43,12 +43,22 @@ class SnapshotCache:
     def _build(self, mesh: Mesh, group: NodeGroup, revision: int) -> Snapshot:
         return Snapshot.build(group, revision, self._generate(mesh, group), self._encoder, self._snapshots.get(group))
 
-    def set_mesh(self, mesh: Mesh) -> dict[NodeGroup, set[str]]:
+    def set_mesh(self, mesh: Mesh, endpoints_changed: tuple[Mesh, frozenset[str]] | None = None) -> dict[NodeGroup, set[str]]:
         """Regenerate every watched group. All or nothing: if one group fails, nothing changes and
-        the error propagates. Returns the changed types per group (watchers already woken)."""
+        the error propagates. Returns the changed types per group (watchers already woken).
+
+        ``endpoints_changed``: ``(base, services)`` when ``mesh`` is ``base`` with new endpoints for
+        ``services`` and nothing else changed (a registration). If ``base`` is the mesh served now,
+        the generator may patch what it built last time (generators.memo) instead of regenerating."""
         revision = self.revision + 1
-        fresh = {group: self._build(mesh, group, revision) for group in self._watchers}
-        self.memo.sweep()
+        partial = endpoints_changed is not None and self._mesh is not None and endpoints_changed[0] is self._mesh
+        self.memo.endpoints_changed = endpoints_changed if partial else None
+        try:
+            fresh = {group: self._build(mesh, group, revision) for group in self._watchers}
+        finally:
+            self.memo.endpoints_changed = None
+        # A patched revision uses (touches) only what the changed services feed: keep the rest.
+        self.memo.sweep(partial=partial)
         self._encoder.sweep()
         self._mesh = mesh
         self.revision = revision

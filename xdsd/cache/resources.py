@@ -8,6 +8,7 @@ Versions are hashes of the serialized bytes: two xdsd replicas given the same me
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -68,7 +69,7 @@ _EMPTY: Mapping[str, Resource] = MappingProxyType({})
 _MASK = (1 << 128) - 1
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class TypeSnapshot:
     """All resources of one type for one node group; ``version`` changes iff any resource does.
 
@@ -82,6 +83,20 @@ class TypeSnapshot:
     # For clusters: names of the clusters whose endpoints come from EDS (make-before-break gate).
     eds_names: frozenset[str] = field(default_factory=frozenset)
     total: int = 0
+    # A patched snapshot knows what it was patched from (weakly: no chain of old snapshots is kept
+    # alive) and the names whose resource differs from it (added, replaced or removed): a client
+    # known to be up to date with the parent needs only those looked at.
+    parent: weakref.ref[TypeSnapshot] | None = field(default=None, compare=False, repr=False)
+    diff: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+
+    def since(self, other: TypeSnapshot | None) -> frozenset[str] | None:
+        """The names that may differ from ``other`` if this snapshot was patched from it, else None."""
+        if other is self:
+            return frozenset()
+        parent = self.parent
+        if other is None or parent is None or parent() is not other:
+            return None
+        return self.diff
 
     @classmethod
     def build(cls, type_url: str, resources: Iterable[Resource], eds_names: frozenset[str] = frozenset(),
@@ -95,7 +110,7 @@ class TypeSnapshot:
             by_name[r.name] = r
         if (
             previous is not None
-            and previous.eds_names == eds_names
+            and (previous.eds_names is eds_names or previous.eds_names == eds_names)
             and len(previous.resources) == len(by_name)
             and all(previous.resources.get(n) is r for n, r in by_name.items())
         ):
@@ -105,23 +120,27 @@ class TypeSnapshot:
 
     def patch(self, removed: Iterable[Resource], added: Iterable[Resource], eds_names: frozenset[str]) -> TypeSnapshot:
         """This snapshot with some resources replaced: O(changes) but for one dict copy."""
-        by_name = dict(self.resources)
+        by_name = self.resources.copy()  # type: ignore[attr-defined]  # a C-level copy of the dict behind the proxy
         total = self.total
+        diff = set()
         for r in removed:
             if by_name.get(r.name) is r:
                 del by_name[r.name]
                 total -= r.mix
+                diff.add(r.name)
         for r in added:
             if r.name in by_name:
                 raise ValueError(f"duplicate {_short(self.type_url)} resource name {r.name!r}")
             by_name[r.name] = r
             total += r.mix
-        return self._make(self.type_url, by_name, eds_names, total & _MASK)
+            diff.add(r.name)
+        return self._make(self.type_url, by_name, eds_names, total & _MASK, weakref.ref(self), frozenset(diff))
 
     @classmethod
-    def _make(cls, type_url: str, by_name: dict[str, Resource], eds_names: frozenset[str], total: int) -> TypeSnapshot:
+    def _make(cls, type_url: str, by_name: dict[str, Resource], eds_names: frozenset[str], total: int,
+              parent: weakref.ref[TypeSnapshot] | None = None, diff: frozenset[str] = frozenset()) -> TypeSnapshot:
         version = f"{total:032x}"[:16] if by_name else "empty"
-        return cls(type_url, version, MappingProxyType(by_name), eds_names, total)
+        return cls(type_url, version, MappingProxyType(by_name), eds_names, total, parent, diff)
 
     @classmethod
     def empty(cls, type_url: str) -> TypeSnapshot:

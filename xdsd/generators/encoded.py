@@ -149,10 +149,12 @@ class AssignmentEncoder:
         self._ip_used.add(name)
         return all(ok for _, ok in chunks)
 
-    def sweep(self) -> None:
-        """Forget the clusters the last revision did not encode."""
-        self._ip_chunks = {k: v for k, v in self._ip_chunks.items() if k in self._ip_used}
+    def sweep(self, partial: bool = False) -> None:
+        """Forget the clusters the last revision did not encode (``partial``: the revision encoded
+        only what changed; keep the others for the next one)."""
+        if not partial:
+            self._ip_chunks = {k: v for k, v in self._ip_chunks.items() if k in self._ip_used}
+            self._chunks = {k: v for k, v in self._chunks.items() if k in self._used}
         self._ip_used = set()
-        self._chunks = {k: v for k, v in self._chunks.items() if k in self._used}
         self._used = set()
         self._endpoints, self._endpoints_used = self._endpoints_used, {}

@@ -12,10 +12,23 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 from xdsd.generators.encoded import AssignmentEncoder
+from xdsd.model import Mesh
 
 M = TypeVar("M")
 
 _Entry = tuple[tuple[object, ...], object, object]
+
+
+class Patched(list):  # type: ignore[type-arg]
+    """A generated list equal to ``base`` (an earlier generated list) but at positions ``changed``:
+    lets the cache patch a snapshot without comparing every position."""
+
+    __slots__ = ("base", "changed")
+
+    def __init__(self, items: list[object], base: list[object], changed: list[int]) -> None:
+        super().__init__(items)
+        self.base = base
+        self.changed = changed
 
 
 class Memo:
@@ -26,6 +39,10 @@ class Memo:
         self._current: dict[Hashable, _Entry] = {}
         self.hits = 0
         self.misses = 0
+        # Set by the cache for one revision: ``(base, services)`` when the mesh being generated is
+        # ``base`` (the last revision's mesh) with new endpoints for ``services`` and nothing else
+        # changed. ``generators.generate`` then patches its last output for the group.
+        self.endpoints_changed: tuple[Mesh, frozenset[str]] | None = None
 
     def get(self, key: Hashable, inputs: tuple[object, ...], build: Callable[[], M], equal: object = None) -> M:
         """``build()``'s result for ``key``, built again only if some input is a different object
@@ -55,11 +72,17 @@ class Memo:
     def keep(self, key: Hashable, value: object) -> None:
         self._current[key] = ((), value, None)
 
-    def sweep(self) -> None:
-        """Forget what the last revision did not use (call once per revision, after generating)."""
-        self._previous, self._current = self._current, {}
+    def sweep(self, partial: bool = False) -> None:
+        """Forget what the last revision did not use (call once per revision, after generating).
+        ``partial``: the revision patched the last one (``endpoints_changed``) and so did not
+        touch what it kept: forget nothing, the next full revision sweeps."""
+        if partial:
+            self._previous.update(self._current)
+            self._current = {}
+        else:
+            self._previous, self._current = self._current, {}
         if self.assignments is not None:
-            self.assignments.sweep()
+            self.assignments.sweep(partial)
 
 
 class NoMemo(Memo):

@@ -22,6 +22,12 @@ class Merger:
         self._last: dict[str, tuple[Service, tuple[tuple[object, ...], ...], Service]] = {}
         self._endpoints: dict[tuple[object, ...], Endpoint] = {}
         self._taken: dict[str, tuple[Service, set[tuple[str, int]]]] = {}  # static address:ports
+        self._file: Mesh | None = None  # the file's mesh of the last merge, and its result
+        self._out: Mesh | None = None
+        # After a merge of the same file mesh as the last one: (the last result, the services whose
+        # endpoints differ from it). Nothing else differs: the other services, the gateways and
+        # the mesh settings are the very same objects. None after a new file mesh.
+        self.endpoints_changed: tuple[Mesh, frozenset[str]] | None = None
 
     def merge(self, mesh: Mesh, instances: Iterable[Instance]) -> Mesh:
         by_service: dict[str, list[Instance]] = {}
@@ -30,22 +36,29 @@ class Merger:
                 by_service.setdefault(inst.service, []).append(inst)
         last, self._last = self._last, {}
         known, self._endpoints = self._endpoints, {}
-        if not by_service:
-            return mesh
-        services = dict(mesh.services)
-        for name, insts in by_service.items():
-            service = services[name]
-            insts.sort(key=lambda i: i.instance_id)
-            key = tuple(_serving(i) for i in insts)
-            previous = last.get(name)
-            if previous is not None and previous[0] is service and previous[1] == key:
-                merged = previous[2]
-                self._endpoints.update((k, known[k]) for k in key if k in known)
-            else:
-                merged = self._with_instances(mesh, name, insts, key, known)
-            self._last[name] = (service, key, merged)
-            services[name] = merged
-        return mesh.model_copy(update={"services": services})
+        # Services that had instances and have none now are back to their file object.
+        changed = {name for name in last if name not in by_service}
+        result = mesh
+        if by_service:
+            services = dict(mesh.services)
+            for name, insts in by_service.items():
+                service = services[name]
+                insts.sort(key=lambda i: i.instance_id)
+                key = tuple(_serving(i) for i in insts)
+                previous = last.get(name)
+                if previous is not None and previous[0] is service and previous[1] == key:
+                    merged = previous[2]
+                    self._endpoints.update((k, known[k]) for k in key if k in known)
+                else:
+                    merged = self._with_instances(mesh, name, insts, key, known)
+                    changed.add(name)
+                self._last[name] = (service, key, merged)
+                services[name] = merged
+            result = mesh.model_copy(update={"services": services})
+        same_file = self._file is mesh and self._out is not None
+        self.endpoints_changed = (self._out, frozenset(changed)) if same_file and self._out is not None else None
+        self._file, self._out = mesh, result
+        return result
 
     def _with_instances(self, mesh: Mesh, name: str, insts: list[Instance], keys: tuple[tuple[object, ...], ...],
                         known: dict[tuple[object, ...], Endpoint]) -> Service:
@@ -79,6 +92,8 @@ def mesh_check(current: Callable[[], Mesh | None]) -> Callable[[RegistrationInpu
     """Registration rules that need the mesh: the service is declared; a sidecar's instances register
     their inbound port; an address:port belongs to one instance."""
 
+    static: dict[str, tuple[Service, set[tuple[str, int]]]] = {}  # address:ports, once per service object
+
     def check(reg: RegistrationInput, instances: dict[tuple[str, str], Instance]) -> list[FieldError]:
         mesh = current()
         if mesh is None:
@@ -89,7 +104,10 @@ def mesh_check(current: Callable[[], Mesh | None]) -> Callable[[RegistrationInpu
         errors: list[FieldError] = []
         if service.sidecar is not None and reg.port != service.sidecar.inbound.port:
             errors.append(FieldError("port", f"{reg.service} runs sidecars: register the inbound port {service.sidecar.inbound.port}"))
-        if any((e.address, e.port) == (reg.address, reg.port) for e in service.endpoints):
+        taken = static.get(reg.service)
+        if taken is None or taken[0] is not service:
+            taken = static[reg.service] = (service, {(e.address, e.port) for e in service.endpoints})
+        if (reg.address, reg.port) in taken[1]:
             errors.append(FieldError("address", f"{reg.address}:{reg.port} is a static endpoint of {reg.service} in the mesh config"))
         for other in instances.values():
             if (other.address, other.port) == (reg.address, reg.port) and other.key != (reg.service, reg.instance_id):

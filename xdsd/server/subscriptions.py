@@ -49,6 +49,19 @@ class TypeState:
         self.nack_error: str | None = None
         self.nack_version = ""
 
+    def _since_settled(self, ts: TypeSnapshot) -> frozenset[str] | None:
+        """If the client was brought fully up to date with the snapshot ``ts`` was patched from
+        (and owes nothing else), the only names whose answer can differ; else None.
+
+        A registration patches one resource of thousands: this keeps a stream's work per change
+        proportional to what changed, not to what it holds."""
+        if self.must_respond or self.settled is None:
+            return None
+        return ts.since(self.settled)
+
+    def _selects(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
     def select(self, ts: TypeSnapshot) -> Mapping[str, Resource]:
         """The resources of ``ts`` this client is subscribed to."""
         if self.wildcard:
@@ -119,10 +132,29 @@ class SotwState(TypeState):
         """Would a response be sent now?"""
         if not self.requested or (self.settled is ts and not self.must_respond):
             return False
+        diff = self._since_settled(ts)
+        if diff is not None:
+            differs = self._differs(ts, diff)
+            # State of the world sends removals only within a full state (other types omit them).
+            return bool(differs) if full_state else any(isinstance(r, Resource) for r in differs)
         desired = self.select(ts)
         if full_state:
             return self.must_respond or not _same(desired, self.sent)
         return any(self.sent.get(n) != r.version for n, r in desired.items())
+
+    def _differs(self, ts: TypeSnapshot, diff: frozenset[str]) -> list[Resource | str]:
+        """Against ``sent`` (which holds every selected resource of the snapshot ``ts`` was patched
+        from, as it is there): the changed resources among ``diff``, and the names it drops."""
+        out: list[Resource | str] = []
+        sent = self.sent
+        for name in diff:
+            r = ts.resources.get(name)
+            if r is not None and self._selects(name):
+                if sent.get(name) != r.version:
+                    out.append(r)
+            elif name in sent:
+                out.append(name)
+        return out
 
     def take(self, ts: TypeSnapshot, full_state: bool) -> list[Resource] | None:
         """The resources of the next response, or None when nothing is to be sent.
@@ -134,6 +166,23 @@ class SotwState(TypeState):
         """
         if not self.requested or (self.settled is ts and not self.must_respond):
             return None
+        diff = self._since_settled(ts)
+        if diff is not None:
+            differs = self._differs(ts, diff)
+            if not differs:
+                self.settled = ts
+                return None
+            if not full_state:
+                # Only what changed: dropped names stay in ``sent`` (as in the full pass below).
+                resources = [r for r in differs if isinstance(r, Resource)]
+                self.settled = ts
+                if not resources:
+                    return None
+                sent = dict(self.sent)
+                for r in resources:
+                    sent[r.name] = r.version
+                self.sent = sent
+                return resources
         desired = self.select(ts)
         self.settled = ts  # after this call the client has (or is being sent) all of ts
         if full_state:
@@ -198,6 +247,19 @@ class DeltaState(TypeState):
             self.must_respond = True  # an unsubscribe alone needs no answer
 
     def plan(self, ts: TypeSnapshot) -> tuple[list[Resource], list[str]]:
+        diff = None if self.forced else self._since_settled(ts)
+        if diff is not None:
+            # ``client`` is exactly what the patched-from snapshot selects: only ``diff`` can differ.
+            send: list[Resource] = []
+            gone: list[str] = []
+            for name in diff:
+                r = ts.resources.get(name)
+                if r is not None and self._selects(name):
+                    if self.client.get(name) != r.version:
+                        send.append(r)
+                elif name in self.client:
+                    gone.append(name)
+            return send, gone
         desired = self.select(ts)
         send = [r for n, r in desired.items() if self.client.get(n) != r.version]
         removed = [n for n in self.client if n not in desired]
