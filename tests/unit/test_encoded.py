@@ -82,3 +82,15 @@ def test_incremental_eds_decision_follows_edits() -> None:
     enc.sweep()
     eps.insert(0, Endpoint(address="db.internal", port=5432))  # everything shifts
     assert enc.uses_eds("big", eps) is False
+
+
+def test_a_frozen_list_seen_again_is_not_compared_and_a_new_one_is() -> None:
+    rnd = random.Random(5)
+    eps = [_ep(i, rnd) for i in range(3 * CHUNK)]
+    enc = AssignmentEncoder()
+    assert enc.uses_eds("big", eps, frozen=True) is True
+    first = enc.assignment("big", eps, frozen=True)  # the same list: its chunks as worked out above
+    assert first.body == AssignmentEncoder().assignment("big", list(eps)).body
+    edited = [*eps[:CHUNK], Endpoint(address="db.internal", port=5432), *eps[CHUNK + 1:]]
+    assert enc.uses_eds("big", edited, frozen=True) is False
+    assert enc.assignment("big", edited, frozen=True).body == AssignmentEncoder().assignment("big", edited).body

@@ -5,6 +5,7 @@ generator and hands out snapshots."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from google.protobuf.message import Message
@@ -30,6 +31,7 @@ class SnapshotCache:
         # generator that takes a ``memo`` argument should be given this one).
         self.memo = Memo()
         self._encoder = Encoder()
+        self.last_build_seconds = 0.0  # of the last set_mesh, up to the snapshots being ready
 
     @property
     def ready(self) -> bool:
@@ -50,6 +52,7 @@ class SnapshotCache:
         ``endpoints_changed``: ``(base, services)`` when ``mesh`` is ``base`` with new endpoints for
         ``services`` and nothing else changed (a registration). If ``base`` is the mesh served now,
         the generator may patch what it built last time (generators.memo) instead of regenerating."""
+        started = time.perf_counter()
         revision = self.revision + 1
         partial = endpoints_changed is not None and self._mesh is not None and endpoints_changed[0] is self._mesh
         self.memo.endpoints_changed = endpoints_changed if partial else None
@@ -62,6 +65,8 @@ class SnapshotCache:
         self._encoder.sweep()
         self._mesh = mesh
         self.revision = revision
+        # The new snapshots are ready (generated, serialized, checked); what follows is the fan-out.
+        self.last_build_seconds = time.perf_counter() - started
         changed: dict[NodeGroup, set[str]] = {}
         for group, snap in fresh.items():
             types = snap.changed_types(self._snapshots.get(group))

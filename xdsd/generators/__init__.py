@@ -212,7 +212,7 @@ def _uses_eds(mesh: Mesh, name: str, memo: Memo) -> bool:
     service = mesh.services[name]
     if memo.assignments is not None and len(service.endpoints) >= endpoints.LARGE:
         enc = memo.assignments  # large services: decided incrementally, chunk by chunk
-        return memo.get(("eds?", name), (service,), lambda: enc.uses_eds(name, mesh.endpoints_of(name)))
+        return memo.get(("eds?", name), (service,), lambda: enc.uses_eds(name, endpoints.endpoints_of(mesh, name), frozen=True))
     return memo.get(("eds?", name), (service,), lambda: endpoints.uses_eds(mesh.endpoints_of(name)))
 
 

@@ -70,14 +70,24 @@ class _Chunk:
     digest: bytes
 
 
+@dataclass(slots=True)
+class _Facts:
+    """What a chunk of endpoints says about its cluster: its zones and whether all are IPs."""
+
+    endpoints: list[Endpoint]
+    zones: frozenset[str | None]
+    ips: bool
+
+
 class AssignmentEncoder:
     """Keeps, per (cluster, zone), the chunks of the last encoding; shared by all node groups."""
 
     def __init__(self) -> None:
         self._chunks: dict[tuple[str, str, str | None], list[_Chunk]] = {}
         self._used: set[tuple[str, str, str | None]] = set()
-        self._ip_chunks: dict[str, list[tuple[list[Endpoint], bool]]] = {}
-        self._ip_used: set[str] = set()
+        self._facts: dict[str, list[_Facts]] = {}
+        self._lists: dict[str, tuple[list[Endpoint], list[_Facts]]] = {}  # name -> (last list seen, its facts)
+        self._facts_used: set[str] = set()
         # id(Endpoint) -> (Endpoint, encoded): a chunk that shifted re-uses its endpoints' bytes.
         self._endpoints: dict[int, tuple[Endpoint, bytes]] = {}
         self._endpoints_used: dict[int, tuple[Endpoint, bytes]] = {}
@@ -89,13 +99,38 @@ class AssignmentEncoder:
         self._endpoints_used[id(ep)] = hit
         return hit[1]
 
-    def _locality(self, key: tuple[str, str, str | None], endpoints: list[Endpoint]) -> list[_Chunk]:
-        old = self._chunks.get(key, [])
-        chunks = []
+    def _chunked(self, name: str, endpoints: list[Endpoint], frozen: bool = False) -> list[_Facts]:
+        """``endpoints`` in chunks of CHUNK, each reused (the very list object) while it holds the
+        same endpoint objects, with its zones and IP-ness worked out once. ``frozen``: the caller
+        never changes the list, so the very list of the last call needs no comparison at all."""
+        seen = self._lists.get(name)
+        if frozen and seen is not None and seen[0] is endpoints:  # e.g. EDS-or-DNS, then the encoding
+            self._facts_used.add(name)
+            return seen[1]
+        old = self._facts.get(name, [])
+        out = []
         for i, start in enumerate(range(0, len(endpoints), CHUNK)):
             part = endpoints[start:start + CHUNK]
             prev = old[i] if i < len(old) else None
             if prev is not None and len(prev.endpoints) == len(part) and all(map(operator.is_, prev.endpoints, part)):
+                out.append(prev)
+            else:
+                out.append(_Facts(part, frozenset(map(_ZONE, part)), all(map(is_ip, map(_ADDRESS, part)))))
+        self._facts[name] = out
+        if frozen:
+            self._lists[name] = (endpoints, out)
+        else:
+            self._lists.pop(name, None)
+        self._facts_used.add(name)
+        return out
+
+    def _locality(self, key: tuple[str, str, str | None], parts: list[list[Endpoint]]) -> list[_Chunk]:
+        old = self._chunks.get(key, [])
+        chunks = []
+        for i, part in enumerate(parts):
+            prev = old[i] if i < len(old) else None
+            if prev is not None and (prev.endpoints is part or (
+                    len(prev.endpoints) == len(part) and all(map(operator.is_, prev.endpoints, part)))):
                 chunks.append(prev)
                 continue
             body = b"".join(self._encode(ep) for ep in part)
@@ -104,16 +139,21 @@ class AssignmentEncoder:
         self._used.add(key)
         return chunks
 
-    def assignment(self, name: str, endpoints: list[Endpoint], zone: str | None = None) -> Encoded:
-        """Same grouping and priorities as ``endpoints.load_assignment``."""
-        zones = set(map(_ZONE, endpoints))
+    def assignment(self, name: str, endpoints: list[Endpoint], zone: str | None = None, frozen: bool = False) -> Encoded:
+        """Same grouping and priorities as ``endpoints.load_assignment``. ``frozen``: ``endpoints``
+        is never changed after the call (a model's list)."""
+        facts = self._chunked(name, endpoints, frozen)
+        zones: set[str | None] = set().union(*(f.zones for f in facts))
         local = zone is not None and zone in zones
-        by_zone: dict[str, list[Endpoint]] = {}
+        by_zone: dict[str, list[list[Endpoint]]] = {}
         if len(zones) == 1:
-            by_zone[next(iter(zones)) or ""] = endpoints  # one locality: no regrouping pass
+            # One locality: its chunks are the ones above (no regrouping, no second comparison).
+            by_zone[next(iter(zones)) or ""] = [f.endpoints for f in facts]
         else:
+            grouped: dict[str, list[Endpoint]] = {}
             for ep in endpoints:
-                by_zone.setdefault(ep.zone or "", []).append(ep)
+                grouped.setdefault(ep.zone or "", []).append(ep)
+            by_zone = {k: [eps[i:i + CHUNK] for i in range(0, len(eps), CHUNK)] for k, eps in grouped.items()}
         parts = [field(1, name.encode())]
         digest = hashlib.sha256(name.encode())
         for key, eps in by_zone.items():
@@ -133,28 +173,18 @@ class AssignmentEncoder:
                 digest.update(c.digest)
         return Encoded(name, ENDPOINT_TYPE, b"".join(parts), digest.hexdigest()[:16])
 
-    def uses_eds(self, name: str, endpoints: list[Endpoint]) -> bool:
+    def uses_eds(self, name: str, endpoints: list[Endpoint], frozen: bool = False) -> bool:
         """``endpoints.uses_eds`` (every address an IP), decided per chunk and remembered while
         a chunk holds the same endpoint objects."""
-        old = self._ip_chunks.get(name, [])
-        chunks: list[tuple[list[Endpoint], bool]] = []
-        for i, start in enumerate(range(0, len(endpoints), CHUNK)):
-            part = endpoints[start:start + CHUNK]
-            prev = old[i] if i < len(old) else None
-            if prev is not None and len(prev[0]) == len(part) and all(map(operator.is_, prev[0], part)):
-                chunks.append(prev)
-            else:
-                chunks.append((part, all(map(is_ip, map(_ADDRESS, part)))))
-        self._ip_chunks[name] = chunks
-        self._ip_used.add(name)
-        return all(ok for _, ok in chunks)
+        return all(f.ips for f in self._chunked(name, endpoints, frozen))
 
     def sweep(self, partial: bool = False) -> None:
         """Forget the clusters the last revision did not encode (``partial``: the revision encoded
         only what changed; keep the others for the next one)."""
         if not partial:
-            self._ip_chunks = {k: v for k, v in self._ip_chunks.items() if k in self._ip_used}
+            self._facts = {k: v for k, v in self._facts.items() if k in self._facts_used}
+            self._lists = {k: v for k, v in self._lists.items() if k in self._facts_used}
             self._chunks = {k: v for k, v in self._chunks.items() if k in self._used}
-        self._ip_used = set()
+        self._facts_used = set()
         self._used = set()
         self._endpoints, self._endpoints_used = self._endpoints_used, {}

@@ -22,9 +22,16 @@ def cluster_name(service: str, subset: str | None = None) -> str:
     return service if subset is None else f"{service}{SUBSET_SEPARATOR}{subset}"
 
 
+def endpoints_of(mesh: Mesh, service: str) -> list[Endpoint]:
+    """``mesh.endpoints_of`` without the copy: the service's own (frozen, never mutated) list when it
+    has one, so the incremental encoder can tell it is the list it saw a moment ago."""
+    endpoints = mesh.services[service].endpoints
+    return endpoints if endpoints else mesh.endpoints_of(service)
+
+
 def endpoints_for(mesh: Mesh, service: str, subset: str | None = None) -> list[Endpoint]:
     """The service's endpoints, or those carrying all of the subset's labels."""
-    endpoints = mesh.endpoints_of(service)
+    endpoints = endpoints_of(mesh, service)
     if subset is None:
         return endpoints
     selector = mesh.services[service].subsets[subset]
@@ -78,7 +85,7 @@ def service_assignment(mesh: Mesh, service: str, subset: str | None = None, zone
         return None
     endpoints = endpoints_for(mesh, service, subset)
     if encoder is not None and len(endpoints) >= LARGE:
-        return encoder.assignment(cluster_name(service, subset), endpoints, zone)
+        return encoder.assignment(cluster_name(service, subset), endpoints, zone, frozen=True)  # model lists
     return load_assignment(cluster_name(service, subset), endpoints, zone)
 
 

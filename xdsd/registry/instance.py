@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -107,7 +107,11 @@ class Instance:
         return (self.service, self.instance_id)
 
     def as_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # By hand: dataclasses.asdict deep-copies field by field, ~10x slower (the store writes
+        # every instance on each change).
+        return {"service": self.service, "instance_id": self.instance_id, "address": self.address, "port": self.port,
+                "weight": self.weight, "zone": self.zone, "labels": dict(self.labels), "ttl": self.ttl,
+                "state": self.state, "expires_at": self.expires_at}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Instance:
