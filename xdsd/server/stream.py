@@ -52,10 +52,16 @@ class WakeQueue:
     fan-out. In batches, other work interleaves and no single iteration is long."""
 
     BATCH = 64
+    # The batch adapts so that an iteration running a batch of passes stays near this long: a pass
+    # that sends a 270 KB assignment costs ~50x one that sends a small one.
+    TARGET_SECONDS = 0.008
+    MIN_BATCH = 4
 
     def __init__(self) -> None:
         self._queue: deque[Stream] = deque()
         self._scheduled = False
+        self.batch = self.BATCH
+        self._drained_at = 0.0  # when the last batch was woken, while draining continues
 
     def add(self, stream: Stream) -> None:
         self._queue.append(stream)
@@ -71,11 +77,21 @@ class WakeQueue:
         loop.call_soon(self._drain, loop)
 
     def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        for _ in range(min(self.BATCH, len(self._queue))):
+        now = time.perf_counter()
+        if self._drained_at:
+            # The previous batch's passes ran in the iteration that just ended: size the next one.
+            took = now - self._drained_at
+            if took > self.TARGET_SECONDS:
+                self.batch = max(self.MIN_BATCH, int(self.batch * self.TARGET_SECONDS / took))
+            elif took < self.TARGET_SECONDS / 2:
+                self.batch = min(self.BATCH, self.batch * 2)
+        for _ in range(min(self.batch, len(self._queue))):
             self._queue.popleft().wake.set()
         if self._queue:
+            self._drained_at = now
             loop.call_soon(self._drain, loop)
         else:
+            self._drained_at = 0.0
             self._scheduled = False
 
 
@@ -188,10 +204,15 @@ class Stream:
     def _on_snapshot(self, snapshot: Snapshot, changed: set[str]) -> None:
         self.snapshot = snapshot
         if changed & self.states.keys():
-            if self._wakes is not None:
-                self._wakes.add(self)
-            else:
-                self.wake.set()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Owed a pass: through the wake queue (a bounded number of passes per loop iteration: a
+        reconnect storm or a fan-out must not run a thousand passes back to back)."""
+        if self._wakes is not None:
+            self._wakes.add(self)
+        else:
+            self.wake.set()
 
     def _state(self, type_url: str) -> SotwState | DeltaState:
         st = self.states.get(type_url)
@@ -236,7 +257,7 @@ class Stream:
         # An ACK that repeats the subscription owes nothing: the stream is not woken (a fan-out to
         # a thousand proxies would otherwise recompute a thousand empty passes).
         if changed or st.must_respond or st.nack_error is not None:
-            self.wake.set()
+            self._wake()
 
     def on_delta_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
         if self.node is None:
@@ -255,7 +276,7 @@ class Stream:
             list(req.resource_names_unsubscribe),
             dict(req.initial_resource_versions),
         )
-        self.wake.set()
+        self._wake()
 
     def _ack_or_nack(self, st: TypeState, nonce: str, error: str | None, accepted: str | None = None) -> None:
         if error is None and not st.nack_error and st.acked_nonce == nonce:
