@@ -23,7 +23,7 @@ from xdsd.admin.http import make_app
 from xdsd.api.v1 import registration_pb2_grpc
 from xdsd.auth.node import registration_authenticator, token_authenticator
 from xdsd.auth.tokens import TokenSigner
-from xdsd.authz.http import start_http_authz
+from xdsd.authz.http import AuthzHttpServer, start_http_authz
 from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
@@ -100,7 +100,7 @@ class App:
             [(self.args.xds_tls_key.read_bytes(), self.args.xds_tls_cert.read_bytes())]
         )
 
-    async def _start_authz_http(self) -> asyncio.Server | None:
+    async def _start_authz_http(self) -> AuthzHttpServer | None:
         """ext_authz over HTTP/1.1 (``--authz-http-address``), with xDS's TLS certificate if it has one."""
         address = getattr(self.args, "authz_http_address", None)
         if address is None:
@@ -178,7 +178,7 @@ class App:
             monitor.cancel()
             await grpc_server.stop(grace=1.0)
             if authz_http is not None:
-                authz_http.close()
+                await authz_http.close()
             await admin.cleanup()
             for task in (watcher, rotator, sweeper, monitor):
                 with contextlib.suppress(asyncio.CancelledError):

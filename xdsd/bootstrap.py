@@ -112,7 +112,15 @@ def _authz_cluster(opts: BootstrapOptions) -> dict[str, Any]:
     assert opts.authz_http_port is not None
     cluster = _xds_cluster(opts)
     cluster["name"] = AUTHZ_CLUSTER
-    del cluster["typed_extension_protocol_options"]  # HTTP/1.1: one check per connection at a time
+    # HTTP/1.1 (one check per connection at a time). Envoy closes idle connections after 60 s, before
+    # xdsd's idle timeout (300 s) could close one under a check on its way.
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "60s"},
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
     cluster["load_assignment"]["cluster_name"] = AUTHZ_CLUSTER
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"]["port_value"] = opts.authz_http_port

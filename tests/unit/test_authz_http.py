@@ -6,9 +6,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 
-from xdsd.authz.http import MAX_HEAD, principal_from_xfcc, start_http_authz
+from xdsd.authz.http import (
+    MAX_HEAD,
+    AuthzHttpProtocol,
+    AuthzHttpServer,
+    principal_from_xfcc,
+    start_http_authz,
+)
 from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.generators.listeners import ext_authz_filter, policy_headers
 from xdsd.generators.node import NodeGroup
@@ -33,6 +40,7 @@ authorization:
     rules:
       - {name: open, allow: {paths: ["/*"]}}
 """
+_servers: list[AuthzHttpServer] = []  # the fixture's server, for tests that look inside
 PP = "By=spiffe://td/service/reviews;Hash=abc;URI=spiffe://td/service/productpage"
 
 
@@ -59,10 +67,9 @@ async def server() -> AsyncIterator[tuple[int, list[tuple[str, str, str]]]]:
     authz = AuthorizationServicer(lambda service, rule, outcome, _: seen.append((service, rule, outcome)))
     authz.set_mesh(load_mesh(MESH))
     srv = await start_http_authz(authz, "127.0.0.1", 0)
-    port = srv.sockets[0].getsockname()[1]
-    yield port, seen
-    srv.close()
-    await srv.wait_closed()
+    _servers.append(srv)
+    yield srv.port, seen
+    await srv.close()
 
 
 async def test_decisions(server: tuple[int, list[tuple[str, str, str]]]) -> None:
@@ -170,3 +177,120 @@ def test_the_filter_asks_over_http_only_when_the_bootstrap_has_the_cluster() -> 
     assert [p.exact for p in h.disallowed_headers.patterns] == ["authorization"]
     assert [p.exact for p in h.http_service.authorization_response.allowed_client_headers_on_success.patterns] == [
         "x-xdsd-authz-dry-run"]
+
+
+class _SlowPeerTransport(asyncio.Transport):
+    """A transport whose peer reads nothing until told: it asks the protocol to pause writing past
+    ``high`` buffered bytes, as asyncio's transports do."""
+
+    def __init__(self, high: int) -> None:
+        super().__init__()
+        self.high, self.buffered, self.answers, self.reading, self.paused = high, 0, 0, True, False
+        self.protocol: AuthzHttpProtocol | None = None
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.buffered += len(data)
+        self.answers += data.count(b"HTTP/1.1 ")
+        if self.buffered > self.high and not self.paused:
+            self.paused = True
+            assert self.protocol is not None
+            self.protocol.pause_writing()
+
+    def drain(self) -> None:
+        self.buffered = 0
+        self.paused = False
+        assert self.protocol is not None
+        self.protocol.resume_writing()
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+def test_a_peer_that_never_reads_cannot_pile_up_answers() -> None:
+    """Pipelined checks from a peer that does not read the answers: past the transport's high-water
+    mark xdsd stops answering and stops reading (asyncio flow control) instead of buffering answers
+    without bound; once the peer reads, the rest is answered and nothing is lost."""
+    authz = AuthorizationServicer()
+    authz.set_mesh(load_mesh(MESH))
+    transport = _SlowPeerTransport(high=4096)
+    proto = AuthzHttpProtocol(authz, set())
+    transport.protocol = proto
+    proto.connection_made(transport)
+    n = 2000
+    proto.data_received(check("reviews/reviews/1") * n)  # one read holding 2,000 checks
+    assert not transport.reading and transport.buffered < 4096 + 200 and transport.answers < 200
+    rounds = 0
+    while transport.answers < n:
+        transport.drain()
+        rounds += 1
+        assert transport.buffered < 4096 + 200 and rounds < n
+    assert transport.answers == n and transport.reading is (not transport.paused)
+
+
+async def test_slow_heads_idle_connections_and_too_many_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import xdsd.authz.http as http_mod
+
+    monkeypatch.setattr(http_mod, "SWEEP_INTERVAL", 0.05)
+    monkeypatch.setattr(http_mod, "HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(http_mod, "IDLE_TIMEOUT", 0.6)
+    monkeypatch.setattr(http_mod, "MAX_CONNECTIONS", 3)
+    authz = AuthorizationServicer()
+    authz.set_mesh(load_mesh(MESH))
+    srv = await start_http_authz(authz, "127.0.0.1", 0)
+    try:
+        loop = asyncio.get_running_loop()
+        # A head trickled byte by byte never completes: closed after HEAD_TIMEOUT despite the activity.
+        slow_r, slow_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        assert await asyncio.wait_for(extra_r.read(), 5) == b""  # over MAX_CONNECTIONS: closed at once
+        t0 = loop.time()
+        for byte in b"GET /_xdsd/authz/reviews//x HTTP/1.1\r\nx-a: b":
+            slow_w.write(bytes([byte]))
+            await asyncio.sleep(0.01)
+            if slow_r.at_eof():
+                break
+        assert await asyncio.wait_for(slow_r.read(), 5) == b""
+        assert loop.time() - t0 < 0.3 + 0.5
+        # A connection that keeps checking stays open past IDLE_TIMEOUT; an idle one is closed.
+        for _ in range(8):
+            busy_w.write(check("reviews/reviews/1"))
+            assert (await read_response(busy_r))[0] == 200
+            await asyncio.sleep(0.1)
+        assert await asyncio.wait_for(idle_r.read(), 5) == b""
+        busy_w.write(check("reviews/reviews/1"))
+        assert (await read_response(busy_r))[0] == 200
+        for w in (slow_w, idle_w, busy_w, extra_w):
+            w.close()
+    finally:
+        await srv.close()
+
+
+async def test_metric_labels_are_mesh_names_and_pseudo_headers_match_like_grpc() -> None:
+    seen: list[tuple[str, str, str]] = []
+    authz = AuthorizationServicer(lambda service, rule, outcome, _: seen.append((service, rule, outcome)))
+    authz.set_mesh(load_mesh(MESH.replace("      - {name: tenant, allow: {headers: {X-Tenant: a}}}",
+                                          "      - {name: tenant, allow: {headers: {X-Tenant: a}}}\n"
+                                          "      - {name: by-host, allow: {headers: {':authority': reviews.local}}}")))
+    srv = await start_http_authz(authz, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        for i in range(50):  # invented destinations share one label
+            writer.write(check(f"made-up-{i}/x"))
+            assert (await read_response(reader))[0] == 200
+        writer.write(check("reviews/x", xfcc=None).replace(b"host: xdsd-authz", b"host: reviews.local"))
+        assert (await read_response(reader))[0] == 200
+        writer.close()
+    finally:
+        await srv.close()
+    assert {s for s, _, _ in seen} == {"-", "reviews"} and ("reviews", "by-host", "allow") in seen

@@ -17,7 +17,9 @@ denial and the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import re
 import ssl
 import time
 from typing import TYPE_CHECKING
@@ -39,8 +41,12 @@ log = logging.getLogger(__name__)
 
 PATH_PREFIX = "/_xdsd/authz/"  # + <service>; Envoy appends the request's own path
 XFCC = "x-forwarded-client-cert"
-MAX_HEAD = 256 * 1024  # Envoy's own limit on request headers is 60 KiB by default
+MAX_HEAD = 64 * 1024  # Envoy's own limit on request headers is 60 KiB by default
 MAX_BODY = 1024 * 1024  # checks carry no body unless a filter asks for one; skipped either way
+MAX_CONNECTIONS = 4096  # Envoy opens one per check in flight per worker; xDS shares the process's files
+HEAD_TIMEOUT = 10.0  # seconds for a started head to complete (Envoy sends a head in one piece)
+IDLE_TIMEOUT = 300.0  # seconds without a check; the bootstrap's cluster closes idle ones after 60 s
+SWEEP_INTERVAL = 1.0
 
 _ALLOW = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 431: "Request Header Fields Too Large"}
@@ -53,15 +59,17 @@ def path_prefix(service: str) -> str:
     return f"{PATH_PREFIX}{service}/"
 
 
+_XFCC_URI = re.compile(r'(?:^|[;,])\s*uri=(?:"((?:[^"\\]|\\.)*)"|([^;,]*))', re.IGNORECASE)
+
+
 def principal_from_xfcc(value: str) -> str:
     """The caller's URI SAN from Envoy's ``x-forwarded-client-cert``: ``By=...;Hash=...;URI=spiffe://...``.
-    With several elements (proxies in a chain) the last one is the hop that reached us."""
-    element = value.rsplit(",", 1)[-1]
-    for part in element.split(";"):
-        key, _, v = part.strip().partition("=")
-        if key.lower() == "uri":
-            return v.strip('"')
-    return ""
+    Values may be quoted (with ``;`` ``,`` inside); with several elements (proxies in a chain) the
+    last one is the hop that reached us. Only the inbound listener's own (SANITIZE_SET) value gets here."""
+    uri = ""
+    for quoted, plain in _XFCC_URI.findall(value):
+        uri = quoted.replace('\\"', '"') if quoted else plain.strip()
+    return uri
 
 
 def _response(status: int, headers: list[tuple[str, str]], body: bytes, head_only: bool) -> bytes:
@@ -84,39 +92,92 @@ def decision_response(decision: Decision, principal: str, head_only: bool = Fals
 
 
 class AuthzHttpProtocol(asyncio.Protocol):
-    """One keep-alive connection from an Envoy; requests are answered in order as they arrive."""
+    """One keep-alive connection from an Envoy; requests are answered in order as they arrive.
 
-    __slots__ = ("_authz", "_transport", "_buf", "_skip")
+    Bounded: a head is at most MAX_HEAD bytes and must arrive within HEAD_TIMEOUT; a connection
+    idle for IDLE_TIMEOUT is closed (Envoy's side closes first: the bootstrap cluster's idle timeout
+    is shorter); when the peer stops reading our answers, we stop reading its checks (asyncio flow
+    control), so unread answers cannot pile up in memory."""
 
-    def __init__(self, authz: AuthorizationServicer) -> None:
+    __slots__ = ("_authz", "_conns", "_transport", "_buf", "_scan", "_skip", "_paused", "_since", "_partial")
+
+    def __init__(self, authz: AuthorizationServicer, conns: set[AuthzHttpProtocol]) -> None:
         self._authz = authz
+        self._conns = conns
         self._transport: asyncio.Transport | None = None
-        self._buf = b""
+        self._buf = bytearray()
+        self._scan = 0  # where the search for the end of the head resumes (no quadratic rescans)
         self._skip = 0  # body bytes still to discard
+        self._paused = False  # the peer is not reading our answers
+        self._since = time.monotonic()  # last activity, or when the pending partial head began
+        self._partial = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        if len(self._conns) >= MAX_CONNECTIONS:
+            log.warning("authz HTTP: %d connections open; refusing another", len(self._conns))
+            transport.close()
+            self._transport = None
+            return
+        self._conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._conns.discard(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is not None:
+            self._transport.resume_reading()
+            self._process()
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        while buf and self._transport is not None:
+        self._buf += data
+        self._process()
+
+    def expired(self, now: float) -> bool:
+        """Called by the sweeper: a head that takes too long, or a connection idle too long."""
+        return now - self._since > (HEAD_TIMEOUT if self._partial else IDLE_TIMEOUT)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    def _process(self) -> None:
+        buf = self._buf
+        pos = 0
+        handled = False
+        while pos < len(buf) and self._transport is not None and not self._paused:
             if self._skip:
-                n = min(self._skip, len(buf))
+                n = min(self._skip, len(buf) - pos)
                 self._skip -= n
-                buf = buf[n:]
+                pos += n
                 continue
-            end = buf.find(b"\r\n\r\n")
+            end = buf.find(b"\r\n\r\n", max(pos, self._scan))
             if end < 0:
-                if len(buf) > MAX_HEAD:
+                self._scan = max(pos, len(buf) - 3)
+                if len(buf) - pos > MAX_HEAD:
                     self._fail(431, "request headers too large")
                     return
                 break
-            head, buf = buf[:end], buf[end + 4:]
+            self._scan = 0
+            head = bytes(buf[pos:end])
+            pos = end + 4
+            handled = True
             self._handle(head)
-        self._buf = buf
+        if pos:
+            del buf[:pos]
+            self._scan = max(0, self._scan - pos)
+        partial = bool(buf) and not self._skip
+        if handled or not partial or not self._partial:
+            self._since = time.monotonic()  # activity; or a new partial head starts its clock
+        self._partial = partial
 
     def _fail(self, status: int, reason: str) -> None:
         """A malformed request still gets a decision (deny), then the connection closes."""
@@ -127,7 +188,7 @@ class AuthzHttpProtocol(asyncio.Protocol):
                                         denial_body(decision).encode(), False))
         self._transport.close()
         self._transport = None
-        self._buf = b""
+        self._buf.clear()
 
     def _handle(self, head: bytes) -> None:
         start = time.perf_counter()
@@ -164,6 +225,11 @@ class AuthzHttpProtocol(asyncio.Protocol):
             service, slash, path = target[len(PATH_PREFIX):].partition("/")  # see path_prefix()
             if not slash:
                 service = ""
+        # What the gRPC CheckRequest has as headers: the pseudo-headers of the client's request.
+        headers[":method"] = method
+        headers[":path"] = path
+        if "host" in headers:
+            headers[":authority"] = headers["host"]
         try:
             principal = principal_from_xfcc(headers.get(XFCC, ""))
             decision = self._authz.evaluate(service, principal, method, path, headers) if service else (
@@ -182,8 +248,43 @@ class AuthzHttpProtocol(asyncio.Protocol):
                            time.perf_counter() - start)
 
 
+async def _sweep(conns: set[AuthzHttpProtocol], stop: asyncio.Event) -> None:
+    """Close connections whose head is overdue or that sat idle too long (once a second)."""
+    while not stop.is_set():
+        now = time.monotonic()
+        for conn in [c for c in conns if c.expired(now)]:
+            conn.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SWEEP_INTERVAL)
+
+
+class AuthzHttpServer:
+    """The listening socket, its connections and their sweeper."""
+
+    def __init__(self, server: asyncio.Server, conns: set[AuthzHttpProtocol]) -> None:
+        self.server = server
+        self.conns = conns
+        self._stop = asyncio.Event()
+        self._sweeper = asyncio.create_task(_sweep(conns, self._stop))
+
+    @property
+    def port(self) -> int:
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        for conn in list(self.conns):
+            conn.close()
+        await self._sweeper
+        await self.server.wait_closed()
+
+
 async def start_http_authz(authz: AuthorizationServicer, host: str, port: int,
-                           tls: ssl.SSLContext | None = None) -> asyncio.Server:
+                           tls: ssl.SSLContext | None = None) -> AuthzHttpServer:
     """Listen for Envoy's HTTP ext_authz checks (``xdsd serve --authz-http-address``)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AuthzHttpProtocol(authz), host, port, ssl=tls, reuse_address=True)
+    conns: set[AuthzHttpProtocol] = set()
+    server = await loop.create_server(lambda: AuthzHttpProtocol(authz, conns), host, port, ssl=tls,
+                                      reuse_address=True)
+    return AuthzHttpServer(server, conns)

@@ -44,11 +44,13 @@ def _service_of(attrs: external_auth_pb2.AttributeContext) -> str:
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
     def __init__(self, observer: DecisionObserver | None = None, span: SpanFactory | None = None) -> None:
         self._policies: dict[str, CompiledPolicy] = {}
+        self._known: frozenset[str] = frozenset()  # services and gateways: metric labels
         self._observer = observer
         self._span = span
 
     def set_mesh(self, mesh: Mesh) -> None:
         self._policies = compile_mesh(mesh)  # swapped whole: a Check sees one revision
+        self._known = frozenset(mesh.services) | frozenset(mesh.gateways)
 
     def evaluate(self, service: str, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
         """The decision for one request; ``path`` is already normalized by Envoy's HTTP connection manager."""
@@ -72,9 +74,12 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         if self._span is not None:
             self._trace(metadata, service, decision, principal, method, path, elapsed)
         if self._observer is not None:
-            self._observer(service or "-", decision.rule, "allow" if decision.allowed else "deny", elapsed)
+            # Label by mesh names only: a caller must not be able to mint metric series (any string
+            # can arrive as a destination).
+            label = service if service in self._known else "-"
+            self._observer(label, decision.rule, "allow" if decision.allowed else "deny", elapsed)
             for rule, would_allow in decision.dry_run:
-                self._observer(service or "-", rule, "dry-run-allow" if would_allow else "dry-run-deny", 0.0)
+                self._observer(label, rule, "dry-run-allow" if would_allow else "dry-run-deny", 0.0)
         if decision.dry_run:
             log.info("authz dry-run for %s from %s: %s", service, principal or "-", dry_run_text(decision))
 

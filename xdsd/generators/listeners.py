@@ -61,10 +61,11 @@ def ext_authz_filter(group: NodeGroup, destination: str, headers: tuple[str, ...
 
 
 def policy_headers(policy: Policy | None) -> tuple[str, ...]:
-    """The request headers an authorization policy matches on (lower case, sorted)."""
+    """The request headers an authorization policy matches on (lower case, sorted; validated names)."""
     if policy is None:
         return ()
-    return tuple(sorted({k.lower() for r in policy.rules for m in (r.allow, r.deny) if m is not None for k in m.headers}))
+    return tuple(sorted({k for r in policy.rules for m in (r.allow, r.deny) if m is not None for k in m.headers
+                         if not k.startswith(":")}))  # Envoy always sends method, path and host
 
 
 def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | None = None,

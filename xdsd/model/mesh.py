@@ -3,9 +3,9 @@ rules that span several fields (references, duplicates) live in ``crosscheck``."
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field, StrictStr
 
 from xdsd.model.base import FrozenModel as _Model
 from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, TrustDomain, Weight
@@ -123,6 +123,36 @@ class Mesh(_Model):
         )
 
 
+# Headers that Envoy does not hand to the authorization service as the client sent them, so a rule
+# on them would decide differently over gRPC and over HTTP (or match what Envoy added itself).
+_UNMATCHABLE = {
+    "host": "use ':authority'",
+    "content-length": "Envoy sends checks without the body",
+    "transfer-encoding": "a hop-by-hop header", "connection": "a hop-by-hop header", "te": "a hop-by-hop header",
+    "upgrade": "a hop-by-hop header", "keep-alive": "a hop-by-hop header", "proxy-connection": "a hop-by-hop header",
+    "x-forwarded-client-cert": "use 'from' for the caller's identity",
+}
+_PSEUDO = {":authority", ":method", ":path"}
+
+
+def _authz_header_name(value: str) -> str:
+    name = value.lower()
+    if name in _UNMATCHABLE:
+        raise ValueError(f"{value!r} cannot be matched by authorization rules ({_UNMATCHABLE[name]})")
+    if name.startswith("x-envoy-"):
+        raise ValueError(f"{value!r} cannot be matched by authorization rules (Envoy sets x-envoy-* itself)")
+    if name.startswith(":"):
+        if name not in _PSEUDO:
+            raise ValueError(f"{value!r}: the pseudo-headers rules can match are {', '.join(sorted(_PSEUDO))}")
+        return name
+    if not name or any(c in name for c in " :\t\r\n\"(),/;<=>?@[\\]{}"):
+        raise ValueError(f"{value!r} is not an HTTP header name")
+    return name
+
+
+AuthzHeaderName = Annotated[StrictStr, AfterValidator(_authz_header_name)]
+
+
 class Match(_Model):
     """What a rule matches; every field left out matches anything. All given fields must match."""
 
@@ -131,8 +161,9 @@ class Match(_Model):
     methods: list[str] = Field(default_factory=list)
     # Exact paths, or prefixes written with a trailing ``*`` (``/reviews/*``); ``*`` alone is any path.
     paths: list[str] = Field(default_factory=list)
-    # Request headers that must be present with exactly these values (names are case-insensitive).
-    headers: dict[str, str] = Field(default_factory=dict)
+    # Request headers that must be present with exactly these values (names are case-insensitive;
+    # ``:authority``, ``:method`` and ``:path`` too; not those Envoy changes on the way, see above).
+    headers: dict[AuthzHeaderName, StrictStr] = Field(default_factory=dict)
 
 
 class Rule(_Model):
