@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(PY) -m bench.authz --seconds $${BENCH_SECONDS:-10}
+	$(PY) -m bench.authz --seconds $${BENCH_SECONDS:-6}
 	$(PY) -m bench.xds $${BENCH_FULL:+--full}
 	$(PY) -m bench.report
 

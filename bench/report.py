@@ -45,10 +45,11 @@ def authz_section(r: dict) -> str:  # type: ignore[type-arg]
     return "\n".join([
         "## ext_authz (issue 6)",
         "",
-        "Command: `.venv/bin/python -m bench.authz --seconds 10` (Envoy `--concurrency 1`, `wrk -t1`, closed loop:",
+        f"Command: `.venv/bin/python -m bench.authz --seconds {r.get('seconds', 10)}` (Envoy `--concurrency 1`, `wrk -t1`, closed loop:",
         "with one connection each request waits for the previous one, so requests/s = 1 / latency; xdsd serves",
         "both transports from one process). The HTTP transport is what `xdsd bootstrap --authz-http-port` sets up;",
         "it meets the targets at more than twice the asked rate. gRPC stays for Envoys bootstrapped without it.",
+        "One-connection rows are the median of three runs by p99 (the others are in bench/results/authz.json).",
         "",
         "| filter | connections | requests/s | p50 µs | p99 µs | non-2xx |",
         "|---|---|---|---|---|---|",
