@@ -90,6 +90,15 @@ def _where(last: _Generated) -> dict[str, list[tuple[int, int | None, Target]]] 
     EDS targets, in target order)."""
     where: dict[str, list[tuple[int, int | None, Target]]] = {}
     assignments = last.out[typeurls.ENDPOINT]
+    offset = last.offset
+    if len(assignments) == len(last.targets):  # every target is EDS (the usual case): same positions
+        for i, target in enumerate(last.targets):
+            entries = where.get(target[0])
+            if entries is None:
+                where[target[0]] = [(offset + i, i, target)]
+            else:
+                entries.append((offset + i, i, target))
+        return where
     j = 0
     for i, target in enumerate(last.targets):
         epos = None

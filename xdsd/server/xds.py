@@ -59,7 +59,7 @@ class XdsServer:
                     {
                         sotw_method: grpc.stream_stream_rpc_method_handler(
                             self._sotw_handler(fixed),
-                            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                            request_deserializer=_identity,  # parsed by Stream.on_sotw_data
                             response_serializer=_identity,
                         ),
                         delta_method: grpc.stream_stream_rpc_method_handler(
@@ -75,7 +75,7 @@ class XdsServer:
     def _sotw_handler(self, fixed: str | None) -> Callable[..., AsyncIterator[bytes]]:
         async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             stream = self._stream(context, fixed, False)
-            async for payload in self._run(stream, requests, context, stream.on_sotw_request):
+            async for payload in self._run(stream, requests, context, stream.on_sotw_data):
                 yield payload
 
         return handler

@@ -1,0 +1,63 @@
+"""Registrations through the controller: the cache is patched (not regenerated) while the file is
+unchanged, identities are issued once per file revision, and the authorization service is handed
+a new mesh only when more than registered endpoints changed."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import yaml
+
+from xdsd.ca import CertificateAuthority, IdentityStore
+from xdsd.cache import SnapshotCache
+from xdsd.controller import Controller
+from xdsd.generators import NodeGroup, generate
+from xdsd.model import Mesh
+from xdsd.observability.metrics import Metrics
+from xdsd.registry.registry import Registry
+from xdsd.registry.store import MemoryStore
+from xdsd.sources.file import FileSource
+
+MESH = {
+    "services": {
+        "reviews": {"sidecar": {"inbound": {"port": 15006}, "app_port": 9080}},
+        "shop": {"sidecar": {"inbound": {"port": 15006}, "app_port": 9080, "upstreams": {"reviews": 9081}}},
+    },
+}
+
+
+def test_registrations_patch_and_skip_what_does_not_read_endpoints(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(MESH))
+    ids = IdentityStore(CertificateAuthority.load_or_create(tmp_path, "mesh"), dt.timedelta(hours=1))
+    cache = SnapshotCache(lambda m, g: generate(m, g, ids.credentials, cache.memo))
+    seen: list[Mesh] = []
+    registry = Registry(MemoryStore())
+    ctl = Controller(FileSource(path), cache, Metrics(), ids, on_mesh=seen.append, registry=registry)
+    cache.watch(NodeGroup("shop"), lambda snap, types: None)
+    ensured: list[object] = []
+    real_ensure = ids.ensure
+    monkeypatch.setattr(ids, "ensure", lambda *a, **k: ensured.append(a) or real_ensure(*a, **k))
+    hints: list[object] = []
+    real_set_mesh = cache.set_mesh
+    monkeypatch.setattr(cache, "set_mesh", lambda m, endpoints_changed=None: hints.append(endpoints_changed)
+                        or real_set_mesh(m, endpoints_changed=endpoints_changed))
+
+    assert ctl.reload()
+    assert len(seen) == 1 and len(ensured) == 1 and hints == [None]
+    for i in range(3):
+        registry.register({"service": "reviews", "address": f"10.0.0.{i + 1}", "port": 15006, "instance_id": f"r{i}"})
+    assert len(hints) == 4 and all(h is not None and h[1] == {"reviews"} for h in hints[1:])  # type: ignore[index]
+    assert len(seen) == 1  # authorization keeps its mesh: only endpoints changed
+    assert len(ensured) == 1  # no identity to issue or drop
+    snap = cache.snapshot(NodeGroup("shop"))
+    assert snap is not None
+    cla = snap.get("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment").resources["reviews"]
+    assert b"10.0.0.3" in cla.body
+
+    path.write_text(yaml.safe_dump({**MESH, "mesh": {"trust_domain": "other.local"}}))
+    assert ctl.reload()
+    assert len(seen) == 2 and len(ensured) == 2 and hints[-1] is None  # a new file: everything again
+    registry.deregister("reviews", "r0")
+    assert len(seen) == 2 and hints[-1] is not None
