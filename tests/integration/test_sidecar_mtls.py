@@ -328,17 +328,23 @@ def test_the_xds_port_can_be_served_over_tls(
     out_port = free_port()
     mesh_file.write(mesh_yaml(ups, free_port("127.0.0.3"), out_port))
     cert, key = _server_cert(tmp_path)
-    xdsd = start_xdsd(mesh_file.path, extra_args=["--xds-tls-cert", str(cert), "--xds-tls-key", str(key)])
+    authz_port = free_port()  # ext_authz over HTTP uses the same certificate (reviews asks that way)
+    xdsd = start_xdsd(mesh_file.path, extra_args=["--xds-tls-cert", str(cert), "--xds-tls-key", str(key),
+                                                  "--authz-http-address", f"127.0.0.1:{authz_port}"])
     envoys = []
     for name in ("productpage", "reviews"):
         opts = BootstrapOptions(
             node_id=f"{name}-1", cluster=name, xds_port=xdsd.xds_port, admin_port=free_port(),
             token=xdsd.token(f"{name}-1", name), xds_tls_ca=str(tmp_path / "ca.pem"),
+            authz_http_port=authz_port if name == "reviews" else None,
         )
         envoys.append(EnvoyProcess(name, render(opts), tmp_path).start())
     try:
         wait_for(lambda: send_requests(f"http://127.0.0.1:{out_port}/x", 1)[0].app == "reviews", "the mesh over TLS xDS", 30)
         assert envoys[0].stat("cluster.xds_cluster.ssl.handshake") >= 1
+        # reviews' inbound check went to xdsd's HTTP authz port over TLS, verified with the same CA.
+        assert envoys[1].stat("cluster.xdsd_authz.ssl.handshake") >= 1
+        assert envoys[1].stat("cluster.xdsd_authz.upstream_rq_200") >= 1
     finally:
         for e in envoys:
             e.stop()
