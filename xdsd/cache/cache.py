@@ -78,6 +78,10 @@ class SnapshotCache:
                 watcher(snap, types)
         return changed
 
+    def current(self, group: NodeGroup) -> Snapshot | None:
+        """The group's snapshot if one is built (``snapshot`` builds a missing one)."""
+        return self._snapshots.get(group)
+
     def snapshot(self, group: NodeGroup) -> Snapshot | None:
         snap = self._snapshots.get(group)
         if snap is None and self._mesh is not None:

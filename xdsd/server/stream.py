@@ -61,11 +61,36 @@ class WakeQueue:
     TARGET_SECONDS = 0.008
     MIN_BATCH = 4
 
+    # Building a group's first snapshot (its first node connecting) costs ~0.5-1 ms; a reconnect
+    # storm brings a hundred groups at once. At most this much of it per loop iteration.
+    BUILD_BUDGET_SECONDS = 0.004
+
     def __init__(self) -> None:
         self._queue: deque[Stream] = deque()
         self._scheduled = False
         self.batch = self.BATCH
         self._drained_at = 0.0  # when the last batch was woken, while draining continues
+        self._built = 0.0  # seconds of snapshot building in this loop iteration
+        self._build_reset = False
+
+    def may_build(self) -> bool:
+        return self._built < self.BUILD_BUDGET_SECONDS
+
+    def built(self, seconds: float) -> None:
+        self._built += seconds
+        if self._build_reset:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._built = 0.0
+            return
+        self._build_reset = True
+        loop.call_soon(self._reset_build)  # runs in the next iteration
+
+    def _reset_build(self) -> None:
+        self._built = 0.0
+        self._build_reset = False
 
     def add(self, stream: Stream) -> None:
         self._queue.append(stream)
@@ -195,7 +220,10 @@ class Stream:
             authz_cluster=authz or None,
         )
         self.cache.watch(self.group, self._on_snapshot)
-        self.snapshot = self.cache.snapshot(self.group)
+        # The group's snapshot if it is built. The first node of a group has it built in a pass
+        # (queued, within a build budget per loop iteration), not here: a reconnect storm reads
+        # the first requests of a hundred groups in one iteration.
+        self.snapshot = self.cache.current(self.group)
         self.observer.stream_opened(self)
 
     def close(self) -> None:
@@ -352,6 +380,15 @@ class Stream:
     def responses(self) -> list[Outgoing]:
         """Every response owed now, in order: CDS, EDS, LDS, RDS, SDS, others; removals last."""
         snap = self.snapshot
+        if snap is None and self.group is not None and self.cache.ready:
+            wakes = self._wakes
+            if wakes is not None and not wakes.may_build():
+                wakes.add(self)  # this iteration has built enough: the next one
+                return []
+            started = time.perf_counter()
+            snap = self.snapshot = self.cache.snapshot(self.group)
+            if wakes is not None:
+                wakes.built(time.perf_counter() - started)
         if snap is None or self.group is None:
             return []  # not ready: a restarted control plane never serves an empty state
         states = self.states
