@@ -203,3 +203,34 @@ def test_the_hint_is_ignored_unless_it_is_relative_to_the_mesh_being_served() ->
     scratch = _scratch(second, credentials)
     assert merger.endpoints_changed is not None and merger.endpoints_changed[0] is first
     assert _view(cache, NodeGroup("edge")) == _view(scratch, NodeGroup("edge"))
+
+
+def test_an_all_eds_gateway_finds_what_a_service_feeds_by_bisection() -> None:
+    names = [f"svc-{i:02d}" for i in range(50)]
+    data = {"services": {n: {"endpoints": [{"address": f"10.4.{i}.1", "port": 80, "labels": {"v": "1"}},
+                                           {"address": f"10.4.{i}.2", "port": 80, "labels": {"v": "2"}}],
+                             "subsets": {"one": {"v": "1"}, "two": {"v": "2"}} if i % 7 == 0 else {}}
+                         for i, n in enumerate(names)},
+            "gateways": {"edge": {"listen": {"address": "127.0.0.1", "port": 10000},
+                                  "routes": [{"prefix": f"/{n}", "service": n, **({"subset": "two"} if i % 7 == 0 else {})}
+                                             for i, n in enumerate(names)]
+                                  # services with several clusters: the whole service and two subsets
+                                  + [{"prefix": f"/{n}/{sub}", "service": n, **({"subset": sub} if sub else {})}
+                                     for i, n in enumerate(names) if i % 7 == 0 for sub in ("one", None)]}}}
+    file_mesh = load_mesh(yaml.safe_dump(data))
+    credentials = Credentials()
+    cache = SnapshotCache(lambda m, g: generate(m, g, credentials, cache.memo))
+    cache.watch(NodeGroup("edge"), lambda snap, types: None)
+    merger = Merger()
+    cache.set_mesh(merger.merge(file_mesh, []))
+    rnd = random.Random(7)
+    instances: list[Instance] = []
+    for step in range(25):
+        service = rnd.choice(names)
+        instances.append(Instance(service=service, instance_id=f"i{step}", address=f"10.5.0.{step + 1}", port=80,
+                                  labels={"v": rnd.choice(["1", "2"])}))
+        mesh = merger.merge(file_mesh, instances)
+        cache.set_mesh(mesh, endpoints_changed=merger.endpoints_changed)
+        assert _view(cache, NodeGroup("edge")) == _view(_scratch(mesh, credentials), NodeGroup("edge")), step
+    last = cache.memo.last(("generated", NodeGroup("edge")))
+    assert isinstance(last, generators._Generated) and isinstance(last.where, generators._SortedTargets)

@@ -3,6 +3,9 @@ no I/O. Which node gets what is decided here."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import operator
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -82,16 +85,19 @@ class _Generated:
     own_id: str | None
     # service -> [(position in CLUSTER, position in ENDPOINT or None for STRICT_DNS, target)],
     # worked out at the first patch and handed on while the layout holds.
-    where: dict[str, list[tuple[int, int | None, Target]]] | None = None
+    where: dict[str, list[tuple[int, int | None, Target]]] | _SortedTargets | None = None
 
 
-def _where(last: _Generated) -> dict[str, list[tuple[int, int | None, Target]]] | None:
+def _where(last: _Generated) -> dict[str, list[tuple[int, int | None, Target]]] | _SortedTargets | None:
     """Which positions of ``last.out`` each service feeds (ENDPOINT holds the assignments of the
     EDS targets, in target order)."""
     where: dict[str, list[tuple[int, int | None, Target]]] = {}
     assignments = last.out[typeurls.ENDPOINT]
     offset = last.offset
     if len(assignments) == len(last.targets):  # every target is EDS (the usual case): same positions
+        targets = last.targets
+        if all(map(operator.le, map(_SERVICE, targets), map(_SERVICE, itertools.islice(targets, 1, None)))):
+            return _SortedTargets(targets, offset)  # looked up by bisection: nothing to build
         for i, target in enumerate(last.targets):
             entries = where.get(target[0])
             if entries is None:
@@ -107,6 +113,26 @@ def _where(last: _Generated) -> dict[str, list[tuple[int, int | None, Target]]] 
             j += 1
         where.setdefault(target[0], []).append((last.offset + i, epos, target))
     return where if j == len(assignments) else None
+
+
+_SERVICE = operator.itemgetter(0)
+
+
+class _SortedTargets:
+    """Where services feed when every target is EDS and the targets are sorted by service (as
+    generators build them): a service's targets are one slice, found by bisection. A mapping
+    with 10,000 entries cost ~6 ms (and a garbage collection) at the first patch."""
+
+    __slots__ = ("offset", "targets")
+
+    def __init__(self, targets: list[Target], offset: int) -> None:
+        self.targets = targets
+        self.offset = offset
+
+    def get(self, name: str) -> list[tuple[int, int | None, Target]] | None:
+        lo = bisect.bisect_left(self.targets, name, key=_SERVICE)
+        hi = bisect.bisect_right(self.targets, name, lo=lo, key=_SERVICE)
+        return [(self.offset + i, i, self.targets[i]) for i in range(lo, hi)] or None
 
 
 def _assignment_name(message: Message) -> str:
