@@ -175,7 +175,11 @@ BAD = [
 
 @pytest.mark.parametrize("change, field, reason", BAD, ids=[b[1] + "-" + str(i) for i, b in enumerate(BAD)])
 def test_bad_registrations_are_refused_naming_the_field_and_change_nothing(scene: Scene, change: dict[str, Any], field: str, reason: str) -> None:
+    revision = scene.xdsd.admin_get_json("/debug/config")["revision"]
     scene.register("v2", ttl="60s")
+    # The registration becomes a revision after the registry debounce: wait for it, so that the
+    # comparison below sees only what the bad registration did.
+    wait_for(lambda: scene.xdsd.admin_get_json("/debug/config")["revision"] != revision, "v2's revision", 10)
     before = (scene.api("/v1/instances")[1], scene.xdsd.admin_get_json("/debug/config")["revision"])
     host, port = scene.ups.addresses["v3"]
     body = {"service": "reviews", "instance_id": "v3", "address": host, "port": port, **change}

@@ -15,7 +15,7 @@ class _Fake:
 
 async def _pass(stream: _Fake, cost: float) -> None:
     await stream.wake.wait()
-    time.sleep(cost)  # the pass holds the loop, as building and sending a response does
+    time.sleep(cost)  # noqa: ASYNC251 - the pass holds the loop, as building and sending a response does
 
 
 async def _run(queue: WakeQueue, n: int, cost: float) -> None:

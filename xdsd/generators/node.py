@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from envoy.config.core.v3 import config_source_pb2
@@ -44,6 +44,16 @@ class NodeGroup:
     # The bootstrap's cluster for xdsd's ext_authz over HTTP (node metadata ``xdsd.authz_cluster``,
     # written by ``xdsd bootstrap --authz-http-port``); None: checks go over gRPC on the xDS cluster.
     authz_cluster: str | None = None
+    # Groups are dict keys everywhere (cache, memo): hash the fields once, not on every lookup.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((
+            self.cluster, self.transport, self.xds_cluster, self.inbound_address, self.app_address,
+            self.initial_metadata, self.zone, self.admin_address, self.authz_cluster)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     def __str__(self) -> str:
         return f"{self.cluster}/{self.transport}"
