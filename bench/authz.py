@@ -169,6 +169,15 @@ def eval_alone() -> dict[str, float]:
     return {"decide_us": per * 1e6}
 
 
+def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_us": latencies[len(latencies) // 2] * 1e6,
+        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
+    }
+
+
 async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str, float]:
     import grpc
     from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
@@ -191,12 +200,7 @@ async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50_us": latencies[len(latencies) // 2] * 1e6,
-        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
-    }
+    return _summary(latencies, elapsed)
 
 
 async def servicer_paced(port: int, rate: int, seconds: float) -> dict[str, float]:
@@ -261,12 +265,7 @@ async def http_alone(port: int, requests: int, concurrency: int) -> dict[str, fl
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
     elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50_us": latencies[len(latencies) // 2] * 1e6,
-        "p99_us": latencies[int(len(latencies) * 0.99)] * 1e6,
-    }
+    return _summary(latencies, elapsed)
 
 
 def main(argv: list[str] | None = None) -> int:

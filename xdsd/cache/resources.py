@@ -15,6 +15,8 @@ from types import MappingProxyType
 
 from google.protobuf.message import Message
 
+from xdsd import wire
+
 
 def content_version(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
@@ -43,36 +45,17 @@ class Resource:
         ``Resource{name=3, version=1, resource=2}`` in ``DeltaDiscoveryResponse.resources=2``."""
         # Joined from their pieces: the body is copied once per form. (Large assignments are
         # hundreds of KB; every extra copy is a fresh allocation the allocator may page in again.)
-        type_field = _field(1, type_url.encode())
-        value_head = _head(2, len(body))
+        type_field = wire.field(1, type_url.encode())
+        value_head = wire.head(2, len(body))
         packed_size = len(type_field) + len(value_head) + len(body)  # Any{type_url=1, value=2}
-        packed_head = _head(2, packed_size)
+        packed_head = wire.head(2, packed_size)
         sotw_field = b"".join((packed_head, type_field, value_head, body))
-        version_field = _field(1, version.encode())
-        name_field = _field(3, name.encode())
+        version_field = wire.field(1, version.encode())
+        name_field = wire.field(3, name.encode())
         delta_size = len(version_field) + len(packed_head) + packed_size + len(name_field)
-        delta_field = b"".join((_head(2, delta_size), version_field, packed_head, type_field, value_head, body, name_field))
+        delta_field = b"".join((wire.head(2, delta_size), version_field, packed_head, type_field, value_head, body, name_field))
         mix = int.from_bytes(hashlib.sha256(f"{name}\0{version}".encode()).digest()[:16], "big")
         return cls(name, type_url, version, body, sotw_field, delta_field, mix)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _head(number: int, size: int) -> bytes:
-    """Tag and length of a length-delimited field of ``size`` bytes."""
-    return _varint(number << 3 | 2) + _varint(size)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _head(number, len(payload)) + payload
 
 
 _EMPTY: Mapping[str, Resource] = MappingProxyType({})

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2
 
+from xdsd import wire
 from xdsd.model import Endpoint
 from xdsd.model.fields import is_ip
 
@@ -37,20 +38,6 @@ class Encoded:
     version: str
 
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
-
-
 def _lb_endpoint(ep: Endpoint) -> bytes:
     lb = endpoint_components_pb2.LbEndpoint()
     sock = lb.endpoint.address.socket_address
@@ -60,7 +47,7 @@ def _lb_endpoint(ep: Endpoint) -> bytes:
     if ep.status == "draining":
         lb.health_status = health_check_pb2.DRAINING
     # As element 2 (lb_endpoints) of LocalityLbEndpoints.
-    return field(2, lb.SerializeToString(deterministic=True))
+    return wire.field(2, lb.SerializeToString(deterministic=True))
 
 
 @dataclass(slots=True)
@@ -154,19 +141,19 @@ class AssignmentEncoder:
             for ep in endpoints:
                 grouped.setdefault(ep.zone or "", []).append(ep)
             by_zone = {k: [eps[i:i + CHUNK] for i in range(0, len(eps), CHUNK)] for k, eps in grouped.items()}
-        parts = [field(1, name.encode())]
+        parts = [wire.field(1, name.encode())]
         digest = hashlib.sha256(name.encode())
         for key, eps in by_zone.items():
             chunks = self._locality((name, key, zone), eps)
             head = b""
             if key:
-                head = field(1, field(2, key.encode()))  # locality { zone }
+                head = wire.field(1, wire.field(2, key.encode()))  # locality { zone }
             tail = b""
             if local and key != zone:
-                tail = varint(5 << 3) + varint(1)  # priority: 1
+                tail = wire.varint(5 << 3) + wire.varint(1)  # priority: 1
             inner = [head, *(c.body for c in chunks), tail]
             size = sum(len(x) for x in inner)
-            parts.append(varint(2 << 3 | 2) + varint(size))
+            parts.append(wire.head(2, size))
             parts.extend(inner)
             digest.update(head + tail)
             for c in chunks:

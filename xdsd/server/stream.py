@@ -17,7 +17,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
-from xdsd import typeurls
+from xdsd import typeurls, wire
 from xdsd.cache import Resource, Snapshot, SnapshotCache, TypeSnapshot
 from xdsd.generators import NodeGroup, Transport
 from xdsd.server import encode
@@ -297,9 +297,9 @@ class Stream:
         head_end = _skip_fields(data, 0, _HEAD_FIELDS)
         tail = b""
         if req.response_nonce:
-            tail += _field(5, req.response_nonce.encode())
+            tail += wire.field(5, req.response_nonce.encode())
         if req.HasField("error_detail"):
-            tail += _field(6, req.error_detail.SerializeToString(deterministic=True))
+            tail += wire.field(6, req.error_detail.SerializeToString(deterministic=True))
         tail_start = len(data) - len(tail)
         if head_end is None or tail_start < head_end or not data.endswith(tail):
             return
@@ -626,19 +626,6 @@ def _skip_fields(data: bytes, pos: int, allowed: frozenset[int], to_end: bool = 
     except ValueError:
         return None
     return pos if pos == len(data) else None
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _same_subscription(data: bytes, blocks: dict[str, bytes]) -> tuple[str, int, int] | None:

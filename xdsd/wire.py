@@ -1,0 +1,24 @@
+"""Protobuf wire-format pieces, for responses assembled from bytes serialized once
+(https://protobuf.dev/programming-guides/encoding/): a message is the concatenation of its fields."""
+
+from __future__ import annotations
+
+
+def varint(n: int) -> bytes:
+    """A base-128 varint (non-negative ``n``)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def head(number: int, size: int) -> bytes:
+    """Tag and length of a length-delimited field (wire type 2) of ``size`` bytes."""
+    return varint(number << 3 | 2) + varint(size)
+
+
+def field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field (wire type 2)."""
+    return head(number, len(payload)) + payload
