@@ -38,14 +38,19 @@ class Encoded:
     version: str
 
 
-def _lb_endpoint(ep: Endpoint) -> bytes:
-    lb = endpoint_components_pb2.LbEndpoint()
+def fill_lb_endpoint(lb: endpoint_components_pb2.LbEndpoint, ep: Endpoint) -> None:
+    """One endpoint as Envoy gets it, whether encoded in chunks here or built whole (endpoints.py)."""
     sock = lb.endpoint.address.socket_address
     sock.address = ep.address
     sock.port_value = ep.port
     lb.load_balancing_weight.value = ep.weight
     if ep.status == "draining":
         lb.health_status = health_check_pb2.DRAINING
+
+
+def _lb_endpoint(ep: Endpoint) -> bytes:
+    lb = endpoint_components_pb2.LbEndpoint()
+    fill_lb_endpoint(lb, ep)
     # As element 2 (lb_endpoints) of LocalityLbEndpoints.
     return wire.field(2, lb.SerializeToString(deterministic=True))
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import operator
 
-from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 
-from xdsd.generators.encoded import AssignmentEncoder, Encoded
+from xdsd.generators.encoded import AssignmentEncoder, Encoded, fill_lb_endpoint
 from xdsd.model import Endpoint, Mesh
 from xdsd.model.fields import is_ip
 
@@ -56,13 +55,7 @@ def load_assignment(name: str, endpoints: list[Endpoint], zone: str | None = Non
             if local and ep.zone != zone:
                 locality.priority = 1
             by_zone[key] = locality
-        lb = locality.lb_endpoints.add()
-        sock = lb.endpoint.address.socket_address
-        sock.address = ep.address
-        sock.port_value = ep.port
-        lb.load_balancing_weight.value = ep.weight
-        if ep.status == "draining":
-            lb.health_status = health_check_pb2.DRAINING
+        fill_lb_endpoint(locality.lb_endpoints.add(), ep)
     return cla
 
 
