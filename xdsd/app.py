@@ -40,15 +40,19 @@ from xdsd.server.csds import ClientStatusServicer
 from xdsd.server.observer import FanOut
 from xdsd.server.xds import XdsServer
 from xdsd.sources.file import FileSource
+from xdsd.transport import GrpcServer
+from xdsd.transport.server import server_tls
 
 log = logging.getLogger("xdsd")
+
+MAX_RECEIVE_MESSAGE = 16 * 1024 * 1024
 
 GRPC_OPTIONS = [
     # Envoy's xDS client pings every 30 s (bootstrap); never punish it for that.
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
     ("grpc.max_send_message_length", 256 * 1024 * 1024),
 ]
 
@@ -91,14 +95,42 @@ class App:
         self.serving = False
         self.stop = asyncio.Event()
 
-    def _credentials(self) -> grpc.ServerCredentials | None:
+    def _tls_files(self) -> tuple[Path, Path] | None:
         if not (self.args.xds_tls_cert or self.args.xds_tls_key):
             return None
         if not (self.args.xds_tls_cert and self.args.xds_tls_key):
             raise SystemExit("xdsd: --xds-tls-cert and --xds-tls-key go together")
-        return grpc.ssl_server_credentials(
-            [(self.args.xds_tls_key.read_bytes(), self.args.xds_tls_cert.read_bytes())]
+        return self.args.xds_tls_cert, self.args.xds_tls_key
+
+    def _register(self, server: grpc.aio.Server | GrpcServer) -> None:
+        """Every gRPC service of the xDS port, on either transport."""
+        server.add_generic_rpc_handlers(self.server.handlers())
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, server)
+        csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatusServicer(self.server), server)
+        registration_pb2_grpc.add_RegistrationServicer_to_server(
+            RegistrationServicer(self.registry, self.registration_auth), server
         )
+
+    async def _start_grpc(self) -> tuple[grpc.aio.Server | GrpcServer, int]:
+        """The xDS port (not serving until ``start``): h2 on the loop, or grpcio's server."""
+        host, port = self.xds_address
+        tls = self._tls_files()
+        if getattr(self.args, "xds_transport", "h2") == "grpcio":
+            aio = grpc.aio.server(options=GRPC_OPTIONS)
+            self._register(aio)
+            target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+            creds = grpc.ssl_server_credentials([(tls[1].read_bytes(), tls[0].read_bytes())]) if tls else None
+            bound = aio.add_secure_port(target, creds) if creds else aio.add_insecure_port(target)
+            if bound == 0:
+                raise SystemExit(f"cannot listen on xDS address {host}:{port}")
+            return aio, bound
+        h2 = GrpcServer(max_receive_message_length=MAX_RECEIVE_MESSAGE)
+        self._register(h2)
+        try:
+            bound = await h2.listen(host, port, server_tls(str(tls[0]), str(tls[1])) if tls else None)
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on xDS address {host}:{port}: {exc}") from exc
+        return h2, bound
 
     async def _start_authz_http(self) -> AuthzHttpServer | None:
         """ext_authz over HTTP/1.1 (``--authz-http-address``), with xDS's TLS certificate if it has one."""
@@ -140,19 +172,8 @@ class App:
     async def run(self) -> None:
         self.controller.reload()  # before any port opens: nothing is served before a valid config
         _tune_gc()
-        grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
-        grpc_server.add_generic_rpc_handlers(self.server.handlers())
-        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, grpc_server)
-        csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatusServicer(self.server), grpc_server)
-        registration_pb2_grpc.add_RegistrationServicer_to_server(
-            RegistrationServicer(self.registry, self.registration_auth), grpc_server
-        )
-        host, port = self.xds_address
-        target = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-        creds = self._credentials()
-        bound = grpc_server.add_secure_port(target, creds) if creds else grpc_server.add_insecure_port(target)
-        if bound == 0:
-            raise SystemExit(f"cannot listen on xDS address {host}:{port}")
+        grpc_server, bound = await self._start_grpc()
+        host = self.xds_address[0]
         admin_app = make_app(self.server, self.controller, self.metrics, lambda: self.serving, self.loop_monitor)
         admin_app.add_routes(http_routes(self.registry, self.registration_auth))
         admin = web.AppRunner(admin_app, access_log=None)

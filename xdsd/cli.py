@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-bundle", type=Path, metavar="PEM", help="trust anchors (default: roots in --ca-cert)")
     p.add_argument("--xds-tls-cert", type=Path, metavar="PEM", help="serve xDS over TLS with this certificate")
     p.add_argument("--xds-tls-key", type=Path, metavar="PEM", help="private key of --xds-tls-cert")
+    p.add_argument("--xds-transport", choices=["h2", "grpcio"], default="h2",
+                   help="what serves the gRPC port: h2 on the event loop (default; half the CPU per message) "
+                        "or grpcio's asyncio server")
     p.add_argument("--authz-http-address", type=_host_port, default=None, metavar="HOST:PORT",
                    help="also answer ext_authz checks over HTTP/1.1 here (for Envoys bootstrapped with "
                         "--authz-http-port; faster than gRPC; TLS like xDS when --xds-tls-cert is set)")

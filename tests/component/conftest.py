@@ -12,6 +12,7 @@ from xdsd.cache import SnapshotCache
 from xdsd.generators import generate
 from xdsd.model import load_mesh
 from xdsd.server.xds import XdsServer
+from xdsd.transport import GrpcServer
 
 BASE_MESH = """
 gateways:
@@ -62,13 +63,20 @@ class Harness:
         raise AssertionError(f"node {node_id!r} not connected")
 
 
-@pytest.fixture
-async def xds() -> AsyncIterator[Harness]:
+@pytest.fixture(params=["h2", "grpcio"])
+async def xds(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """The protocol server on both transports ``xdsd serve --xds-transport`` offers."""
     cache = SnapshotCache(generate)
     server = XdsServer(cache)
-    grpc_server = grpc.aio.server()
-    grpc_server.add_generic_rpc_handlers(server.handlers())
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server: grpc.aio.Server | GrpcServer
+    if request.param == "h2":
+        grpc_server = GrpcServer()
+        grpc_server.add_generic_rpc_handlers(server.handlers())
+        port = await grpc_server.listen("127.0.0.1", 0)
+    else:
+        grpc_server = grpc.aio.server()
+        grpc_server.add_generic_rpc_handlers(server.handlers())
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     harness = Harness(cache, server, channel)

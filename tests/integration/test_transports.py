@@ -1,0 +1,80 @@
+"""Both servers of the xDS port (``xdsd serve --xds-transport h2|grpcio``) drive a real Envoy:
+configuration, a change, TLS, and CSDS from a grpcio client, on each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+
+from tests.integration.conftest import EnvoyFactory, MeshFile, Mode
+from tests.integration.test_sidecar_mtls import _server_cert
+from tests.support.procs import free_port, wait_for
+from tests.support.traffic import send_requests
+from tests.support.upstream import Upstreams
+from tests.support.xdsd_proc import XdsdProcess
+
+TRANSPORTS = ["h2", "grpcio"]
+MODES = [Mode(ads=True, delta=True), Mode(ads=False, delta=False)]
+
+
+def _mesh(gw_port: int, host: str, port: int) -> str:
+    return f"""
+services:
+  web:
+    endpoints: [{{address: {host}, port: {port}}}]
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: {gw_port}}}
+    routes: [{{prefix: /, service: web}}]
+"""
+
+
+def _app(url: str) -> str | None:
+    return send_requests(url, 1)[0].app
+
+
+@pytest.mark.parametrize("mode", MODES, ids=[m.id for m in MODES])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_envoy_is_configured_and_follows_a_change(
+    transport: str, mode: Mode, mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory, upstreams: Callable[..., Upstreams],
+) -> None:
+    ups = upstreams({"blue": "127.0.0.2", "green": "127.0.0.3"})
+    gw_port = free_port()
+    url = f"http://127.0.0.1:{gw_port}/x"
+    mesh_file.write(_mesh(gw_port, *ups.addresses["blue"]))
+    server = xdsd(extra_args=["--xds-transport", transport])
+    envoy = envoy_factory(server, "edge-1", "edge", mode=mode)
+    wait_for(lambda: _app(url) == "blue", f"traffic to blue over {transport}", 30)
+
+    mesh_file.write(_mesh(gw_port, *ups.addresses["green"]))
+    wait_for(lambda: _app(url) == "green", f"traffic to green after the edit over {transport}", 30)
+    if mode.ads:
+        assert envoy.stat("control_plane.connected_state") == 1
+
+    # CSDS (a unary call from grpcio's client) on the same port reports the node in sync.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.xds_port}") as channel:
+        stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+        status = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest(), timeout=10)
+    configs = {c.node.id: c for c in status.config}
+    assert "edge-1" in configs
+    assert {x.config_status for x in configs["edge-1"].generic_xds_configs} == {csds_pb2.SYNCED}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_xds_over_tls(
+    transport: str, mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory, upstreams: Callable[..., Upstreams], tmp_path: Path,
+) -> None:
+    ups = upstreams({"blue": "127.0.0.2"})
+    gw_port = free_port()
+    mesh_file.write(_mesh(gw_port, *ups.addresses["blue"]))
+    cert, key = _server_cert(tmp_path)
+    server = xdsd(extra_args=["--xds-transport", transport, "--xds-tls-cert", str(cert), "--xds-tls-key", str(key)])
+    envoy = envoy_factory(server, "edge-1", "edge", xds_tls_ca=str(tmp_path / "ca.pem"))
+    wait_for(lambda: _app(f"http://127.0.0.1:{gw_port}/x") == "blue", f"traffic over TLS xDS ({transport})", 30)
+    assert envoy.stat("cluster.xds_cluster.ssl.handshake") >= 1

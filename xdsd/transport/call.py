@@ -1,0 +1,293 @@
+"""One gRPC call on an HTTP/2 stream: the requests it reads, the messages it writes, its status.
+
+gRPC over HTTP/2 (grpc/doc/PROTOCOL-HTTP2.md): a message is a 1-byte compressed flag, a 4-byte
+big-endian length and the bytes; the response is HEADERS, DATA*, then trailers carrying
+grpc-status and grpc-message (or one trailers-only HEADERS frame when nothing else was sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from xdsd.transport.context import ServicerContext
+
+if TYPE_CHECKING:
+    from xdsd.transport.connection import Connection
+
+log = logging.getLogger(__name__)
+
+# Received messages a handler has not read yet: past this many bytes the stream's window is no
+# longer reopened, so a client that writes faster than its handler reads is held by flow control.
+INBOX_LIMIT = 1 << 20
+
+_OK = grpc.StatusCode.OK
+
+
+class CallError(Exception):
+    """The request broke gRPC framing; the call ends with this status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def grpc_message(details: str) -> bytes:
+    """Percent-encode a status message (grpc-message: printable ASCII except '%' stays as is)."""
+    raw = details.encode("utf-8")
+    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
+        return raw
+    return b"".join(bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
+
+
+class Call:
+    """State of one call. The connection feeds it; the handler task reads and writes through it."""
+
+    __slots__ = (
+        "conn", "stream_id", "handler", "metadata", "peer", "deadline", "task", "headers_sent", "finished",
+        "cancelled", "expired", "_buf", "_inbox", "_inbox_bytes", "_unacked", "_eof", "_reader", "pending",
+        "_drained", "_error",
+    )
+
+    def __init__(self, conn: Connection, stream_id: int, handler: grpc.RpcMethodHandler,
+                 metadata: tuple[tuple[str, str | bytes], ...], peer: str, deadline: float | None) -> None:
+        self.conn = conn
+        self.stream_id = stream_id
+        self.handler = handler
+        self.metadata = metadata
+        self.peer = peer
+        self.deadline = deadline  # loop time, or None
+        self.task: asyncio.Task[None] | None = None
+        self.headers_sent = False
+        self.finished = False
+        self.cancelled = False
+        self.expired = False
+        self._buf = bytearray()  # bytes of a message not complete yet
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._unacked = 0  # received bytes whose window was not reopened (inbox over its limit)
+        self._eof = False  # the client half-closed
+        self._reader: asyncio.Future[None] | None = None
+        self.pending: deque[bytes | memoryview] = deque()  # framed output waiting for window
+        self._drained: asyncio.Future[None] | None = None
+        self._error: CallError | None = None
+
+    # -- from the connection ---------------------------------------------------------------
+
+    def feed(self, data: bytes, flow_controlled: int) -> None:
+        """DATA for this stream: split it into messages; reopen the window unless the inbox is full."""
+        if self._error is not None:
+            self.conn.acknowledge(self.stream_id, flow_controlled)
+            return
+        buf = self._buf
+        if not buf and len(data) >= 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == len(data) - 5:
+            self._deliver(data[5:])  # the common case: exactly one whole message in the frame
+        else:
+            buf += data
+            while len(buf) >= 5:
+                size = int.from_bytes(buf[1:5], "big")
+                if size > self.conn.max_message:
+                    return self._fail(flow_controlled, CallError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"Received message larger than max ({size} vs. {self.conn.max_message})"))
+                if buf[0] != 0:
+                    # Requests with a grpc-encoding are refused before any DATA is read.
+                    return self._fail(flow_controlled, CallError(
+                        grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding"))
+                if len(buf) < 5 + size:
+                    break
+                self._deliver(bytes(buf[5:5 + size]))
+                del buf[:5 + size]
+        if self._inbox_bytes < INBOX_LIMIT:
+            self.conn.acknowledge(self.stream_id, flow_controlled)
+        else:
+            self._unacked += flow_controlled
+
+    def _deliver(self, message: bytes) -> None:
+        self._inbox.append(message)
+        self._inbox_bytes += len(message)
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            if not reader.done():
+                reader.set_result(None)
+
+    def _fail(self, flow_controlled: int, error: CallError) -> None:
+        self.conn.acknowledge(self.stream_id, flow_controlled)
+        self._buf.clear()
+        self._error = error
+        self._wake_reader()
+
+    def end_of_requests(self) -> None:
+        self._eof = True
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        reader = self._reader
+        if reader is not None:
+            self._reader = None
+            if not reader.done():
+                reader.set_result(None)
+
+    def window_opened(self) -> None:
+        if self.pending:
+            self.conn.flush(self)
+
+    def drained(self) -> None:
+        waiter = self._drained
+        if waiter is not None:
+            self._drained = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def abandon(self) -> None:
+        """The client reset the stream or the connection is gone: stop the handler, send nothing."""
+        if self.finished:
+            return
+        self.cancelled = True
+        self.pending.clear()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def expire(self) -> None:
+        """The call's deadline (grpc-timeout) passed: stop the handler; it ends DEADLINE_EXCEEDED."""
+        if self.finished or self.cancelled:
+            return
+        self.expired = True
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - self.conn.loop.time())
+
+    # -- for the handler --------------------------------------------------------------------
+
+    async def read(self) -> Any:
+        """The next request (deserialized), or grpc.aio.EOF once the client half-closed."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            inbox = self._inbox
+            if inbox:
+                message = inbox.popleft()
+                self._inbox_bytes -= len(message)
+                if self._unacked and self._inbox_bytes < INBOX_LIMIT:
+                    self.conn.acknowledge(self.stream_id, self._unacked)
+                    self._unacked = 0
+                    self.conn.write_out()
+                deserialize = self.handler.request_deserializer
+                if deserialize is None:
+                    return message
+                try:
+                    return deserialize(message)
+                except Exception as exc:
+                    log.debug("cannot deserialize a request on %s: %s", self.handler, exc)
+                    raise CallError(grpc.StatusCode.INTERNAL, "Exception deserializing request!") from exc
+            if self._eof:
+                return grpc.aio.EOF
+            if self.cancelled:
+                raise asyncio.CancelledError()
+            waiter = self._reader = self.conn.loop.create_future()
+            await waiter
+
+    async def requests(self) -> AsyncIterator[Any]:
+        while True:
+            request = await self.read()
+            if request is grpc.aio.EOF:
+                return
+            yield request
+
+    def send_headers(self, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+        if not self.headers_sent:
+            self.headers_sent = True
+            self.conn.send_headers(self.stream_id, metadata)
+
+    async def write(self, message: Any) -> None:
+        if self.finished or self.cancelled:
+            raise asyncio.InvalidStateError("the call is over")
+        if not self.headers_sent:
+            self.send_headers()
+        serialize = self.handler.response_serializer
+        data = message if serialize is None else serialize(message)
+        pending = self.pending
+        pending.append(b"\0" + len(data).to_bytes(4, "big") + data)  # one DATA frame when it fits
+        self.conn.flush(self)
+        if pending:
+            # The peer's window is closed: wait until it reads (HTTP/2 flow control, RFC 9113 §5.2).
+            self._drained = waiter = self.conn.loop.create_future()
+            await waiter
+            if self.cancelled:
+                raise asyncio.CancelledError()
+        if self.conn.paused:
+            await self.conn.writable()
+
+    # -- running the handler ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        context = ServicerContext(self, self.metadata)
+        handler = self.handler
+        code: grpc.StatusCode = _OK
+        details = ""
+        try:
+            request: Any
+            if handler.request_streaming:
+                request = self.requests()
+            else:
+                request = await self.read()
+                if request is grpc.aio.EOF:
+                    raise CallError(grpc.StatusCode.INTERNAL, "Expected one request, got none")
+            if handler.response_streaming:
+                fn: Callable[..., Any] = handler.stream_stream if handler.request_streaming else handler.unary_stream
+                result = fn(request, context)
+                if inspect.isasyncgen(result):
+                    async for response in result:
+                        await self.write(response)
+                elif inspect.isawaitable(result):
+                    await result
+            else:
+                fn = handler.stream_unary if handler.request_streaming else handler.unary_unary
+                result = fn(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                if context.code in (None, _OK):
+                    if result is None:
+                        raise CallError(grpc.StatusCode.INTERNAL, "the handler returned no response")
+                    await self.write(result)
+            code = context.code or _OK
+            details = context.details or ""
+        except grpc.aio.AbortError:
+            code = context.code or grpc.StatusCode.UNKNOWN
+            details = context.details or ""
+        except CallError as exc:
+            code, details = exc.code, exc.details
+        except asyncio.CancelledError:
+            if not self.expired:
+                return  # the client is gone: nothing to answer
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"
+        except Exception as exc:
+            log.exception("gRPC handler for stream %d failed", self.stream_id)
+            code, details = grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
+        if not self.cancelled:
+            try:
+                await self._finish(code, details, context.trailing_metadata)
+            except asyncio.CancelledError:
+                pass
+
+    async def _finish(self, code: grpc.StatusCode, details: str,
+                      trailing: tuple[tuple[str, str | bytes], ...]) -> None:
+        if self.pending:
+            self._drained = waiter = self.conn.loop.create_future()
+            await waiter
+            if self.cancelled:
+                return
+        self.finished = True
+        self.conn.send_trailers(self, code, details, trailing, trailers_only=not self.headers_sent)

@@ -1,0 +1,109 @@
+"""The listening side: handler lookup by ``:path``, sockets, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
+
+import grpc
+
+from xdsd.transport.connection import Connection
+
+log = logging.getLogger(__name__)
+
+
+class _CallDetails(NamedTuple):
+    """What grpcio's generic handlers look at to pick a method (grpc.HandlerCallDetails)."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """TLS for a gRPC port: HTTP/2 by ALPN, TLS 1.2 or newer (RFC 9113 §9.2)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+class GrpcServer:
+    """Serves grpcio handler objects (``grpc.GenericRpcHandler``, generated ``add_*_to_server``)
+    over HTTP/2 connections run by the event loop."""
+
+    def __init__(self, *, max_receive_message_length: int = 4 * 1024 * 1024, max_concurrent_streams: int = 1024,
+                 stream_window: int = 1 << 20, connection_window: int = 16 << 20,
+                 max_header_list_size: int = 64 * 1024) -> None:
+        self.max_receive_message_length = max_receive_message_length
+        self.max_concurrent_streams = max_concurrent_streams
+        self.stream_window = stream_window
+        self.connection_window = connection_window
+        self.max_header_list_size = max_header_list_size
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self._generic: list[grpc.GenericRpcHandler] = []
+        self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
+        self._servers: list[asyncio.Server] = []
+
+    # grpc.aio.Server's registration interface, so generated add_*_to_server functions work.
+    def add_generic_rpc_handlers(self, handlers: Iterable[grpc.GenericRpcHandler]) -> None:
+        self._generic.extend(handlers)
+        self._methods = {k: v for k, v in self._methods.items() if v is not None}
+
+    def add_registered_method_handlers(self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        for method, handler in handlers.items():
+            self._methods[f"/{service}/{method}"] = handler
+
+    def lookup(self, path: str) -> grpc.RpcMethodHandler | None:
+        try:
+            return self._methods[path]
+        except KeyError:
+            pass
+        found = None
+        details = _CallDetails(path, ())
+        for generic in self._generic:
+            found = generic.service(details)  # type: ignore[arg-type]
+            if found is not None:
+                break
+        if len(self._methods) < 10_000:  # unknown paths are remembered too, up to a bound
+            self._methods[path] = found
+        return found
+
+    async def listen(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Bind (not serving yet: see ``start``); returns the port, useful when ``port`` is 0."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: Connection(self), host=host or None, port=port, ssl=tls, backlog=4096, reuse_address=True,
+            start_serving=False,
+        )
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        for server in self._servers:
+            await server.start_serving()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new connections and streams, let open calls end for ``grace`` seconds, then cut."""
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.go_away()
+        tasks = [c.task for conn in self.connections for c in conn.calls.values() if c.task is not None]
+        if tasks and grace:
+            await asyncio.wait(tasks, timeout=grace)
+        for conn in list(self.connections):
+            for call in list(conn.calls.values()):
+                call.abandon()
+            conn.abort()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
