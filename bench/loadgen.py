@@ -1,9 +1,17 @@
 """xDS load generator: many sidecar-like ADS streams, in processes of their own.
 
-Each stream has its own HTTP/2 connection (its own gRPC channel with a local subchannel pool),
-identifies its node (with a token), subscribes like an Envoy sidecar does — CDS and LDS wildcard,
-then EDS for the EDS clusters it received and RDS for the route names its listeners carry, SDS for
-its own certificate and the trust bundle — and ACKs every response. State of the world or delta.
+Each stream has its own HTTP/2 connection (its own TCP connection), identifies its node (with a
+token), subscribes like an Envoy sidecar does — CDS and LDS wildcard, then EDS for the EDS clusters
+it received and RDS for the route names its listeners carry, SDS for its own certificate and the
+trust bundle — and ACKs every response. State of the world or delta.
+
+Streams are raw HTTP/2 gRPC clients (bench.h2grpc, on the ``h2`` library), not grpc.aio channels:
+the benchmark machine has 2 cores, and with grpc.aio's per-message overhead one fan-out to 1,000
+streams cost this process ~190 ms of CPU, taken from the xdsd process being measured; with h2 it is
+~90 ms. Their receive windows are large (16 MiB; Envoy's default is 256 MiB) and they send no pings
+of their own, so xdsd sees an ACK per response and little else; grpc.aio's client also sent ~3
+WINDOW_UPDATEs and ~0.8 PINGs per response, which xdsd had to handle (its CPU per change was higher
+for that).
 
 The driver (bench.xds) talks to workers over a pipe:
     ("connect", specs)        open streams; answers per-stream seconds until CDS+EDS+LDS+RDS were ACKed
@@ -25,11 +33,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import grpc
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+
+from bench.h2grpc import CANCELLED, H2GrpcError, H2Stream, open_stream
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -38,10 +47,6 @@ RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 READY_TYPES = frozenset({CDS, EDS, LDS, RDS})
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
-
-
-def _identity(b: bytes) -> bytes:
-    return b
 
 
 @dataclass(frozen=True)
@@ -60,10 +65,25 @@ class StreamState:
     acked: dict[str, float] = field(default_factory=dict)  # type -> first ACK time
     ready_at: float | None = None
     eds_acks: list[float] = field(default_factory=list)  # ACK times of every EDS response
-    eds_event: asyncio.Event = field(default_factory=asyncio.Event)
+    waiter: _Since | None = None  # a ``since`` waiting for this stream's next EDS ACK
     bytes: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     error: str | None = None
     done: asyncio.Event | None = None  # set when ready or failed
+
+
+class _Since:
+    """One ``since`` call: counts the streams that have yet to ACK an EDS response after ``t0``.
+    One future for all of them (a task and a timer per stream cost more than the stream itself)."""
+
+    def __init__(self, t0: float, left: int) -> None:
+        self.t0 = t0
+        self.left = left
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def arrived(self) -> None:
+        self.left -= 1
+        if self.left <= 0 and not self.done.done():
+            self.done.set_result(None)
 
 
 def _eds_names(resources: Any) -> list[str]:
@@ -89,15 +109,15 @@ def _rds_names(resources: Any) -> list[str]:
 
 
 class _Sotw:
-    def __init__(self, st: StreamState, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+    method = ADS + "StreamAggregatedResources"
+
+    def __init__(self, st: StreamState, call: H2Stream) -> None:
         self.st = st
-        rpc = channel.stream_stream(ADS + "StreamAggregatedResources", request_serializer=_identity,
-                                    response_deserializer=_identity)
-        self.call = rpc(metadata=metadata)
+        self.call = call
         self.first = True
         self.names: dict[str, list[str]] = {}
 
-    async def send(self, type_url: str, names: list[str], version: str = "", nonce: str = "") -> None:
+    def send(self, type_url: str, names: list[str], version: str = "", nonce: str = "") -> None:
         req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names, version_info=version,
                                              response_nonce=nonce)
         if self.first:
@@ -105,13 +125,13 @@ class _Sotw:
             req.node.id = self.st.spec.node_id
             req.node.cluster = self.st.spec.cluster
         self.names[type_url] = names
-        await self.call.write(req.SerializeToString())
+        self.call.write(req.SerializeToString())
 
     async def run(self) -> None:
-        await self.send(CDS, [])
-        await self.send(LDS, [])
+        self.send(CDS, [])
+        self.send(LDS, [])
         if self.st.spec.secrets:
-            await self.send(SDS, list(self.st.spec.secrets))
+            self.send(SDS, list(self.st.spec.secrets))
         async for raw in self.call:
             resp = discovery_pb2.DiscoveryResponse.FromString(raw)
             t = resp.type_url
@@ -125,51 +145,51 @@ class _Sotw:
                 rds = _rds_names(resp.resources)
                 if rds != self.names.get(RDS):
                     follow = (RDS, rds)
-            await self.send(t, self.names.get(t, []), resp.version_info, resp.nonce)  # ACK
+            self.send(t, self.names.get(t, []), resp.version_info, resp.nonce)  # ACK
             _acked(self.st, t)
             if follow is not None:
-                await self.send(*follow)
+                self.send(*follow)
 
 
 class _Delta:
-    def __init__(self, st: StreamState, channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+    method = ADS + "DeltaAggregatedResources"
+
+    def __init__(self, st: StreamState, call: H2Stream) -> None:
         self.st = st
-        rpc = channel.stream_stream(ADS + "DeltaAggregatedResources", request_serializer=_identity,
-                                    response_deserializer=_identity)
-        self.call = rpc(metadata=metadata)
+        self.call = call
         self.first = True
         self.names: dict[str, set[str]] = defaultdict(set)
         self.held: dict[str, set[str]] = defaultdict(set)
 
-    async def send(self, type_url: str, subscribe: list[str] = [], unsubscribe: list[str] = [],  # noqa: B006
-                   nonce: str = "") -> None:
+    def send(self, type_url: str, subscribe: list[str] = [], unsubscribe: list[str] = [],  # noqa: B006
+             nonce: str = "") -> None:
         req = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=subscribe,
                                                   resource_names_unsubscribe=unsubscribe, response_nonce=nonce)
         if self.first:
             self.first = False
             req.node.id = self.st.spec.node_id
             req.node.cluster = self.st.spec.cluster
-        await self.call.write(req.SerializeToString())
+        self.call.write(req.SerializeToString())
 
-    async def _follow(self, type_url: str, wanted: set[str]) -> None:
+    def _follow(self, type_url: str, wanted: set[str]) -> None:
         have = self.names[type_url]
         add, drop = sorted(wanted - have), sorted(have - wanted)
         self.names[type_url] = wanted
         if add or drop:
-            await self.send(type_url, add, drop)
+            self.send(type_url, add, drop)
 
     async def run(self) -> None:
-        await self.send(CDS)
-        await self.send(LDS)
+        self.send(CDS)
+        self.send(LDS)
         if self.st.spec.secrets:
-            await self.send(SDS, list(self.st.spec.secrets))
+            self.send(SDS, list(self.st.spec.secrets))
         async for raw in self.call:
             resp = discovery_pb2.DeltaDiscoveryResponse.FromString(raw)
             t = resp.type_url
             self.st.bytes[t] += len(raw)
             held = self.held[t]
             held.difference_update(resp.removed_resources)
-            await self.send(t, nonce=resp.nonce)  # ACK
+            self.send(t, nonce=resp.nonce)  # ACK
             _acked(self.st, t)
             if t == CDS:
                 eds = set(_eds_names([r.resource for r in resp.resources]))
@@ -177,16 +197,17 @@ class _Delta:
                 # Keep EDS subscriptions for clusters held and still EDS; a removal drops them.
                 keep = {n for n in self.names[EDS] if n in held and n not in changed} | eds
                 held.update(changed)
-                await self._follow(EDS, keep - set(resp.removed_resources))
+                self._follow(EDS, keep - set(resp.removed_resources))
             elif t == LDS:
                 held.update(r.name for r in resp.resources)
                 rds = set(_rds_names([r.resource for r in resp.resources]))
-                await self._follow(RDS, self.names[RDS] | rds)
+                self._follow(RDS, self.names[RDS] | rds)
             else:
                 held.update(r.name for r in resp.resources)
 
 
 def _acked(st: StreamState, type_url: str) -> None:
+    """Called right after the ACK was handed to the transport (``H2Stream.write`` is synchronous)."""
     now = time.monotonic()
     st.acked.setdefault(type_url, now)
     if st.ready_at is None and READY_TYPES <= st.acked.keys():
@@ -195,7 +216,10 @@ def _acked(st: StreamState, type_url: str) -> None:
             st.done.set()
     if type_url == EDS:
         st.eds_acks.append(now)
-        st.eds_event.set()
+        waiter = st.waiter
+        if waiter is not None and now >= waiter.t0:
+            st.waiter = None
+            waiter.arrived()
 
 
 class Worker:
@@ -203,24 +227,27 @@ class Worker:
         self.target = target
         self.streams: list[StreamState] = []
         self.tasks: list[asyncio.Task[None]] = []
-        self.channels: list[grpc.aio.Channel] = []
+        host, _, port = target.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
 
     async def _run_stream(self, st: StreamState) -> None:
-        channel = grpc.aio.insecure_channel(self.target, options=[
-            ("grpc.use_local_subchannel_pool", 1),  # its own HTTP/2 connection, like a separate Envoy
-            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-        ])
-        self.channels.append(channel)
         metadata = (("x-xdsd-token", st.spec.token),) if st.spec.token else ()
-        proto = _Delta(st, channel, metadata) if st.spec.delta else _Sotw(st, channel, metadata)
+        kind = _Delta if st.spec.delta else _Sotw
+        call: H2Stream | None = None
         try:
-            await proto.run()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                st.error = f"{exc.code().name}: {exc.details()} [{exc.debug_error_string()}]"
+            # Its own TCP connection, like a separate Envoy.
+            call = await open_stream(self.host, self.port, kind.method, metadata)
+            await kind(st, call).run()
+        except H2GrpcError as exc:
+            if exc.code != CANCELLED:
+                st.error = str(exc)
+        except OSError as exc:
+            st.error = f"UNAVAILABLE: cannot connect to {self.target}: {exc!r}"
         except asyncio.CancelledError:
             pass
         finally:
+            if call is not None:
+                call.close()
             if st.done is not None:
                 st.done.set()
 
@@ -234,24 +261,21 @@ class Worker:
         return [None if st.ready_at is None else st.ready_at - t0 for st in fresh]
 
     async def since(self, t0: float, timeout: float) -> list[float | None]:
-        deadline = time.monotonic() + timeout
-
-        async def one(st: StreamState) -> float | None:
-            while True:
-                after = [t for t in st.eds_acks if t >= t0]
-                if after:
-                    return after[0] - t0
-                st.eds_event.clear()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(st.eds_event.wait(), left)
-
-        out = await asyncio.gather(*(one(st) for st in self.streams))
+        waiting = [st for st in self.streams if not any(t >= t0 for t in st.eds_acks)]
+        if waiting:
+            waiter = _Since(t0, len(waiting))
+            for st in waiting:
+                st.waiter = waiter
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.done, timeout)
+            for st in waiting:
+                st.waiter = None
+        out: list[float | None] = []
         for st in self.streams:
-            st.eds_acks = [t for t in st.eds_acks if t >= t0][-1:]
-        return list(out)
+            after = [t for t in st.eds_acks if t >= t0]
+            out.append(after[0] - t0 if after else None)
+            st.eds_acks = after[-1:]
+        return out
 
     def take_bytes(self) -> dict[str, int]:
         total: dict[str, int] = defaultdict(int)
@@ -267,8 +291,7 @@ class Worker:
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)  # each closes its connection
 
 
 async def _serve(conn: Connection, target: str) -> None:
