@@ -141,10 +141,16 @@ class Connection(asyncio.Protocol):
         self._wake_writers()
 
     def pause_writing(self) -> None:
+        # The peer is not reading. Stop reading it too: otherwise what it sends (pings, requests)
+        # makes answers that pile up in our buffer without bound.
         self.paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
         self._wake_writers()
 
     # -- calls ------------------------------------------------------------------------------
