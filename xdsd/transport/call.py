@@ -206,10 +206,12 @@ class Call:
                 return
             yield request
 
-    def send_headers(self, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
+    def send_headers(self, metadata: tuple[tuple[str, str | bytes], ...] = (), *, now: bool = False) -> None:
         if not self.headers_sent:
             self.headers_sent = True
             self.conn.send_headers(self.stream_id, metadata)
+            if now:
+                self.conn.write_out()
 
     async def write(self, message: Any) -> None:
         if self.finished or self.cancelled:

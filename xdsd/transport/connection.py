@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+from time import perf_counter
 from typing import TYPE_CHECKING, cast
 
 import grpc
@@ -62,26 +64,71 @@ class Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._handshake: asyncio.TimerHandle | None = None
         self._closing = False
+        self._started = False  # HTTP/2 set up (on the first bytes)
+        self._backlog: list[bytes] | None = None  # bytes kept while over the read budget
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Kept small: a reconnect storm accepts a thousand connections in one loop iteration. The
+        # HTTP/2 setup happens with the first bytes, under the server's read budget.
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
-        self.peer = peer_string(transport.get_extra_info("peername"))
         self.server.connections.add(self)
+        self._handshake = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+
+    def _start(self) -> None:
+        self._started = True
+        transport = self.transport
+        if transport is not None:
+            self.peer = peer_string(transport.get_extra_info("peername"))
         h2c = self.h2
         h2c.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.server.stream_window,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.server.max_header_list_size,
         })
+        # RFC 9113 §3.4: the server's preface is a SETTINGS frame; the client may send before it.
         h2c.initiate_connection()
         # RFC 9113 §6.9.2: the connection window starts at 65,535 whatever SETTINGS say; open it.
         h2c.increment_flow_control_window(self.server.connection_window - 65_535)
-        self.write_out()
-        self._handshake = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
+        budget = self.server.read_budget
+        if self._backlog is not None or budget.exhausted():
+            self._defer(data)
+            return
+        started = perf_counter()
+        self._process(data)
+        budget.charge(perf_counter() - started)
+
+    def _defer(self, data: bytes) -> None:
+        """Over this iteration's read budget: keep the bytes, stop reading, wait for a later turn."""
+        if self._backlog is None:
+            self._backlog = [data]
+            self._set_reading()
+            self.server.read_budget.queue(self)
+        else:
+            self._backlog.append(data)
+
+    def resume_backlog(self) -> None:
+        """Our turn (from the read budget): process what was kept, read again."""
+        backlog, self._backlog = self._backlog, None
+        self._set_reading()
+        if backlog and self.transport is not None and not self.transport.is_closing():
+            self._process(b"".join(backlog))
+
+    def _set_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.paused or self._backlog is not None:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _process(self, data: bytes) -> None:
+        if not self._started:
+            self._start()
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -144,13 +191,11 @@ class Connection(asyncio.Protocol):
         # The peer is not reading. Stop reading it too: otherwise what it sends (pings, requests)
         # makes answers that pile up in our buffer without bound.
         self.paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._set_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._set_reading()
         self._wake_writers()
 
     # -- calls ------------------------------------------------------------------------------
@@ -216,11 +261,9 @@ class Connection(asyncio.Protocol):
                                    (b"grpc-message", grpc_message(details))], end_stream=True)
 
     def send_headers(self, sid: int, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        try:
+        """Queued with h2: they leave with the first message (or ``write_out``)."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self.h2.send_headers(sid, [*_RESPONSE_HEADERS, *_metadata_headers(metadata)])
-        except h2.exceptions.StreamClosedError:
-            return
-        self.write_out()
 
     def send_trailers(self, call: Call, code: grpc.StatusCode, details: str,
                       trailing: tuple[tuple[str, str | bytes], ...], trailers_only: bool) -> None:

@@ -93,7 +93,7 @@ class ServicerContext:
         self.trailing_metadata = tuple(metadata)
 
     async def send_initial_metadata(self, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
-        self._call.send_headers(metadata)
+        self._call.send_headers(metadata, now=True)
 
     async def abort(self, code: grpc.StatusCode, details: str = "",
                     trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()) -> NoReturn:
