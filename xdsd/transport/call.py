@@ -87,7 +87,8 @@ class Call:
             self.conn.acknowledge(self.stream_id, flow_controlled)
             return
         buf = self._buf
-        if not buf and len(data) >= 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == len(data) - 5:
+        if (not buf and len(data) >= 5 and data[0] == 0 and int.from_bytes(data[1:5], "big") == len(data) - 5
+                and len(data) - 5 <= self.conn.max_message):
             self._deliver(data[5:])  # the common case: exactly one whole message in the frame
         else:
             buf += data
@@ -108,7 +109,9 @@ class Call:
         if self._inbox_bytes < INBOX_LIMIT:
             self.conn.acknowledge(self.stream_id, flow_controlled)
         else:
+            # Hold this stream's window, not the connection's: other calls keep flowing.
             self._unacked += flow_controlled
+            self.conn.open_connection_window(flow_controlled)
 
     def _deliver(self, message: bytes) -> None:
         self._inbox.append(message)
@@ -208,8 +211,8 @@ class Call:
 
     def send_headers(self, metadata: tuple[tuple[str, str | bytes], ...] = (), *, now: bool = False) -> None:
         if not self.headers_sent:
+            self.conn.send_headers(self.stream_id, metadata)  # ValueError: invalid metadata, nothing sent
             self.headers_sent = True
-            self.conn.send_headers(self.stream_id, metadata)
             if now:
                 self.conn.write_out()
 
@@ -260,15 +263,15 @@ class Call:
                 result = fn(request, context)
                 if inspect.isawaitable(result):
                     result = await result
-                if context.code in (None, _OK):
+                if context.code() in (None, _OK):
                     if result is None:
                         raise CallError(grpc.StatusCode.INTERNAL, "the handler returned no response")
                     await self.write(result)
-            code = context.code or _OK
-            details = context.details or ""
+            code = context.code() or _OK
+            details = context.details() or ""
         except grpc.aio.AbortError:
-            code = context.code or grpc.StatusCode.UNKNOWN
-            details = context.details or ""
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            details = context.details() or ""
         except CallError as exc:
             code, details = exc.code, exc.details
         except asyncio.CancelledError:
@@ -278,11 +281,13 @@ class Call:
         except Exception as exc:
             log.exception("gRPC handler for stream %d failed", self.stream_id)
             code, details = grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
-        if not self.cancelled:
-            try:
-                await self._finish(code, details, context.trailing_metadata)
-            except asyncio.CancelledError:
-                pass
+        try:
+            if not self.cancelled:
+                await self._finish(code, details, context.trailing_metadata())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            context.run_done_callbacks()
 
     async def _finish(self, code: grpc.StatusCode, details: str,
                       trailing: tuple[tuple[str, str | bytes], ...]) -> None:

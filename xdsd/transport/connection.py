@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hyperframe.frame import GoAwayFrame
 
 from xdsd.transport.call import Call, grpc_message
 from xdsd.transport.context import metadata_from, parse_timeout, peer_string
@@ -42,7 +43,7 @@ def _header_value(value: str | bytes, key: str) -> bytes:
     if key.endswith("-bin"):
         raw = value if isinstance(value, bytes) else value.encode()
         return base64.b64encode(raw).rstrip(b"=")
-    return value.encode("latin-1") if isinstance(value, str) else value
+    return value.encode("latin-1") if isinstance(value, str) else value  # UnicodeError: invalid metadata
 
 
 def _metadata_headers(metadata: tuple[tuple[str, str | bytes], ...]) -> list[tuple[bytes, bytes]]:
@@ -90,7 +91,8 @@ class Connection(asyncio.Protocol):
         # RFC 9113 §3.4: the server's preface is a SETTINGS frame; the client may send before it.
         h2c.initiate_connection()
         # RFC 9113 §6.9.2: the connection window starts at 65,535 whatever SETTINGS say; open it.
-        h2c.increment_flow_control_window(self.server.connection_window - 65_535)
+        if self.server.connection_window > 65_535:
+            h2c.increment_flow_control_window(self.server.connection_window - 65_535)
 
     def data_received(self, data: bytes) -> None:
         budget = self.server.read_budget
@@ -262,15 +264,23 @@ class Connection(asyncio.Protocol):
 
     def send_headers(self, sid: int, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         """Queued with h2: they leave with the first message (or ``write_out``)."""
+        try:
+            headers = [*_RESPONSE_HEADERS, *_metadata_headers(metadata)]
+        except (UnicodeError, AttributeError) as exc:
+            raise ValueError(f"Invalid metadata: {exc}") from exc
         with contextlib.suppress(h2.exceptions.StreamClosedError):
-            self.h2.send_headers(sid, [*_RESPONSE_HEADERS, *_metadata_headers(metadata)])
+            self.h2.send_headers(sid, headers)
 
     def send_trailers(self, call: Call, code: grpc.StatusCode, details: str,
                       trailing: tuple[tuple[str, str | bytes], ...], trailers_only: bool) -> None:
+        try:
+            extra = _metadata_headers(trailing)
+        except (UnicodeError, ValueError, AttributeError) as exc:
+            code, details, extra = grpc.StatusCode.INTERNAL, f"Invalid metadata: {exc}", []
         trailers = [(b"grpc-status", str(code.value[0]).encode())]
         if details:
             trailers.append((b"grpc-message", grpc_message(details)))
-        trailers.extend(_metadata_headers(trailing))
+        trailers.extend(extra)
         if trailers_only:
             trailers = [*_RESPONSE_HEADERS, *trailers]
         sid = call.stream_id
@@ -313,6 +323,13 @@ class Connection(asyncio.Protocol):
         if not pending:
             call.drained()
 
+    def open_connection_window(self, size: int) -> None:
+        """Reopen the connection's window alone (a stream holding its own window for a slow reader).
+        When that stream's bytes are acknowledged later, h2 counts them for the connection again;
+        its window manager never opens past the connection window, so that costs nothing."""
+        if size:
+            self.h2.increment_flow_control_window(size)
+
     def acknowledge(self, sid: int, size: int) -> None:
         if size:
             try:
@@ -329,7 +346,8 @@ class Connection(asyncio.Protocol):
         if self.paused:
             if self._writable is None or self._writable.done():
                 self._writable = self.loop.create_future()
-            await self._writable
+            # Shared by every paused writer: one cancelled (a deadline) must not cancel the others.
+            await asyncio.shield(self._writable)
 
     def _wake_writers(self) -> None:
         waiter = self._writable
@@ -341,15 +359,17 @@ class Connection(asyncio.Protocol):
     # -- ending -----------------------------------------------------------------------------
 
     def go_away(self) -> None:
-        """Stop taking new streams (GOAWAY, RFC 9113 §6.8); close once the open calls end."""
+        """Stop taking new streams, let the open calls finish (GOAWAY, RFC 9113 §6.8), close once
+        they end. The frame is written directly: h2's close_connection() would end the connection's
+        state machine and fail every call still running."""
         if self.transport is None or self.transport.is_closing():
             return
         self._closing = True
-        try:
-            self.h2.close_connection(h2.errors.ErrorCodes.NO_ERROR)
-        except h2.exceptions.ProtocolError:
-            pass
-        self.write_out()
+        if self._started:
+            frame = GoAwayFrame(stream_id=0, error_code=h2.errors.ErrorCodes.NO_ERROR,
+                                last_stream_id=self.h2.highest_inbound_stream_id)
+            self.write_out()
+            self.transport.write(frame.serialize())
         if not self.calls:
             self._close()
 

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 
 if TYPE_CHECKING:
     from xdsd.transport.call import Call
+
+log = logging.getLogger(__name__)
 
 # Headers that are gRPC's framing, not the caller's metadata (grpc hides them the same way).
 RESERVED_HEADERS = frozenset({
@@ -56,20 +59,27 @@ def peer_string(peername: Any) -> str:
 class ServicerContext:
     """The per-call context: metadata and peer in, status and messages out."""
 
-    __slots__ = ("_call", "_metadata", "code", "details", "trailing_metadata")
+    __slots__ = ("_call", "_metadata", "_code", "_details", "_trailing", "_done_callbacks")
 
     def __init__(self, call: Call, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
         self._call = call
         self._metadata = metadata
-        self.code: grpc.StatusCode | None = None
-        self.details: str | None = None
-        self.trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()
+        self._code: grpc.StatusCode | None = None
+        self._details: str | None = None
+        self._trailing: tuple[tuple[str, str | bytes], ...] = ()
+        self._done_callbacks: list[Callable[[ServicerContext], None]] = []
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._metadata
 
     def peer(self) -> str:
         return self._call.peer
+
+    def peer_identities(self) -> None:
+        return None  # no client certificates on this port
+
+    def peer_identity_key(self) -> None:
+        return None
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return {}
@@ -81,16 +91,42 @@ class ServicerContext:
         return self._call.cancelled
 
     def done(self) -> bool:
-        return self._call.finished
+        return self._call.finished or self._call.cancelled
+
+    def add_done_callback(self, callback: Callable[[ServicerContext], None]) -> None:
+        self._done_callbacks.append(callback)
+
+    def run_done_callbacks(self) -> None:
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("a done callback of a gRPC call failed")
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return self._trailing
 
     def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
+        self._code = code
 
     def set_details(self, details: str) -> None:
-        self.details = details
+        self._details = details
 
     def set_trailing_metadata(self, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        self.trailing_metadata = tuple(metadata)
+        self._trailing = tuple(metadata)
+
+    def set_compression(self, compression: grpc.Compression) -> None:
+        """Responses are never compressed here (grpc-accept-encoding: identity); accepted and ignored."""
+
+    def disable_next_message_compression(self) -> None:
+        """Nothing is compressed; nothing to disable."""
 
     async def send_initial_metadata(self, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> None:
         self._call.send_headers(metadata, now=True)
@@ -98,11 +134,14 @@ class ServicerContext:
     async def abort(self, code: grpc.StatusCode, details: str = "",
                     trailing_metadata: tuple[tuple[str, str | bytes], ...] = ()) -> NoReturn:
         """End the call with this status (grpc.aio raises AbortError out of the handler too)."""
-        self.code = code
-        self.details = details
+        self._code = code
+        self._details = details
         if trailing_metadata:
-            self.trailing_metadata = tuple(trailing_metadata)
+            self._trailing = tuple(trailing_metadata)
         raise grpc.aio.AbortError(f"aborted: {code.name}")
+
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        await self.abort(status.code, status.details, tuple(status.trailing_metadata or ()))
 
     async def read(self) -> Any:
         return await self._call.read()
