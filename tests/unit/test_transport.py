@@ -226,6 +226,22 @@ async def test_unary_echo_bytes() -> None:
         assert await unary.details() in ("", None)
 
 
+async def test_the_unspecified_ipv6_address_serves_both_families() -> None:
+    """``--xds-address [::]:PORT`` listens on IPv4 and IPv6 alike, as grpcio's server did."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    server = GrpcServer()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, ECHO),))
+    port = await server.listen("::", 0)
+    await server.start()
+    try:
+        for target in (f"127.0.0.1:{port}", f"[::1]:{port}"):
+            async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
+                assert await bounded(ch.unary_unary(path("Echo"))(b"both")) == b"both"
+    finally:
+        await asyncio.wait_for(server.stop(0), T)
+
+
 async def test_stream_echo_many_messages_both_directions_interleaved() -> None:
     async with serving(ECHO) as running, channel(running) as ch:
         call = ch.stream_stream(path("EchoStream"))()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -127,10 +128,24 @@ class GrpcServer:
     async def listen(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         """Bind (not serving yet: see ``start``); returns the port, useful when ``port`` is 0."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: Connection(self), host=host or None, port=port, ssl=tls, backlog=4096, reuse_address=True,
-            start_serving=False,
-        )
+        if host in ("::", ""):
+            # All addresses of both families on one port, as grpcio binds "[::]" (asyncio would make
+            # the IPv6 socket IPv6-only).
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+            except OSError:
+                sock.close()
+                raise
+            server = await loop.create_server(lambda: Connection(self), sock=sock, ssl=tls, backlog=4096,
+                                              start_serving=False)
+        else:
+            server = await loop.create_server(
+                lambda: Connection(self), host=host, port=port, ssl=tls, backlog=4096, reuse_address=True,
+                start_serving=False,
+            )
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
