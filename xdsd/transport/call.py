@@ -39,6 +39,12 @@ class CallError(Exception):
         self.details = details
 
 
+def wake(waiter: asyncio.Future[None] | None) -> None:
+    """Resolve a waiter that may be gone or already cancelled."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 def grpc_message(details: str) -> bytes:
     """Percent-encode a status message (grpc-message: printable ASCII except '%' stays as is)."""
     raw = details.encode("utf-8")
@@ -116,11 +122,7 @@ class Call:
     def _deliver(self, message: bytes) -> None:
         self._inbox.append(message)
         self._inbox_bytes += len(message)
-        reader = self._reader
-        if reader is not None:
-            self._reader = None
-            if not reader.done():
-                reader.set_result(None)
+        self._wake_reader()
 
     def _fail(self, flow_controlled: int, error: CallError) -> None:
         self.conn.acknowledge(self.stream_id, flow_controlled)
@@ -133,22 +135,16 @@ class Call:
         self._wake_reader()
 
     def _wake_reader(self) -> None:
-        reader = self._reader
-        if reader is not None:
-            self._reader = None
-            if not reader.done():
-                reader.set_result(None)
+        reader, self._reader = self._reader, None
+        wake(reader)
 
     def window_opened(self) -> None:
         if self.pending:
             self.conn.flush(self)
 
     def drained(self) -> None:
-        waiter = self._drained
-        if waiter is not None:
-            self._drained = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._drained = self._drained, None
+        wake(waiter)
 
     def abandon(self) -> None:
         """The client reset the stream or the connection is gone: stop the handler, send nothing."""

@@ -18,7 +18,7 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from xdsd.transport.call import Call, grpc_message
+from xdsd.transport.call import Call, grpc_message, wake
 from xdsd.transport.context import metadata_from, parse_timeout, peer_string
 
 if TYPE_CHECKING:
@@ -350,11 +350,8 @@ class Connection(asyncio.Protocol):
             await asyncio.shield(self._writable)
 
     def _wake_writers(self) -> None:
-        waiter = self._writable
-        if waiter is not None:
-            self._writable = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiter, self._writable = self._writable, None
+        wake(waiter)
 
     # -- ending -----------------------------------------------------------------------------
 
