@@ -198,6 +198,7 @@ class App:
             sweeper.cancel()
             monitor.cancel()
             await grpc_server.stop(grace=1.0)
+            self.registry.flush()
             if authz_http is not None:
                 await authz_http.close()
             await admin.cleanup()

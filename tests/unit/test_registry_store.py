@@ -6,7 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from xdsd.registry.instance import Instance
-from xdsd.registry.store import LocalStore
+from xdsd.registry.registry import SAVE_EVERY, Registry
+from xdsd.registry.store import LocalStore, MemoryStore
 
 
 def test_as_json_carries_every_field() -> None:
@@ -27,3 +28,47 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
     assert store.load() == insts
     store.save(insts[:3])
     assert store.load() == insts[:3]
+
+
+def test_local_store_reencodes_only_changed_instances_and_reads_back_the_latest(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    insts = [Instance(service="s", instance_id=f"i-{i}", address="10.0.0.1", port=80 + i, expires_at=1.0)
+             for i in range(5)]
+    store.save(insts)
+    beat = dataclasses.replace(insts[2], expires_at=99.0)  # a heartbeat makes a new object
+    store.save([*insts[:2], beat, *insts[3:]])
+    assert store.load() == [*insts[:2], beat, *insts[3:]]
+    store.save(insts[3:])
+    assert store.load() == insts[3:]
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = 0
+
+    def save(self, instances: list[Instance]) -> None:
+        self.saves += 1
+        super().save(instances)
+
+
+def test_a_burst_of_registrations_is_saved_once_more_not_once_each() -> None:
+    now = [1000.0]
+    store = CountingStore()
+    registry = Registry(store, clock=lambda: now[0])
+    for i in range(200):
+        registry.register({"service": "web", "instance_id": f"w-{i}", "address": "10.0.0.1", "port": 1000 + i})
+    assert store.saves == 1  # the first at once, the rest wait for the sweep
+    registry.sweep()
+    assert store.saves == 1  # not SAVE_EVERY yet
+    now[0] += SAVE_EVERY
+    registry.sweep()
+    assert store.saves == 2 and len(store.load()) == 200
+    registry.sweep()
+    assert store.saves == 2  # nothing new
+    now[0] += 10
+    registry.register({"service": "web", "instance_id": "late", "address": "10.0.0.2", "port": 80})
+    assert store.saves == 3  # after a quiet period a change is written at once
+    registry.heartbeat("web", "late")
+    registry.flush()
+    assert store.saves == 4 and {i.instance_id for i in store.load()} >= {"late", "w-0"}
