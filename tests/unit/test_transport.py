@@ -36,7 +36,9 @@ from cryptography.x509.oid import NameOID
 from envoy.config.core.v3 import base_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from google.protobuf import wrappers_pb2
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame, SettingsFrame
 
+import xdsd.transport.call as transport_call
 import xdsd.transport.connection as transport_connection
 from xdsd.transport import GrpcServer
 from xdsd.transport.server import server_tls
@@ -1634,6 +1636,409 @@ async def test_one_call_ending_while_the_socket_is_full_leaves_the_others_alone(
             client.close()
 
 
+# -- a hostile peer: limits on what one connection can make the server hold or spend -------------
+
+
+async def _until_closed(client: RawH2) -> list[Any]:
+    """What the server sends until it closes the connection (as h2 events). A close with bytes of
+    ours still unread reaches us as a reset: that ends the read too."""
+    events: list[Any] = []
+    try:
+        while data := await client.reader.read(65536):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                events.extend(client.h2.receive_data(data))
+    except ConnectionResetError:
+        pass
+    return events
+
+
+def _goaway_code(events: list[Any]) -> int | None:
+    codes = [e.error_code for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    return codes[0] if codes else None
+
+
+def _hold(state: State) -> grpc.RpcMethodHandler:
+    """A stream handler that reads nothing until ``state.release``, then counts every request."""
+    async def hold(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        state.started.set()
+        try:
+            await state.release.wait()
+            async for request in requests:
+                state.received.append(request)
+            yield b"%d" % len(state.received)
+        except asyncio.CancelledError:
+            state.cancelled.set()
+            raise
+        finally:
+            state.ended.set()
+    return _stream(hold)
+
+
+async def test_a_frame_longer_than_max_frame_size_ends_the_connection_at_its_header() -> None:
+    """h2 checks a frame's length once the whole frame is buffered: a frame header claiming 16 MiB
+    had the server buffer up to 16 MiB per connection. Now the connection ends at the header."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            client.writer.write((0xFFFFFF).to_bytes(3, "big") + b"\0\0" + (1).to_bytes(4, "big") + b"x" * 100)
+            events = await bounded(_until_closed(client))
+            assert _goaway_code(events) == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+        finally:
+            client.close()
+        await until(lambda: not running.server.connections, "the connection to be dropped")
+
+
+async def test_a_header_block_past_its_limit_ends_the_connection_before_it_is_all_sent() -> None:
+    """h2 buffers up to 64 CONTINUATION frames (1 MiB) of one header block and decodes it in one go.
+    A block longer than 4 x SETTINGS_MAX_HEADER_LIST_SIZE (what Huffman coding can make of a list
+    within it) ends the connection as soon as its frames say so."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            junk = b"\x20" * 16384  # 16 KiB of HPACK table size updates
+            client.writer.write(HeadersFrame(1, junk).serialize()
+                                + b"".join(ContinuationFrame(1, junk).serialize() for _ in range(16)))
+            events = await bounded(_until_closed(client))
+            assert _goaway_code(events) == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        finally:
+            client.close()
+
+
+async def test_a_header_list_near_its_limit_in_continuation_frames_is_served() -> None:
+    seen: list[Any] = []
+
+    async def metadata_size(request: bytes, context: Any) -> bytes:
+        seen.extend(context.invocation_metadata())
+        return request
+
+    async with serving({"M": _unary(metadata_size)}) as running:
+        client = await RawH2.open(running.port)
+        try:
+            value = bytes(random.Random(1).choice(b"\\^`{}<>|~") for _ in range(60_000))  # Huffman: 10-19 bits each
+            sid = client.request(path("M"), body=frame(b"big"), extra=[(b"x-big", value)])
+            response = await client.response(sid)
+            assert response.status == 0
+            assert ("x-big", value.decode()) in seen
+        finally:
+            client.close()
+
+
+def _with_table_size_updates(headers_frame: bytes, updates: bytes) -> bytes:
+    """A HEADERS frame (END_HEADERS, no padding or priority) with HPACK table size updates put first."""
+    length = int.from_bytes(headers_frame[:3], "big") + len(updates)
+    return length.to_bytes(3, "big") + headers_frame[3:9] + updates + headers_frame[9:]
+
+
+@pytest.mark.parametrize("updates", [2, 3])
+async def test_at_most_two_table_size_updates_start_a_header_block(updates: int) -> None:
+    """RFC 7541 §4.2: at most two. hpack decoded any number (~0.7 us of loop per byte of them)."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            await client.pump()  # the server's SETTINGS: the request goes out in its own write
+            client.h2.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path("Echo").encode()),
+                                       (b":authority", b"localhost"), (b"content-type", b"application/grpc")])
+            headers = client.h2.data_to_send()
+            # Size 0 (the table emptied: the client's encoder table is empty too), then 4096.
+            client.writer.write(_with_table_size_updates(headers, b"\x20" * (updates - 1) + b"\x3f\xe1\x1f"))
+            client.h2.send_data(1, frame(b"sized"), end_stream=True)
+            client.responses[1] = RawResponse()
+            client.flush()
+            if updates <= 2:
+                response = await client.response(1)
+                assert response.status == 0 and response.data == frame(b"sized")
+            else:
+                events = await bounded(_until_closed(client))
+                assert _goaway_code(events) not in (None, h2.errors.ErrorCodes.NO_ERROR)
+        finally:
+            client.close()
+
+
+async def test_rapid_reset_ends_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    """HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once cost ~80 us each (a call
+    started and cancelled) and the connection took any number. A client resetting now and then
+    keeps its connection; one past CHURN_BURST resets at once is sent GOAWAY and dropped."""
+    caplog.set_level("DEBUG", logger="xdsd.transport.connection")
+    state = State()
+    async with serving({"Hold": _hold(state), **ECHO}) as running:
+        client = await RawH2.open(running.port)
+        try:
+            for _ in range(100):
+                sid = client.request(path("Hold"), end=False)
+                client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+                client.flush()
+            sid = client.request(path("Echo"), body=frame(b"still here"))
+            assert (await client.response(sid)).status == 0
+            (conn,) = running.server.connections
+            await until(lambda: not conn.calls, "the reset calls to be dropped")
+
+            for _ in range(transport_connection.CHURN_BURST):
+                sid = client.request(path("Hold"), end=False)
+                client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            client.flush()
+            await bounded(_until_closed(client))
+        finally:
+            client.close()
+        await until(lambda: not running.server.connections, "the connection to be dropped")
+        assert "too many stream resets" in caplog.text
+        assert not conn.calls
+
+
+async def test_a_settings_flood_ends_the_connection(caplog: pytest.LogCaptureFixture) -> None:
+    """h2 visits every stream for each SETTINGS frame that carries INITIAL_WINDOW_SIZE: with 1,000
+    calls open, ~65 us for a 15-byte frame."""
+    caplog.set_level("DEBUG", logger="xdsd.transport.connection")
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("Echo"), body=frame(b"x"))
+            assert (await client.response(sid)).status == 0
+            settings = SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 65_535}).serialize()
+            client.writer.write(settings * (transport_connection.CHURN_BURST + 100))
+            await bounded(_until_closed(client))
+        finally:
+            client.close()
+        await until(lambda: not running.server.connections, "the connection to be dropped")
+        assert "too many SETTINGS frames" in caplog.text
+
+
+async def test_a_large_client_header_table_does_not_grow_the_servers_encoder_table() -> None:
+    """Our HPACK encoder kept every distinct header value it sent (grpc-message echoes the request's
+    grpc-encoding) in a table as large as the client's SETTINGS_HEADER_TABLE_SIZE allowed, and
+    searched it linearly for every header."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            client.h2.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1 << 24})
+            client.flush()
+            for i in range(50):
+                encoding = b"zip-%d-" % i + b"x" * 500
+                sid = client.request(path("Echo"), body=frame(b"a"), extra=[(b"grpc-encoding", encoding)])
+                response = await client.response(sid)
+                assert response.status == grpc.StatusCode.UNIMPLEMENTED.value[0]
+                assert encoding in (response.trailers or response.headers)[b"grpc-message"]
+            (conn,) = running.server.connections
+            table = conn.h2.encoder.header_table
+            assert conn.h2.encoder.header_table_size == transport_connection.ENCODER_TABLE_SIZE
+            assert sum(32 + len(n) + len(v) for n, v in table.dynamic_entries) <= transport_connection.ENCODER_TABLE_SIZE
+        finally:
+            client.close()
+
+
+async def test_empty_messages_count_against_the_inbox_limit() -> None:
+    """The inbox counted message bytes only: 0-byte messages (5 bytes on the wire) were queued
+    without bound while the window stayed open. Each counts MESSAGE_OVERHEAD now: a handler that
+    does not read holds the client by flow control, and then reads every message."""
+    state = State()
+    async with serving({"Hold": _hold(state)}, stream_window=65_535) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("Hold"), end=False)
+            await bounded(state.started.wait())
+            sent = 0
+            while sent < 20 * MB:
+                window = min(client.h2.local_flow_control_window(sid), 16_380) // 5 * 5
+                if window == 0:
+                    try:
+                        await asyncio.wait_for(client.pump(), 1.0)  # a WINDOW_UPDATE, or held
+                    except TimeoutError:
+                        break
+                    continue
+                client.h2.send_data(sid, b"\0\0\0\0\0" * (window // 5))
+                client.flush()
+                sent += window
+            assert sent < 20 * MB, "the window kept opening"
+            (conn,) = running.server.connections
+            call = conn.calls[sid]
+            limit = transport_call.INBOX_LIMIT // transport_call.MESSAGE_OVERHEAD + 65_535 // 5 + 1
+            assert len(call._inbox) <= limit
+            state.release.set()
+            client.h2.end_stream(sid)
+            client.flush()
+            response = await client.response(sid)
+            assert response.data == frame(b"%d" % (sent // 5))
+            assert len(state.received) == sent // 5 and not any(state.received)
+        finally:
+            client.close()
+
+
+async def test_one_read_of_many_small_frames_is_handled_in_slices_across_loop_iterations() -> None:
+    """A read is up to 256 KiB: ~15,000 PINGs, resets or SETTINGS took up to ~1 s of the loop in one
+    piece. They go to h2 FRAMES_PER_SLICE frames at a time, under the read budget."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticking = asyncio.create_task(ticker())
+        try:
+            sid = client.request(path("Echo"), body=frame(b"x"))
+            assert (await client.response(sid)).status == 0
+            (conn,) = running.server.connections
+            slices: list[tuple[int, int]] = []
+            process = conn._process
+
+            def recording(data: bytes) -> None:
+                slices.append((len(data), ticks))
+                process(data)
+
+            conn._process = recording  # type: ignore[method-assign]
+            pings = 20_000
+            client.writer.write(PingFrame(0, opaque_data=b"12345678").serialize() * pings)
+            acks = 0
+            while acks < pings:
+                data = await bounded(client.reader.read(1 << 16))
+                assert data, "the server closed the connection"
+                acks += sum(isinstance(e, h2.events.PingAckReceived) for e in client.h2.receive_data(data))
+            assert max(size for size, _ in slices) <= transport_connection.FRAMES_PER_SLICE * 17
+            assert len({tick for _, tick in slices}) > 1, "every slice in one loop iteration"
+        finally:
+            ticking.cancel()
+            client.close()
+
+
+async def test_closed_streams_are_remembered_up_to_a_bound() -> None:
+    """h2 remembers 65,536 closed streams per connection by default (~8 MB)."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            for _ in range(13):
+                sids = [client.request(path("Echo"), body=frame(b"x")) for _ in range(100)]
+                for sid in sids:
+                    assert (await client.response(sid)).status == 0
+            (conn,) = running.server.connections
+            assert conn.h2.highest_inbound_stream_id > 2 * 1300 - 2
+            assert len(conn.h2._closed_streams) <= transport_connection.CLOSED_STREAMS
+        finally:
+            client.close()
+
+
+async def test_a_connection_closed_while_waiting_for_its_read_turn_is_not_processed() -> None:
+    """Past the read budget a connection keeps its bytes for a later turn; closed meanwhile, it is
+    dropped then, its bytes unread (no call started)."""
+    state = State()
+    async with serving({"Hold": _hold(state), **ECHO}) as running:
+        client = await RawH2.open(running.port)
+        budget = running.server.read_budget
+        try:
+            sid = client.request(path("Echo"), body=frame(b"x"))
+            assert (await client.response(sid)).status == 0
+            (conn,) = running.server.connections
+            budget.exhausted = lambda: True  # type: ignore[method-assign]
+            client.request(path("Hold"), end=False)
+            await until(lambda: conn._backlog is not None, "the bytes to wait for their turn")
+            conn.abort()
+            await until(lambda: not running.server.connections, "the connection to be dropped")
+            del budget.exhausted
+            await until(lambda: not budget._waiting, "its turn")
+            await asyncio.sleep(0.1)
+            assert not state.started.is_set() and not conn.calls
+        finally:
+            vars(budget).pop("exhausted", None)
+            client.close()
+
+
+@pytest.mark.parametrize(("method", "name"), [(b"GET", "Echo"), (b"POST", "Missing")])
+async def test_a_request_reset_in_the_read_that_brought_it_leaves_the_connection_serving(method: bytes, name: str) -> None:
+    """A request the server answers at once (405, UNIMPLEMENTED) and its RST_STREAM in one read: h2
+    has closed the stream when the answer is sent, and that error ended the whole connection."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            await client.pump()
+            keep = client.request(path("EchoStream"), end=False)
+            sid = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(sid, [(b":method", method), (b":scheme", b"http"), (b":path", path(name).encode()),
+                                         (b":authority", b"localhost"), (b"content-type", b"application/grpc")])
+            client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            client.flush()  # one write
+            client.h2.send_data(keep, frame(b"after"), end_stream=True)
+            client.flush()
+            response = await client.response(keep)
+            assert response.status == 0 and response.data == frame(b"after")
+        finally:
+            client.close()
+
+
+async def test_a_connection_failing_in_its_read_turn_does_not_hold_up_the_others() -> None:
+    async with serving(ECHO) as running:
+        budget = running.server.read_budget
+        first, second = await RawH2.open(running.port), await RawH2.open(running.port)
+        try:
+            for client in (first, second):
+                sid = client.request(path("Echo"), body=frame(b"x"))
+                assert (await client.response(sid)).status == 0
+            await until(lambda: len(running.server.connections) == 2, "both connections")
+            budget.exhausted = lambda: True  # type: ignore[method-assign]
+            first.request(path("Echo"), body=frame(b"first"))
+            await until(lambda: any(c._backlog is not None for c in running.server.connections), "the first to wait")
+            (failing,) = [c for c in running.server.connections if c._backlog is not None]
+
+            def broken(data: bytes) -> None:
+                raise RuntimeError("a bug")
+
+            failing._process = broken  # type: ignore[method-assign]
+            sid = second.request(path("Echo"), body=frame(b"second"))
+            await until(lambda: all(c._backlog is not None for c in running.server.connections), "both to wait")
+            del budget.exhausted
+            response = await second.response(sid)
+            assert response.data == frame(b"second")
+            await until(lambda: failing not in running.server.connections, "the failing connection to be dropped")
+        finally:
+            vars(budget).pop("exhausted", None)
+            first.close()
+            second.close()
+
+
+async def test_stop_ends_even_with_handlers_that_ignore_cancellation_or_fail_when_cancelled() -> None:
+    done = asyncio.Event()
+    ended: list[str] = []
+
+    async def stubborn(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        while not done.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+        ended.append("stubborn")
+        yield b""
+
+    async def failing(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        try:
+            await asyncio.sleep(3600)
+            yield b""
+        finally:
+            ended.append("failing")
+            raise RuntimeError("cleanup failed")  # noqa: B012
+
+    for grace in (0.0, 1.0):
+        server = GrpcServer()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            SERVICE, {"S": _stream(stubborn), "F": _stream(failing)}),))
+        port = await server.listen("127.0.0.1", 0)
+        await server.start()
+        client = await RawH2.open(port)
+        try:
+            client.request(path("S"), end=False)
+            client.request(path("F"), end=False)
+            await until(lambda s=server: sum(len(c.calls) for c in s.connections) == 2, "both calls")
+            started = time.monotonic()
+            await bounded(server.stop(grace))
+            assert time.monotonic() - started < grace + 3
+            assert not server.connections
+            await until(lambda: "failing" in ended, "the failing handler to end")
+        finally:
+            done.set()
+            await until(lambda: "stubborn" in ended, "the stubborn handler to end")
+            done.clear()
+            ended.clear()
+            client.close()
+            await server.stop(0)
+
+
 # -- the same under uvloop (what ``xdsd serve`` runs) ------------------------------------------
 
 
@@ -1653,6 +2058,10 @@ UVLOOP_SCENARIOS = [
     test_stop_with_grace_ends_open_streams_and_refuses_new_connections, test_stop_with_grace_lets_a_call_finish,
     test_tls_with_a_grpc_secure_channel, test_garbage_instead_of_the_preface_closes_the_connection,
     test_one_call_ending_while_the_socket_is_full_leaves_the_others_alone,
+    test_a_frame_longer_than_max_frame_size_ends_the_connection_at_its_header,
+    test_a_header_block_past_its_limit_ends_the_connection_before_it_is_all_sent,
+    test_empty_messages_count_against_the_inbox_limit,
+    test_one_read_of_many_small_frames_is_handled_in_slices_across_loop_iterations,
 ]
 
 

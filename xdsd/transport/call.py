@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 # Received messages a handler has not read yet: past this many bytes the stream's window is no
 # longer reopened, so a client that writes faster than its handler reads is held by flow control.
 INBOX_LIMIT = 1 << 20
+# What a received message costs in the inbox besides its bytes (a bytes object, a deque slot), counted
+# against INBOX_LIMIT: 0-byte messages (5 bytes on the wire each) counted nothing and queued without
+# bound; 1-byte messages (~57 bytes of memory each) could hold ~60 MB per stream.
+MESSAGE_OVERHEAD = 64
 
 _OK = grpc.StatusCode.OK
 
@@ -121,7 +125,7 @@ class Call:
 
     def _deliver(self, message: bytes) -> None:
         self._inbox.append(message)
-        self._inbox_bytes += len(message)
+        self._inbox_bytes += len(message) + MESSAGE_OVERHEAD
         self._wake_reader()
 
     def _fail(self, flow_controlled: int, error: CallError) -> None:
@@ -178,7 +182,7 @@ class Call:
             inbox = self._inbox
             if inbox:
                 message = inbox.popleft()
-                self._inbox_bytes -= len(message)
+                self._inbox_bytes -= len(message) + MESSAGE_OVERHEAD
                 if self._unacked and self._inbox_bytes < INBOX_LIMIT:
                     self.conn.acknowledge(self.stream_id, self._unacked)
                     self._unacked = 0

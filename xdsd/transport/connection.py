@@ -7,7 +7,7 @@ import base64
 import contextlib
 import logging
 from time import perf_counter
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import h2.config
@@ -16,6 +16,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hpack
 from hyperframe.frame import GoAwayFrame
 
 from xdsd.transport.call import Call, grpc_message, wake
@@ -28,6 +29,21 @@ log = logging.getLogger(__name__)
 
 # A connection must open its first stream this soon after it is accepted (TLS handshake included).
 HANDSHAKE_TIMEOUT = 30.0
+# Frames handed to h2 at a time; the read budget is checked between such slices of a read. One
+# 256 KiB read of small frames (resets, pings, SETTINGS) is ~15,000 frames, ~1 s of work.
+FRAMES_PER_SLICE = 64
+# Stream resets (by the client, or by h2 for a client's stream error) and SETTINGS frames, per
+# connection: a burst, then a sustained rate per second (nghttp2's figures for resets). Past them the
+# connection ends with GOAWAY ENHANCE_YOUR_CALM. Each costs 60-80 us of CPU: a reset, a call started
+# and cancelled (HTTP/2 "rapid reset", CVE-2023-44487); a SETTINGS frame, h2 visiting every stream.
+# Envoy and grpcio send a handful of either in a connection's life.
+CHURN_BURST = 1000
+CHURN_RATE = 33.0
+# The dynamic table of our HPACK encoder, however large a table the client allows (RFC 7541 §4.2: an
+# encoder may use less). Unbounded, every distinct header value sent (grpc-message) stayed in it.
+ENCODER_TABLE_SIZE = 4096
+# Closed streams h2 remembers per connection (its default, 65,536, is ~8 MB per connection).
+CLOSED_STREAMS = 1024
 
 _CONFIG = h2.config.H2Configuration(client_side=False, header_encoding=None)
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"),
@@ -37,6 +53,95 @@ _Request = h2.events.RequestReceived
 _Ended = h2.events.StreamEnded
 _Window = h2.events.WindowUpdated
 _Reset = h2.events.StreamReset
+
+
+class _H2Connection(h2.connection.H2Connection):
+    MAX_CLOSED_STREAMS = CLOSED_STREAMS
+
+
+class _Encoder(hpack.Encoder):
+    """h2 sets ``header_table_size`` to what the client's SETTINGS_HEADER_TABLE_SIZE allows."""
+
+    @property
+    def header_table_size(self) -> int:
+        return int(self.header_table.maxsize)
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        hpack.Encoder.header_table_size.fset(self, min(value, ENCODER_TABLE_SIZE))
+
+
+class _Decoder(hpack.Decoder):
+    """At most two dynamic table size updates at the start of a header block (RFC 7541 §4.2): hpack
+    takes any number, a loop turn (~0.7 us) per byte of them, so 1 MiB of them held the loop 0.7 s."""
+
+    _updates = 0
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        self._updates = 0
+        return super().decode(data, raw)
+
+    def _update_encoding_context(self, data: bytes | memoryview) -> int:
+        self._updates += 1
+        if self._updates > 2:
+            raise hpack.HPACKDecodingError("more than two dynamic table size updates in a header block")
+        return int(super()._update_encoding_context(data))
+
+
+class FrameError(Exception):
+    def __init__(self, code: h2.errors.ErrorCodes, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FrameWalk:
+    """Follows the frame headers of a connection's input, ahead of h2: h2 checks a frame's length
+    only once the whole frame is buffered (a header claiming 16 MiB made it buffer 16 MiB), and
+    takes up to 64 CONTINUATION frames (1 MiB) for one header block, decoded in one go. Here a
+    frame over ``max_frame`` bytes or a header block over ``max_block`` fails as soon as its frame
+    header arrives; ``cut`` also says where a slice of a read ends."""
+
+    __slots__ = ("max_frame", "max_block", "_skip", "_head", "_block")
+
+    def __init__(self, max_frame: int, max_block: int) -> None:
+        self.max_frame = max_frame
+        self.max_block = max_block
+        self._skip = 24  # the client's connection preface (RFC 9113 §3.4); h2 checks its bytes
+        self._head = b""  # a frame header split across reads
+        self._block = 0  # bytes of the header block (HEADERS + CONTINUATION) being received
+
+    def cut(self, data: bytes, start: int, frames: int) -> int:
+        """The offset in ``data`` after ``frames`` more frames from ``start`` (``len(data)`` if fewer
+        begin in it). Raises FrameError for a frame past the limits."""
+        end = len(data)
+        pos = start
+        while True:
+            if self._skip:
+                step = min(self._skip, end - pos)
+                pos += step
+                self._skip -= step
+                if self._skip:
+                    return end
+            if not frames or pos == end:
+                return pos
+            need = 9 - len(self._head)
+            if end - pos < need:
+                self._head += data[pos:]
+                return end
+            header = self._head + data[pos:pos + need] if self._head else data[pos:pos + 9]
+            self._head = b""
+            pos += need
+            length = int.from_bytes(header[:3], "big")
+            if length > self.max_frame:
+                raise FrameError(h2.errors.ErrorCodes.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
+            kind = header[3]
+            if kind == 0x1 or kind == 0x9:  # HEADERS, CONTINUATION
+                block = length + (self._block if kind == 0x9 else 0)
+                if block > self.max_block:
+                    raise FrameError(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, f"a header block of {block}+ bytes")
+                self._block = 0 if header[4] & 0x4 else block  # END_HEADERS
+            self._skip = length
+            frames -= 1
 
 
 def _header_value(value: str | bytes, key: str) -> bytes:
@@ -57,7 +162,7 @@ class Connection(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.max_message = server.max_receive_message_length
-        self.h2 = h2.connection.H2Connection(config=_CONFIG)
+        self.h2 = _H2Connection(config=_CONFIG)
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown"
@@ -67,6 +172,11 @@ class Connection(asyncio.Protocol):
         self._closing = False
         self._started = False  # HTTP/2 set up (on the first bytes)
         self._backlog: list[bytes] | None = None  # bytes kept while over the read budget
+        # A header list within its limit takes less than 4 times its size in a header block (HPACK's
+        # Huffman code takes at most 30 bits for a byte, and some encoders always use it).
+        self._frames = FrameWalk(self.h2.max_inbound_frame_size, 4 * server.max_header_list_size)
+        self._churn = float(CHURN_BURST)  # resets and SETTINGS allowed now (a token bucket)
+        self._churn_at = self.loop.time()
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -83,6 +193,8 @@ class Connection(asyncio.Protocol):
         if transport is not None:
             self.peer = peer_string(transport.get_extra_info("peername"))
         h2c = self.h2
+        h2c.encoder = _Encoder()
+        h2c.decoder = _Decoder(self.server.max_header_list_size)
         h2c.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.server.stream_window,
@@ -95,29 +207,59 @@ class Connection(asyncio.Protocol):
             h2c.increment_flow_control_window(self.server.connection_window - 65_535)
 
     def data_received(self, data: bytes) -> None:
-        budget = self.server.read_budget
-        if self._backlog is not None or budget.exhausted():
-            self._defer(data)
+        if self._backlog is not None:
+            self._backlog.append(data)
             return
-        started = perf_counter()
-        self._process(data)
-        budget.charge(perf_counter() - started)
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
+        """Hand ``data`` to h2 a slice of frames at a time while the read budget lasts; keep the rest."""
+        budget = self.server.read_budget
+        start, end = 0, len(data)
+        while start < end:
+            if budget.exhausted():
+                self._defer(data[start:] if start else data)
+                return
+            try:
+                cut = self._frames.cut(data, start, FRAMES_PER_SLICE)
+            except FrameError as exc:
+                self._fail(exc.code, str(exc))
+                return
+            started = perf_counter()
+            self._process(data[start:cut] if start or cut < end else data)
+            budget.charge(perf_counter() - started)
+            start = cut
+            if self.transport is None or self.transport.is_closing():
+                return
 
     def _defer(self, data: bytes) -> None:
         """Over this iteration's read budget: keep the bytes, stop reading, wait for a later turn."""
-        if self._backlog is None:
-            self._backlog = [data]
-            self._set_reading()
-            self.server.read_budget.queue(self)
-        else:
-            self._backlog.append(data)
+        self._backlog = [data]
+        self._set_reading()
+        self.server.read_budget.queue(self)
 
     def resume_backlog(self) -> None:
         """Our turn (from the read budget): process what was kept, read again."""
         backlog, self._backlog = self._backlog, None
         self._set_reading()
         if backlog and self.transport is not None and not self.transport.is_closing():
-            self._process(b"".join(backlog))
+            self._consume(backlog[0] if len(backlog) == 1 else b"".join(backlog))
+
+    def _fail(self, code: h2.errors.ErrorCodes, reason: str) -> None:
+        """End the connection for the client's misbehaviour: GOAWAY with ``code``, then close."""
+        if not self._started:
+            self._start()
+        log.debug("closing %s: %s", self.peer, reason)
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(code)
+        self.write_out()
+        self._close()
+
+    def _churn_allowed(self) -> bool:
+        now = self.loop.time()
+        self._churn = min(float(CHURN_BURST), self._churn + (now - self._churn_at) * CHURN_RATE) - 1.0
+        self._churn_at = now
+        return self._churn >= 0.0
 
     def _set_reading(self) -> None:
         transport = self.transport
@@ -139,6 +281,7 @@ class Connection(asyncio.Protocol):
             self._close()
             return
         calls = self.calls
+        windows = False  # the connection's window or every stream's opened: flush every call, once
         for event in events:
             kind = type(event)
             if kind is _Data:
@@ -148,15 +291,17 @@ class Connection(asyncio.Protocol):
                 else:
                     call.feed(event.data, event.flow_controlled_length)
             elif kind is _Request:
-                self._request(event)
+                try:
+                    self._request(event)
+                except h2.exceptions.StreamClosedError:
+                    pass  # answered at once, but reset by the client in the same read (its event follows)
             elif kind is _Ended:
                 call = calls.get(event.stream_id)
                 if call is not None:
                     call.end_of_requests()
             elif kind is _Window:
                 if event.stream_id == 0:
-                    for call in list(calls.values()):
-                        call.window_opened()
+                    windows = True
                 else:
                     call = calls.get(event.stream_id)
                     if call is not None:
@@ -165,9 +310,14 @@ class Connection(asyncio.Protocol):
                 call = calls.pop(event.stream_id, None)
                 if call is not None:
                     call.abandon()
+                if not self._churn_allowed():
+                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
+                    return
             elif kind is h2.events.RemoteSettingsChanged:
-                for call in list(calls.values()):
-                    call.window_opened()
+                windows = True
+                if not self._churn_allowed():
+                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+                    return
             elif kind is h2.events.TrailersReceived:
                 # gRPC clients end requests with END_STREAM on DATA; trailers carry no requests.
                 call = calls.get(event.stream_id)
@@ -177,6 +327,9 @@ class Connection(asyncio.Protocol):
                 self._closing = True
                 if not calls:
                     self._close()
+        if windows:
+            for call in list(calls.values()):
+                call.window_opened()
         self.write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:

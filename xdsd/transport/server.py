@@ -9,7 +9,6 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable, Mapping
-from time import perf_counter
 from typing import NamedTuple
 
 import grpc
@@ -70,13 +69,15 @@ class ReadBudget:
 
     def _drain(self) -> None:
         self._drain_scheduled = False
-        started = perf_counter()
         waiting = self._waiting
         while waiting and not self.exhausted():
-            waiting.popleft().resume_backlog()
-            now = perf_counter()
-            self.charge(now - started)
-            started = now
+            conn = waiting.popleft()
+            try:
+                conn.resume_backlog()  # charges what it spends
+            except Exception:
+                # As asyncio does when data_received fails; and the others still get their turn.
+                log.exception("reading from %s failed", conn.peer)
+                conn.abort()
         if waiting:
             self._drain_scheduled = True
             asyncio.get_running_loop().call_soon(self._drain)
