@@ -2072,3 +2072,14 @@ def test_under_uvloop(scenario: Callable[..., Awaitable[None]], tmp_path: Path) 
     kwargs = {"tmp_path": tmp_path} if "tmp_path" in inspect.signature(scenario).parameters else {}
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(scenario(**kwargs), 120))
+
+
+async def test_connections_have_tcp_keepalive() -> None:
+    """A proxy whose machine died sends no FIN: keepalive probes end its connection."""
+    async with serving(ECHO) as running, channel(running) as ch:
+        assert await bounded(ch.unary_unary(path("Echo"))(b"x")) == b"x"
+        (conn,) = running.server.connections
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import socket
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,6 +43,8 @@ CHURN_RATE = 33.0
 # The dynamic table of our HPACK encoder, however large a table the client allows (RFC 7541 §4.2: an
 # encoder may use less). Unbounded, every distinct header value sent (grpc-message) stayed in it.
 ENCODER_TABLE_SIZE = 4096
+# TCP keepalive probes: after 60 s of silence, every 10 s, 6 unanswered ones end the connection.
+KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 # Closed streams h2 remembers per connection (its default, 65,536, is ~8 MB per connection).
 CLOSED_STREAMS = 1024
 
@@ -144,6 +147,19 @@ class FrameWalk:
             frames -= 1
 
 
+def _keepalive(transport: asyncio.Transport | None) -> None:
+    """TCP keepalive: a proxy whose machine died (no FIN, no RST) is noticed after about two
+    minutes of silence instead of holding its connection and streams forever."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in KEEPALIVE_OPTIONS:
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 def _header_value(value: str | bytes, key: str) -> bytes:
     if key.endswith("-bin"):
         raw = value if isinstance(value, bytes) else value.encode()
@@ -192,6 +208,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             self.peer = peer_string(transport.get_extra_info("peername"))
+        _keepalive(transport)
         h2c = self.h2
         h2c.encoder = _Encoder()
         h2c.decoder = _Decoder(self.server.max_header_list_size)
