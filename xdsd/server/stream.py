@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from xdsd import typeurls, wire
 from xdsd.cache import Resource, Snapshot, SnapshotCache, TypeSnapshot
 from xdsd.generators import NodeGroup, Transport
+from xdsd.loopbudget import IterationBudget
 from xdsd.server import encode
 from xdsd.server.observer import StreamObserver
 from xdsd.server.subscriptions import DeltaState, SotwState, TypeState
@@ -70,27 +71,13 @@ class WakeQueue:
         self._scheduled = False
         self.batch = self.BATCH
         self._drained_at = 0.0  # when the last batch was woken, while draining continues
-        self._built = 0.0  # seconds of snapshot building in this loop iteration
-        self._build_reset = False
+        self._build = IterationBudget(self.BUILD_BUDGET_SECONDS)  # snapshot building per iteration
 
     def may_build(self) -> bool:
-        return self._built < self.BUILD_BUDGET_SECONDS
+        return not self._build.exhausted()
 
     def built(self, seconds: float) -> None:
-        self._built += seconds
-        if self._build_reset:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._built = 0.0
-            return
-        self._build_reset = True
-        loop.call_soon(self._reset_build)  # runs in the next iteration
-
-    def _reset_build(self) -> None:
-        self._built = 0.0
-        self._build_reset = False
+        self._build.charge(seconds)
 
     def add(self, stream: Stream) -> None:
         self._queue.append(stream)

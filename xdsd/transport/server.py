@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import grpc
 
+from xdsd.loopbudget import IterationBudget
 from xdsd.transport.connection import Connection
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
-class ReadBudget:
+class ReadBudget(IterationBudget):
     """At most ``seconds`` of request handling (HTTP/2 parsing, gRPC framing, starting calls) per
     event-loop iteration, across all connections; a connection past it stops reading and takes
     its turn in a later iteration. A reconnect storm makes a thousand connections readable at
@@ -42,24 +43,9 @@ class ReadBudget:
     loop for ~50 ms."""
 
     def __init__(self, seconds: float = 0.004) -> None:
-        self.seconds = seconds
-        self.spent = 0.0
+        super().__init__(seconds)
         self._waiting: deque[Connection] = deque()
-        self._reset_scheduled = False
         self._drain_scheduled = False
-
-    def exhausted(self) -> bool:
-        return self.spent >= self.seconds
-
-    def charge(self, seconds: float) -> None:
-        self.spent += seconds
-        if not self._reset_scheduled:
-            self._reset_scheduled = True
-            asyncio.get_running_loop().call_soon(self._reset)  # runs in the next iteration
-
-    def _reset(self) -> None:
-        self._reset_scheduled = False
-        self.spent = 0.0
 
     def queue(self, conn: Connection) -> None:
         self._waiting.append(conn)
