@@ -33,6 +33,8 @@ import yaml
 
 from tests.support.envoy import envoy_binary
 from tests.support.procs import Proc, free_port, wait_for
+from xdsd.auth.tokens import TokenSigner
+from xdsd.bootstrap import token_filters
 
 POLICY_MESH = """
 services:
@@ -88,7 +90,7 @@ def _filter(variant: str, authz_port: int) -> list[dict[str, Any]]:
 
 
 def envoy_config(variant: str, admin: int, front: int, back: int, authz_port: int,
-                 authz_http_port: int) -> dict[str, Any]:
+                 authz_http_port: int, token: str) -> dict[str, Any]:
     def listener(name: str, port: int, filters: list[dict[str, Any]], route: dict[str, Any]) -> dict[str, Any]:
         return {
             "name": name,
@@ -113,16 +115,17 @@ def envoy_config(variant: str, admin: int, front: int, back: int, authz_port: in
     back_route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
     router_only = _filter("none", authz_port)
 
-    def static_cluster(name: str, port: int, h2: bool) -> dict[str, Any]:
+    def static_cluster(name: str, port: int, h2: bool, to_xdsd: bool = False) -> dict[str, Any]:
         c: dict[str, Any] = {
             "name": name, "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
                 "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
         }
-        if h2:
-            c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}}}}
+        options: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                                   "explicit_http_config": {"http2_protocol_options": {}} if h2 else {"http_protocol_options": {}}}
+        if to_xdsd:  # the node's token on every check, as `xdsd bootstrap` configures it
+            options["http_filters"] = token_filters(token)
+        c["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": options}
         return c
 
     return {
@@ -130,8 +133,8 @@ def envoy_config(variant: str, admin: int, front: int, back: int, authz_port: in
         "static_resources": {
             "listeners": [listener("front", front, _filter(variant, authz_port), front_route),
                           listener("back", back, router_only, back_route)],
-            "clusters": [static_cluster("back", back, False), static_cluster("authz", authz_port, True),
-                         static_cluster("authz_http", authz_http_port, False)],
+            "clusters": [static_cluster("back", back, False), static_cluster("authz", authz_port, True, True),
+                         static_cluster("authz_http", authz_http_port, False, True)],
         },
     }
 
@@ -178,7 +181,7 @@ def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
     }
 
 
-async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str, float]:
+async def servicer_alone(port: int, requests: int, concurrency: int, token: str) -> dict[str, float]:
     import grpc
     from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 
@@ -188,13 +191,14 @@ async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str
         req.attributes.context_extensions["xdsd.service"] = "reviews"
         req.attributes.request.http.method = "GET"
         req.attributes.request.http.path = "/reviews/1"
-        await stub.Check(req)
+        metadata = (("x-xdsd-token", token),)
+        await stub.Check(req, metadata=metadata)
         latencies: list[float] = []
 
         async def worker(k: int) -> None:
             for _ in range(k):
                 t = time.perf_counter()
-                await stub.Check(req)
+                await stub.Check(req, metadata=metadata)
                 latencies.append(time.perf_counter() - t)
 
         t0 = time.perf_counter()
@@ -203,7 +207,7 @@ async def servicer_alone(port: int, requests: int, concurrency: int) -> dict[str
     return _summary(latencies, elapsed)
 
 
-async def servicer_paced(port: int, rate: int, seconds: float) -> dict[str, float]:
+async def servicer_paced(port: int, rate: int, seconds: float, token: str) -> dict[str, float]:
     """The gRPC servicer alone at a fixed rate (open loop: each check starts on schedule, whether or
     not earlier ones finished), as OPA-Envoy reports its handler latency (p99 at 1,000 rps)."""
     import grpc
@@ -217,12 +221,13 @@ async def servicer_paced(port: int, rate: int, seconds: float) -> dict[str, floa
         req.attributes.request.http.method = "GET"
         req.attributes.request.http.path = "/reviews/1"
         req.attributes.request.http.headers.update({":authority": "reviews", "user-agent": "bench", "accept": "*/*"})
-        await stub.Check(req)
+        metadata = (("x-xdsd-token", token),)
+        await stub.Check(req, metadata=metadata)
         latencies: list[float] = []
 
         async def one() -> None:
             t = time.perf_counter()
-            await stub.Check(req)
+            await stub.Check(req, metadata=metadata)
             latencies.append(time.perf_counter() - t)
 
         loop = asyncio.get_running_loop()
@@ -241,11 +246,11 @@ async def servicer_paced(port: int, rate: int, seconds: float) -> dict[str, floa
     }
 
 
-async def http_alone(port: int, requests: int, concurrency: int) -> dict[str, float]:
+async def http_alone(port: int, requests: int, concurrency: int, token: str) -> dict[str, float]:
     """The HTTP check server alone: ``concurrency`` keep-alive connections, one check at a time each."""
     request = (b"GET /_xdsd/authz/reviews//reviews/1 HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
                b"x-forwarded-client-cert: By=spiffe://mesh.local/service/reviews;URI=spiffe://mesh.local/service/productpage"
-               b"\r\n\r\n")
+               b"\r\nx-xdsd-token: " + token.encode() + b"\r\n\r\n")
     latencies: list[float] = []
 
     async def worker(k: int) -> None:
@@ -282,22 +287,23 @@ def main(argv: list[str] | None = None) -> int:
     xds, admin, authz_http = free_port(), free_port(), free_port()
     xdsd = Proc("xdsd", [sys.executable, "-m", "xdsd", "serve", "--config", str(work / "mesh.yaml"),
                          "--xds-address", f"127.0.0.1:{xds}", "--admin-address", f"127.0.0.1:{admin}",
-                         "--authz-http-address", f"127.0.0.1:{authz_http}",
+                         "--authz-http-address", f"127.0.0.1:{authz_http}", "--xds-plaintext",
                          "--state-dir", str(work / "state"), "--log-level", "warning"], work / "xdsd.log").start()
+    token = TokenSigner.load_or_create(work / "state").issue("bench-reviews", "reviews")
     try:
         def ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
                 return r.status == 200
 
         wait_for(ready, "xdsd ready", 30)
-        results["servicer_alone"] = asyncio.run(servicer_alone(xds, 20000, 16))
-        results["http_alone"] = asyncio.run(http_alone(authz_http, 20000, 16))
-        results["servicer_paced"] = asyncio.run(servicer_paced(xds, 1000, 10))
+        results["servicer_alone"] = asyncio.run(servicer_alone(xds, 20000, 16, token))
+        results["http_alone"] = asyncio.run(http_alone(authz_http, 20000, 16, token))
+        results["servicer_paced"] = asyncio.run(servicer_paced(xds, 1000, 10, token))
         results["envoy"] = {}
         for variant in ("none", "ext_authz", "ext_authz_http", "rbac"):
             eadmin, front, back = free_port(), free_port(), free_port()
             cfg = work / f"envoy-{variant}.yaml"
-            cfg.write_text(yaml.safe_dump(envoy_config(variant, eadmin, front, back, xds, authz_http)))
+            cfg.write_text(yaml.safe_dump(envoy_config(variant, eadmin, front, back, xds, authz_http, token)))
             envoy = Proc(f"envoy {variant}", [envoy_binary(), "-c", str(cfg), "--concurrency", "1",
                                               "--disable-hot-restart", "--log-level", "error"], work / f"{variant}.log").start()
             try:

@@ -84,7 +84,8 @@ class Target:
         path = workdir / "mesh.yaml"
         path.write_text(yaml.safe_dump(mesh, sort_keys=False))
         self.path = path
-        self.xdsd = XdsdProcess(path, workdir, log_level="warning", extra_args=["--drain-time", "0.2"])
+        # Plaintext on loopback: the load generator's streams speak h2c (TLS would measure the handshakes).
+        self.xdsd = XdsdProcess(path, workdir, log_level="warning", extra_args=["--drain-time", "0.2", "--xds-plaintext"])
         self.trust_domain = mesh.get("mesh", {}).get("trust_domain", "mesh.local")
 
     def __enter__(self) -> Target:
@@ -312,7 +313,7 @@ def real_envoys(workdir: Path, count: int = 20, changes: int = 5) -> dict[str, A
                 name = f"gw-{i:02d}"
                 opts = BootstrapOptions(node_id=f"{name}-1", cluster=name, xds_host="127.0.0.1",
                                         xds_port=t.xdsd.xds_port, admin_port=free_port(),
-                                        token=t.xdsd.token(f"{name}-1", name))
+                                        token=t.xdsd.token(f"{name}-1", name), xds_plaintext=True)
                 envoys.append(EnvoyProcess(f"{name}-1", render(opts), workdir / "envoys").start(wait_live=False))
             for e in envoys:
                 e.wait_live(120)

@@ -10,8 +10,15 @@ from typing import Any
 import yaml
 
 from xdsd.auth.tokens import TOKEN_HEADER
+from xdsd.ca.serving import SERVER_NAME
+from xdsd.node import (
+    META_ADMIN_ADDRESS,
+    META_APP_ADDRESS,
+    META_AUTHZ_CLUSTER,
+    META_INBOUND_ADDRESS,
+    XDS_CLUSTER,
+)
 
-XDS_CLUSTER = "xds_cluster"
 AUTHZ_CLUSTER = "xdsd_authz"  # ext_authz over HTTP/1.1 (``--authz-http-port``)
 
 
@@ -25,9 +32,13 @@ class BootstrapOptions:
     admin_port: int = 9901
     ads: bool = True
     delta: bool = False
-    token: str | None = None  # node token, sent as gRPC metadata on every xDS stream
-    xds_tls_ca: str | None = None  # PEM file: reach xdsd over TLS and verify it with this CA
+    token: str | None = None  # node token, sent on every xDS stream and every ext_authz check
+    xds_tls_ca: str | None = None  # PEM file on the Envoy's machine: verify xdsd with this CA
+    xds_tls_ca_pem: bytes | None = None  # the CA bundle itself, embedded (what `xdsd bootstrap` does by default)
+    # The name verified on xdsd's certificate (and sent as SNI). Default: "xdsd" (a name every serving
+    # certificate of xdsd's own CA carries) with an embedded bundle, the xDS host with ``xds_tls_ca``.
     xds_tls_server_name: str | None = None
+    xds_plaintext: bool = False  # xdsd serve --xds-plaintext: no TLS to xdsd
     inbound_address: str | None = None  # sidecars: where this instance's inbound listener binds
     app_address: str | None = None  # sidecars: where this instance's app listens
     zone: str | None = None  # node.locality.zone: this Envoy prefers endpoints in its own zone
@@ -40,6 +51,10 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _loopback_for(address: str) -> str:
@@ -86,18 +101,18 @@ def render(opts: BootstrapOptions) -> dict[str, Any]:
     node: dict[str, Any] = {"id": opts.node_id, "cluster": opts.cluster}
     # Where this Envoy's admin listens: xdsd's stats listener (telemetry.stats) forwards
     # /stats/prometheus there.
-    metadata = {"xdsd.admin_address": f"{_loopback_for(opts.admin_address)}:{opts.admin_port}"}
+    metadata = {META_ADMIN_ADDRESS: _host_port(_loopback_for(opts.admin_address), opts.admin_port)}
     if opts.inbound_address:
-        metadata["xdsd.inbound_address"] = opts.inbound_address
+        metadata[META_INBOUND_ADDRESS] = opts.inbound_address
     if opts.app_address:
-        metadata["xdsd.app_address"] = opts.app_address
+        metadata[META_APP_ADDRESS] = opts.app_address
     node["metadata"] = metadata
     if opts.zone:
         node["locality"] = {"zone": opts.zone}
     static = [_xds_cluster(opts)]
     if opts.authz_http_port is not None:
         # The listeners xdsd pushes send their ext_authz checks to this cluster (HTTP/1.1).
-        metadata["xdsd.authz_cluster"] = AUTHZ_CLUSTER
+        metadata[META_AUTHZ_CLUSTER] = AUTHZ_CLUSTER
         static.append(_authz_cluster(opts))
     return {
         "node": node,
@@ -121,6 +136,8 @@ def _authz_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             "explicit_http_config": {"http_protocol_options": {}},
         }
     }
+    if opts.token:
+        _protocol_options(cluster)["http_filters"] = token_filters(opts.token)
     cluster["load_assignment"]["cluster_name"] = AUTHZ_CLUSTER
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"]["port_value"] = opts.authz_http_port
@@ -151,15 +168,65 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             ],
         },
     }
-    if opts.xds_tls_ca:
-        tls: dict[str, Any] = {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": {"validation_context": {"trusted_ca": {"filename": opts.xds_tls_ca}}},
-        }
-        if opts.xds_tls_server_name:
-            tls["sni"] = opts.xds_tls_server_name
-        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    socket = _tls_socket(opts)
+    if socket is not None:
+        cluster["transport_socket"] = socket
+    if opts.token:
+        # Every request on this cluster carries the node's token: the xDS streams (beside their
+        # initial metadata) and the ext_authz checks that the pushed listeners send over it.
+        _protocol_options(cluster)["http_filters"] = token_filters(opts.token)
     return cluster
+
+
+def _protocol_options(cluster: dict[str, Any]) -> dict[str, Any]:
+    return cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]  # type: ignore[no-any-return]
+
+
+def token_filters(token: str) -> list[dict[str, Any]]:
+    """Upstream HTTP filters that set ``x-xdsd-token`` on every request to the cluster (replacing
+    any value that came from elsewhere)."""
+    return [
+        {
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [{"append": {
+                    "header": {"key": TOKEN_HEADER, "value": token},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }}]},
+            },
+        },
+        {
+            "name": "envoy.filters.http.upstream_codec",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"},
+        },
+    ]
+
+
+def _tls_socket(opts: BootstrapOptions) -> dict[str, Any] | None:
+    """TLS to xdsd, verifying its certificate chain and its name (a certificate of the same CA with
+    another name, such as a sidecar's SVID, is refused)."""
+    if opts.xds_plaintext:
+        return None
+    if opts.xds_tls_ca_pem is not None:
+        trusted: dict[str, Any] = {"inline_string": opts.xds_tls_ca_pem.decode()}
+        name = opts.xds_tls_server_name or SERVER_NAME
+    elif opts.xds_tls_ca:
+        trusted = {"filename": opts.xds_tls_ca}
+        name = opts.xds_tls_server_name or opts.xds_host
+    else:
+        raise ValueError("TLS to xdsd needs its CA bundle (xds_tls_ca or xds_tls_ca_pem), or xds_plaintext")
+    validation: dict[str, Any] = {"trusted_ca": trusted}
+    tls: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {"validation_context": validation},
+    }
+    if _is_ip(name):
+        validation["match_typed_subject_alt_names"] = [{"san_type": "IP_ADDRESS", "matcher": {"exact": name}}]
+    else:
+        validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": name}}]
+        tls["sni"] = name
+    return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
 def render_text(opts: BootstrapOptions, fmt: str = "yaml") -> str:

@@ -156,6 +156,7 @@ class EnvoyFactory:
         Extra keyword arguments go to BootstrapOptions (e.g. xds_tls_ca)."""
         if mode is not None:
             ads, delta = mode.ads, mode.delta
+        tls = xdsd.bootstrap_tls() if not {"xds_tls_ca", "xds_tls_ca_pem", "xds_plaintext"} & bootstrap_options.keys() else {}
         opts = BootstrapOptions(
             node_id=node_id,
             cluster=cluster,
@@ -167,6 +168,7 @@ class EnvoyFactory:
             token=xdsd.token(node_id, cluster) if token == "" else token,
             inbound_address=inbound_address,
             app_address=app_address,
+            **tls,
             **bootstrap_options,
         )
         return self.from_bootstrap(node_id, render(opts), wait_live=wait_live, timeout=timeout)

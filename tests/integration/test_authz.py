@@ -267,3 +267,83 @@ def test_a_caller_cannot_claim_another_identity(make_mesh: MakeMesh, transport: 
     cert.write_bytes(pp.cert_chain_pem)
     key.write_bytes(pp.key_pem)
     assert _raw_tls(m.inbound_port, request.encode(), cert, key) == 200
+
+
+PARAMS_POLICY = """
+authorization:
+  reviews:
+    default: allow
+    rules:
+      - {name: no-admin, deny: {paths: [/admin, "/admin/*"]}}
+      - {name: no-pp-orders, deny: {from: [productpage], paths: ["/orders-only/*"]}}
+"""
+
+
+def _svid_files(m: AuthzMesh, tmp_path: Path, service: str) -> tuple[Path, Path]:
+    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
+    svid = ca.issue(f"spiffe://{TD}/service/{service}", dt.timedelta(minutes=5))
+    cert, key = tmp_path / f"{service}.pem", tmp_path / f"{service}.key"
+    cert.write_bytes(svid.cert_chain_pem)
+    key.write_bytes(svid.key_pem)
+    return cert, key
+
+
+def _inbound_get(m: AuthzMesh, path: str, cert_key: tuple[Path, Path]) -> int:
+    return _raw_tls(m.inbound_port, f"GET {path} HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n".encode(), *cert_key)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_path_parameters_cannot_get_past_a_rule(make_mesh: MakeMesh, transport: str, tmp_path: Path) -> None:
+    """Servlet containers serve /admin;x as /admin: a rule sees the path with its parameters removed,
+    on either transport. Straight at reviews' inbound listener (only that Envoy normalizes), and
+    through productpage's outbound listener."""
+    m = make_mesh(ADS_MODES[0], transport, PARAMS_POLICY)
+    pp, ratings = _svid_files(m, tmp_path, "productpage"), _svid_files(m, tmp_path, "ratings")
+    wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
+    before = m.ups.stats("reviews")
+    # Allowed paths still reach the app, parameters and all (the request goes on unchanged).
+    assert _inbound_get(m, "/reviews/1", pp) == 200
+    assert _inbound_get(m, "/reviews/1;v=2", pp) == 200
+    assert _inbound_get(m, "/orders-only;p/x", ratings) == 200
+    assert m.get(m.pp_out, "/reviews/1;jsessionid=a")[0] == 200
+    # Envoy forwards /x/%2e%2e;/admin as /x/..;/admin: /admin to a servlet.
+    for path in ["/admin;x", "/admin;x/y", "/x/..;/admin", "/x/%2e%2e;/admin", "/admin;jsessionid=1", "/%61dmin;x/"]:
+        assert _inbound_get(m, path, pp) == 403, path
+        status, body = m.get(m.pp_out, path)
+        assert status == 403 and "rule no-admin" in body, (path, status, body)
+    # ...and /admin/%2e%2e;/reviews/1 as /admin/..;/reviews/1: under /admin/ to an app without path
+    # parameters. (Through the outbound listener, the inbound Envoy reads that "..;" as ".." itself.)
+    assert _inbound_get(m, "/admin/%2e%2e;/reviews/1", pp) == 403
+    assert _inbound_get(m, "/orders-only/x", pp) == 403
+    for path in ["/orders-only;p/x", "/orders-only;/x", "/x/%2e%2e;/orders-only/x"]:
+        assert _inbound_get(m, path, pp) == 403, path
+        status, body = m.get(m.pp_out, path)
+        assert status == 403 and "rule no-pp-orders" in body, (path, status, body)
+    assert m.ups.stats("reviews") == before + 4  # only the allowed requests reached the app
+
+
+CASE_POLICY = """
+authorization:
+  reviews:
+    default: allow
+    paths_case: sensitive
+    rules:
+      - {name: no-admin, deny: {paths: [/admin, "/admin/*"]}}
+"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_paths_case_insensitive_denies_other_cases(make_mesh: MakeMesh, transport: str) -> None:
+    """Case is significant (an app that ignores case serves /ADMIN as /admin): a policy opts in."""
+    m = make_mesh(ADS_MODES[0], transport, CASE_POLICY)
+    wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
+    assert m.get(m.pp_out, "/admin")[0] == 403
+    before = m.ups.stats("reviews")
+    assert m.get(m.pp_out, "/ADMIN")[0] == 200
+    assert m.ups.stats("reviews") == before + 1
+    m.mesh_file.write(m.text.replace("paths_case: sensitive", "paths_case: insensitive"))
+    wait_for(lambda: m.get(m.pp_out, "/ADMIN")[0] == 403, "/ADMIN to be denied", 15)
+    for path in ["/ADMIN", "/Admin/x", "/aDmIn;x", "/%41DMIN/"]:
+        status, body = m.get(m.pp_out, path)
+        assert status == 403 and "rule no-admin" in body, (path, status, body)
+    assert m.get(m.pp_out, "/Reviews/1")[0] == 200

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-import grpc
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from tests.integration.conftest import MeshFile
@@ -56,7 +55,7 @@ gateways:
     wait_for(synced, "edge-1 SYNCED on CDS, EDS, LDS and RDS", 15)
 
     # A protocol-level client: one response left unacknowledged (STALE), one NACKed.
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{xdsd.xds_port}")
+    channel = xdsd.channel()
     stale = XdsClient(channel, "stale-1", "edge", metadata=[("x-xdsd-token", xdsd.token("stale-1", "edge"))])
     await stale.request(typeurls.CLUSTER)
     await stale.recv()
@@ -80,7 +79,8 @@ gateways:
 
         # CSDS: a ClientConfig per connected node, with the versions xdsd serves.
         stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
-        status = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest())
+        operator = (("x-xdsd-token", xdsd.operator_token()),)
+        status = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest(), metadata=operator)
         by_node = {c.node.id: c for c in status.config}
         assert set(by_node) == {"edge-1", "stale-1", "nacker-1"}
         edge = {(g.type_url, g.name): g for g in by_node["edge-1"].generic_xds_configs}
@@ -91,7 +91,7 @@ gateways:
         assert nacked.config_status == csds_pb2.ERROR and "unsupported field" in nacked.error_state.details
         one = csds_pb2.ClientStatusRequest()
         one.node_matchers.add().node_id.exact = "edge-1"
-        assert [c.node.id for c in (await stub.FetchClientStatus(one)).config] == ["edge-1"]
+        assert [c.node.id for c in (await stub.FetchClientStatus(one, metadata=operator)).config] == ["edge-1"]
     finally:
         await stale.close()
         await nacker.close()

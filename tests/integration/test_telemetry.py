@@ -102,7 +102,7 @@ def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
             started = {
                 name: envoys.from_bootstrap(name, render(BootstrapOptions(
                     node_id=f"{name}-1", cluster=name, xds_port=xdsd.xds_port, admin_port=free_port(),
-                    token=xdsd.token(f"{name}-1", name),
+                    token=xdsd.token(f"{name}-1", name), **xdsd.bootstrap_tls(),
                     authz_http_port=authz_http if name == "reviews" else None)), wait_live=False)
                 for name in ("edge", "productpage", "reviews")
             }

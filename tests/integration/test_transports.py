@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
@@ -56,10 +55,12 @@ async def test_envoy_is_configured_and_follows_a_change(
     if mode.ads:
         assert envoy.stat("control_plane.connected_state") == 1
 
-    # CSDS (a unary call from grpcio's client) on the same port reports the node in sync.
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.xds_port}") as channel:
+    # CSDS (a unary call from grpcio's client, with an operator token) on the same port reports the
+    # node in sync.
+    async with server.channel() as channel:
         stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
-        status = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest(), timeout=10)
+        status = await stub.FetchClientStatus(csds_pb2.ClientStatusRequest(), timeout=10,
+                                              metadata=(("x-xdsd-token", server.operator_token()),))
     configs = {c.node.id: c for c in status.config}
     assert "edge-1" in configs
     assert {x.config_status for x in configs["edge-1"].generic_xds_configs} == {csds_pb2.SYNCED}

@@ -46,6 +46,7 @@ class XdsdProcess:
         self.xds_port = xds_port or free_port()
         self.admin_port = admin_port or free_port()
         self.name = name
+        self.extra_args = list(extra_args or [])
         self.log_path = self.workdir / f"{name}.log"
         self.proc = Proc(
             name,
@@ -56,11 +57,43 @@ class XdsdProcess:
             cwd=ROOT,
         )
 
-    def token(self, node_id: str, cluster: str) -> str:
+    def token(self, node_id: str, cluster: str, ttl: float = 86400.0) -> str:
         """A node token signed with this xdsd's key (created in its state dir if missing)."""
-        from xdsd.auth.tokens import TokenSigner
+        from xdsd.auth.commands import mint
 
-        return TokenSigner.load_or_create(self.state_dir).issue(node_id, cluster)
+        return mint(self.state_dir, node_id, cluster, ttl=ttl)[0]
+
+    def operator_token(self, ttl: float = 3600.0) -> str:
+        from xdsd.auth.commands import mint
+        from xdsd.auth.tokens import OPERATOR
+
+        return mint(self.state_dir, "", "", kind=OPERATOR, ttl=ttl)[0]
+
+    @property
+    def plaintext(self) -> bool:
+        return "--xds-plaintext" in self.extra_args
+
+    def ca_bundle(self) -> bytes:
+        """The bundle that verifies this xdsd's serving certificate (written when it starts)."""
+        from xdsd.ca.serving import bundle_path
+
+        return bundle_path(self.state_dir).read_bytes()
+
+    def bootstrap_tls(self) -> dict[str, Any]:
+        """BootstrapOptions keywords for reaching this xdsd: its CA bundle embedded, or plaintext."""
+        if self.plaintext:
+            return {"xds_plaintext": True}
+        return {"xds_tls_ca_pem": self.ca_bundle()}
+
+    def channel(self) -> Any:
+        """A grpc.aio channel to the xDS port, over TLS verified like a bootstrap does (name "xdsd")."""
+        import grpc
+
+        target = f"127.0.0.1:{self.xds_port}"
+        if self.plaintext:
+            return grpc.aio.insecure_channel(target)
+        creds = grpc.ssl_channel_credentials(root_certificates=self.ca_bundle())
+        return grpc.aio.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "xdsd")])
 
     @property
     def xds_address(self) -> tuple[str, int]:

@@ -1,22 +1,19 @@
 """What xdsd serves one node, as JSON (``/debug/config_dump?node=ID``, ``xdsd config-dump``).
-Private keys are never included."""
+Private keys are never included (``xdsd.redact``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from google.protobuf import any_pb2, json_format
+from google.protobuf import json_format
 
 from xdsd import typeurls
+from xdsd.redact import redacted_any
 from xdsd.server.xds import XdsServer
 
 
 def _as_json(type_url: str, body: bytes) -> dict[str, Any]:
-    data = json_format.MessageToDict(any_pb2.Any(type_url=type_url, value=body), preserving_proto_field_name=True)
-    cert = data.get("tls_certificate")
-    if isinstance(cert, dict) and "private_key" in cert:
-        cert["private_key"] = {"redacted": True}
-    return data
+    return json_format.MessageToDict(redacted_any(type_url, body), preserving_proto_field_name=True)
 
 
 def node_config(server: XdsServer, node_id: str) -> dict[str, Any] | None:

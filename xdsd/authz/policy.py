@@ -6,6 +6,12 @@ Semantics, per destination service:
 3. Otherwise the policy's ``default`` decides (``deny`` unless set).
 Dry-run rules are evaluated too, but only reported: they never change the decision.
 A service without a policy allows everything.
+
+Paths are compared as the app will serve them (``xdsd.authz.paths``): rules and request paths are
+both normalized, ``;params`` removed. When an app that knows no path parameters would read the path
+otherwise (``/admin/..;/x``), the request must be allowed under both readings. An exact path in a
+deny rule also denies it with or without a trailing ``/`` (apps commonly serve both alike); in an
+allow rule it is exact.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from xdsd.authz.paths import authz_path, literal_path
 from xdsd.ca import gateway_id, service_id
 from xdsd.model import Mesh
 from xdsd.model.mesh import Match, Policy
@@ -28,6 +35,7 @@ class CompiledMatch:
     headers: tuple[tuple[str, str], ...]
 
     def matches(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> bool:
+        """``path`` is already normalized the way the rule's paths are (see ``CompiledPolicy``)."""
         if self.principals is not None and principal not in self.principals:
             return False
         if self.methods is not None and method not in self.methods:
@@ -62,8 +70,22 @@ class CompiledPolicy:
     # A gateway's callers come from outside the mesh: no principal is expected, so a denial there
     # is "forbidden" (403), never "unauthenticated" (401).
     edge: bool = False
+    case_insensitive: bool = False  # paths_case: insensitive (rule paths are compiled lower-case)
+    uses_paths: bool = True  # False: no rule looks at the path, so it need not be normalized
 
     def evaluate(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
+        """The decision for a request path as Envoy passes it on (normalized here, see the module)."""
+        if not self.uses_paths:
+            return self._decide(principal, method, path, headers)
+        servlet = authz_path(path, self.case_insensitive)
+        decision = self._decide(principal, method, servlet, headers)
+        if decision.allowed and ";" in path:  # only path parameters make a second reading (paths.readings)
+            literal = literal_path(path, self.case_insensitive)
+            if literal != servlet:
+                decision = _both(decision, self._decide(principal, method, literal, headers))
+        return decision
+
+    def _decide(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
         dry = tuple((r.name, r.allow) for r in self.dry if r.match.matches(principal, method, path, headers))
         for rule in self.deny:
             if rule.match.matches(principal, method, path, headers):
@@ -77,6 +99,13 @@ class CompiledPolicy:
 NO_POLICY = Decision(True, "no-policy")
 
 
+def _both(allowed: Decision, second: Decision) -> Decision:
+    """A path read two ways, allowed under the first reading: the second decides, and dry-run
+    rules matching under either are reported."""
+    dry = allowed.dry_run + tuple(d for d in second.dry_run if d not in allowed.dry_run)
+    return Decision(second.allowed, allowed.rule if second.allowed else second.rule, dry)
+
+
 def _principal(mesh: Mesh, caller: str) -> str:
     if caller.startswith("spiffe://"):
         return caller
@@ -84,9 +113,24 @@ def _principal(mesh: Mesh, caller: str) -> str:
     return gateway_id(td, caller) if caller in mesh.gateways and caller not in mesh.services else service_id(td, caller)
 
 
-def _compile_match(mesh: Mesh, m: Match) -> CompiledMatch:
-    exact = frozenset(p for p in m.paths if not p.endswith("*"))
-    prefixes = tuple(p[:-1] for p in m.paths if p.endswith("*") and p != "*")
+def _exact_paths(paths: list[str], case_insensitive: bool, deny: bool) -> frozenset[str]:
+    """A rule's exact paths, normalized like request paths; a deny rule's also with (or without)
+    a trailing slash: ``/admin`` denies ``/admin/`` too, ``/admin/`` denies ``/admin``."""
+    out: set[str] = set()
+    for p in paths:
+        if p.endswith("*"):
+            continue
+        path = authz_path(p, case_insensitive)
+        out.add(path)
+        if deny and path != "/":
+            out.add(path[:-1] if path.endswith("/") else path + "/")
+    return frozenset(out)
+
+
+def _compile_match(mesh: Mesh, m: Match, case_insensitive: bool = False, deny: bool = False) -> CompiledMatch:
+    exact = _exact_paths(m.paths, case_insensitive, deny)
+    # A prefix is matched as a string; normalizing it keeps a trailing "/" ("/admin/*": "/admin/").
+    prefixes = tuple(authz_path(p[:-1], case_insensitive) for p in m.paths if p.endswith("*") and p != "*")
     return CompiledMatch(
         principals=frozenset(_principal(mesh, c) for c in m.from_) if m.from_ else None,
         methods=frozenset(x.upper() for x in m.methods) if m.methods else None,
@@ -98,17 +142,21 @@ def _compile_match(mesh: Mesh, m: Match) -> CompiledMatch:
 
 
 def compile_policy(mesh: Mesh, policy: Policy, edge: bool = False) -> CompiledPolicy:
+    case_insensitive = policy.paths_case == "insensitive"
     rules = []
     for r in policy.rules:
         match = r.allow if r.allow is not None else r.deny
         assert match is not None
-        rules.append(CompiledRule(r.name, r.allow is not None, r.dry_run, _compile_match(mesh, match)))
+        compiled = _compile_match(mesh, match, case_insensitive, deny=r.allow is None)
+        rules.append(CompiledRule(r.name, r.allow is not None, r.dry_run, compiled))
     return CompiledPolicy(
         default_allow=policy.default == "allow",
         deny=tuple(r for r in rules if not r.allow and not r.dry_run),
         allow=tuple(r for r in rules if r.allow and not r.dry_run),
         dry=tuple(r for r in rules if r.dry_run),
         edge=edge,
+        case_insensitive=case_insensitive,
+        uses_paths=any(not r.match.any_path for r in rules),
     )
 
 

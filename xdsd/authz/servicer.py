@@ -18,6 +18,7 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
+from xdsd.auth.access import Access, Denied, token_from_metadata
 from xdsd.authz.policy import NO_POLICY, CompiledPolicy, Decision, compile_mesh
 from xdsd.model import Mesh
 
@@ -42,7 +43,11 @@ def _service_of(attrs: external_auth_pb2.AttributeContext) -> str:
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, observer: DecisionObserver | None = None, span: SpanFactory | None = None) -> None:
+    def __init__(self, observer: DecisionObserver | None = None, span: SpanFactory | None = None,
+                 access: Access | None = None) -> None:
+        # Who may ask: a node of the destination service (a sidecar asks about its own service, a
+        # gateway about itself), by the node token its bootstrap adds to every check. None: anyone.
+        self.access = access
         self._policies: dict[str, CompiledPolicy] = {}
         self._known: frozenset[str] = frozenset()  # services and gateways: metric labels
         self._observer = observer
@@ -87,6 +92,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         start = time.perf_counter()
+        if self.access is not None and self.access.required:
+            try:
+                self.access.service(token_from_metadata(context.invocation_metadata()), _service_of(request.attributes))
+            except Denied as exc:
+                # Not a decision: the caller is not a node of the mesh (Envoy fails closed on this).
+                code = grpc.StatusCode.UNAUTHENTICATED if exc.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
+                await context.abort(code, f"xdsd: {exc}")
         try:
             service, decision = self.decide(request)
         except Exception:  # never let a bad request become a gRPC error (Envoy would fail closed silently)

@@ -125,6 +125,44 @@ class CertificateAuthority:
 
     # -- issuing --------------------------------------------------------------------------
 
+    def issue_server(self, dns_names: list[str], ips: list[str], lifetime: dt.timedelta,
+                     now: dt.datetime | None = None) -> tuple[bytes, bytes]:
+        """A TLS serving certificate for xdsd's own ports (serverAuth only, never a client or a CA):
+        (certificate chain PEM, private key PEM)."""
+        import ipaddress
+
+        now = now or _now()
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+        sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xdsd"),
+                                     x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0] if dns_names else "xdsd")]))
+            .issuer_name(self.signing_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - MAX_BACKDATE)
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                              data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+                              encipher_only=False, decipher_only=False),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.signing_cert.public_key()),  # type: ignore[arg-type]
+                critical=False,
+            )
+            .sign(self.signing_key, hashes.SHA256())  # type: ignore[arg-type]
+        )
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+        return _pem(cert) + b"".join(_pem(c) for c in self.chain), key_pem
+
     def issue(self, spiffe_id: str, lifetime: dt.timedelta, now: dt.datetime | None = None) -> Svid:
         now = now or _now()
         backdate = min(MAX_BACKDATE, lifetime / 4)

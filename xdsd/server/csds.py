@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import grpc
 from envoy.admin.v3 import config_dump_shared_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
-from google.protobuf import any_pb2
 
+from xdsd.redact import redacted_any
 from xdsd.server.stream import Stream
 from xdsd.server.subscriptions import DeltaState
 from xdsd.server.xds import XdsServer
@@ -51,7 +51,8 @@ def client_config(streams: list[Stream]) -> csds_pb2.ClientConfig:
                 sent_version = held.get(name)
                 if res is not None:
                     g.version_info = res.version
-                    g.xds_config.CopyFrom(any_pb2.Any(type_url=type_url, value=res.body))
+                    # Never a private key: CSDS is an operator's view, not the node's own SDS.
+                    g.xds_config.CopyFrom(redacted_any(type_url, res.body))
                 if sent_version is None:
                     g.config_status = _STATUS.NOT_SENT
                     g.client_status = _CLIENT.REQUESTED
