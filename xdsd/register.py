@@ -13,6 +13,16 @@ import urllib.request
 from typing import Any
 
 from xdsd.model.fields import parse_duration
+from xdsd.registry.instance import default_instance_id
+
+
+def _reply(status: int, raw: bytes) -> dict[str, Any]:
+    """The JSON object of an answer; anything else (a proxy's error page) as an error."""
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError:
+        data = None
+    return data if isinstance(data, dict) else {"errors": [f"HTTP {status}"]}
 
 
 def _post(base: str, path: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
@@ -22,23 +32,37 @@ def _post(base: str, path: str, body: dict[str, Any], token: str | None) -> tupl
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, _reply(resp.status, resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        return exc.code, _reply(exc.code, exc.read())
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` pairs; ValueError names one without ``=``."""
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise ValueError(f"--label {bad[0]!r}: use KEY=VALUE")
+    return dict(kv.split("=", 1) for kv in pairs)
 
 
 def run(args: argparse.Namespace, token: str | None) -> int:
     base = f"http://{args.admin_address[0]}:{args.admin_address[1]}"
-    ttl = parse_duration(args.ttl)
-    instance_id = args.instance_id or f"{args.address}:{args.port}"
+    try:
+        ttl = parse_duration(args.ttl)
+        labels = _labels(args.label or [])
+    except ValueError as exc:
+        print(f"xdsd register: {exc}", file=sys.stderr)
+        return 2
+    # The server's default for a missing instance_id, sent explicitly: heartbeats need it.
+    instance_id = args.instance_id or default_instance_id(args.address, args.port)
     body: dict[str, Any] = {
         "service": args.service, "instance_id": instance_id, "address": args.address, "port": args.port,
         "ttl": args.ttl, "weight": args.weight,
     }
     if args.zone:
         body["zone"] = args.zone
-    if args.label:
-        body["labels"] = dict(kv.split("=", 1) for kv in args.label)
+    if labels:
+        body["labels"] = labels
     try:
         status, reply = _post(base, "/v1/register", body, token)
     except OSError as exc:

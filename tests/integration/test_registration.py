@@ -190,7 +190,7 @@ def test_bad_registrations_are_refused_naming_the_field_and_change_nothing(scene
 
 
 async def test_grpc_registration_api(scene: Scene) -> None:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{scene.xdsd.xds_port}")
+    channel = scene.xdsd.channel()  # TLS when xdsd serves it
     stub = registration_pb2_grpc.RegistrationStub(channel)
     md = (("x-xdsd-token", scene.xdsd.token("t", "reviews")),)
     host, port = scene.ups.addresses["v2"]
@@ -200,14 +200,21 @@ async def test_grpc_registration_api(scene: Scene) -> None:
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "port:" in (bad.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await stub.Register(registration_pb2.RegisterRequest(service="reviews", instance_id="x", address=host, port=port))
-        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await stub.Register(registration_pb2.RegisterRequest(service="reviews", instance_id="x", address=host, port=port),
+                                metadata=(("x-xdsd-token", scene.xdsd.token("t", "ratings")),))
+        assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
         req = registration_pb2.RegisterRequest(service="reviews", instance_id="v2", address=host, port=port, weight=2)
         req.ttl.FromSeconds(30)
         inst = await stub.Register(req, metadata=md)
         assert inst.state == registration_pb2.Instance.ACTIVE and inst.weight == 2
         wait_for(lambda: scene.endpoints().get(f"{host}:{port}") == 2, "v2 with weight 2 in Envoy", 10)
         await stub.Heartbeat(registration_pb2.HeartbeatRequest(service="reviews", instance_id="v2"), metadata=md)
-        listed = await stub.List(registration_pb2.ListRequest(service="reviews"))
+        with pytest.raises(grpc.aio.AioRpcError) as unlisted:
+            await stub.List(registration_pb2.ListRequest(service="reviews"))
+        assert unlisted.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        listed = await stub.List(registration_pb2.ListRequest(service="reviews"), metadata=md)
         assert [i.instance_id for i in listed.instances] == ["v2"]
         drained = await stub.Deregister(registration_pb2.DeregisterRequest(service="reviews", instance_id="v2"), metadata=md)
         assert drained.state == registration_pb2.Instance.DRAINING
@@ -221,6 +228,83 @@ async def test_grpc_registration_api(scene: Scene) -> None:
 def test_registration_needs_a_token_for_that_service(scene: Scene) -> None:
     host, port = scene.ups.addresses["v2"]
     body = {"service": "reviews", "instance_id": "v2", "address": host, "port": port}
-    assert scene.api("/v1/register", body, token=None)[0] == 403
+    assert scene.api("/v1/register", body, token=None)[0] == 401
+    assert scene.api("/v1/register", body, token="v1.e30.\xc3\xa9")[0] == 401  # the bytes of "é" on the wire
     assert scene.api("/v1/register", body, token=scene.xdsd.token("t", "ratings"))[0] == 403
+    assert scene.api("/v1/instances", token=None)[0] == 401
     assert scene.api("/v1/instances")[1]["instances"] == []
+
+
+# Bodies that once got a 500 and were stored anyway, breaking /v1/instances, every later
+# registration and, after a restart, every xDS stream.
+POISON = [
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"zone":"\\ud800"}',
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"labels":{"v":"\\udc80"}}',
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"labels":{"\\ud800":"v"}}',
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"instance_id":"a\\udbff"}',
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"ttl":' + b"9" * 400 + b"}",
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"weight":' + b"9" * 400 + b"}",
+    b'{"service":"reviews","address":"127.0.0.9","port":' + b"9" * 400 + b"}",
+    b'{"service":"reviews","address":"127.0.0.9\\n","port":%d}',
+    b'{"service":"reviews","address":"127.0.0.9","port":%d,"labels":' + b'{"a":' * 1000 + b"1" + b"}" * 1001,
+    b"[" * 1000 + b"]" * 1000,
+    b"\xff\xfe",
+]
+
+
+def post(scene: Scene, path: str, raw: bytes, token: str | None) -> tuple[int, Any]:
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["x-xdsd-token"] = token
+    req = urllib.request.Request(f"http://127.0.0.1:{scene.xdsd.admin_port}{path}", data=raw, headers=headers,
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_poison_bodies_are_refused_and_registration_keeps_working_across_a_restart(scene: Scene) -> None:
+    token = scene.xdsd.token("t", "reviews")
+    for template in POISON:
+        raw = template.replace(b"%d", str(scene.ups.addresses["v2"][1]).encode())
+        status, body = post(scene, "/v1/register", raw, token)
+        assert 400 <= status < 500, (raw[:100], status, body)
+        assert body["errors"], body
+    assert scene.api("/v1/instances") == (200, {"instances": []})
+    assert scene.xdsd.http_status("/readyz") == 200
+    scene.register("v2", ttl="60s", zone="zone-\u00e9", labels={"team": "caf\u00e9"})
+    wait_for(lambda: scene.has("v2"), "v2 in Envoy after the poison bodies", 10)
+    scene.xdsd.kill()
+    scene.xdsd.start()
+    assert [i["instance_id"] for i in scene.api("/v1/instances")[1]["instances"]] == ["v2"]
+    assert scene.xdsd.http_status("/readyz") == 200
+    wait_for(lambda: scene.xdsd.proxy("edge-1") is not None, "Envoy to reconnect", 30)
+    wait_for(lambda: any(r.app == "v2" for r in send_requests(scene.url, 10)), "traffic on v2 after the restart", 15)
+
+
+def test_a_registrations_file_poisoned_before_the_fix_loses_only_its_bad_entries(scene: Scene) -> None:
+    host, port = scene.ups.addresses["v3"]
+    good = {"service": "reviews", "instance_id": "v3", "address": host, "port": port, "weight": 1, "zone": None,
+            "labels": {}, "ttl": 600.0, "state": "ACTIVE", "expires_at": time.time() + 600}
+    bad = [{**good, "instance_id": "z", "port": port + 1, "zone": "\ud800"},
+           {**good, "instance_id": "l", "port": port + 2, "labels": {"\udc80": "\udc80"}},
+           {**good, "instance_id": "n", "address": "127.0.0.1\n"}]
+    scene.xdsd.stop()
+    (scene.xdsd.state_dir / "registrations.json").write_text(json.dumps({"instances": [good, *bad]}))
+    scene.xdsd.start()
+    assert [i["instance_id"] for i in scene.api("/v1/instances")[1]["instances"]] == ["v3"]
+    wait_for(lambda: scene.xdsd.proxy("edge-1") is not None, "Envoy to reconnect", 30)
+    wait_for(lambda: scene.has("v3"), "v3 in Envoy", 15)
+    assert "dropped entry" in scene.xdsd.log_tail(400)
+
+
+def test_another_service_cannot_squat_an_instances_address(scene: Scene) -> None:
+    host, port = scene.ups.addresses["v2"]
+    squat = {"service": "ratings", "instance_id": "squat", "address": host, "port": port}
+    assert scene.api("/v1/register", squat, token=scene.xdsd.token("t", "ratings"))[0] == 200
+    scene.register("v2", ttl="30s")  # the real instance: 200, not "already registered as ratings/squat"
+    wait_for(lambda: scene.has("v2"), "v2 in Envoy", 10)
+    status, body = scene.api("/v1/register", {"service": "reviews", "instance_id": "other", "address": host, "port": port})
+    assert status == 400 and body["errors"][0].startswith(f"address: {host}:{port} is already registered as reviews/v2")

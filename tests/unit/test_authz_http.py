@@ -248,12 +248,13 @@ async def test_slow_heads_idle_connections_and_too_many_are_closed(monkeypatch: 
     srv = await start_http_authz(authz, "127.0.0.1", 0)
     try:
         loop = asyncio.get_running_loop()
-        # A head trickled byte by byte never completes: closed after HEAD_TIMEOUT despite the activity.
         slow_r, slow_w = await asyncio.open_connection("127.0.0.1", srv.port)
         idle_r, idle_w = await asyncio.open_connection("127.0.0.1", srv.port)
         busy_r, busy_w = await asyncio.open_connection("127.0.0.1", srv.port)
-        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", srv.port)
-        assert await asyncio.wait_for(extra_r.read(), 5) == b""  # over MAX_CONNECTIONS: closed at once
+        for w, r in ((idle_w, idle_r), (busy_w, busy_r)):
+            w.write(check("reviews/reviews/1"))
+            assert (await read_response(r))[0] == 200
+        # A head trickled byte by byte never completes: closed after HEAD_TIMEOUT despite the activity.
         t0 = loop.time()
         for byte in b"GET /_xdsd/authz/reviews//x HTTP/1.1\r\nx-a: b":
             slow_w.write(bytes([byte]))
@@ -262,6 +263,13 @@ async def test_slow_heads_idle_connections_and_too_many_are_closed(monkeypatch: 
                 break
         assert await asyncio.wait_for(slow_r.read(), 5) == b""
         assert loop.time() - t0 < 0.3 + 0.5
+        # Full of connections that checked just now: one more is refused at once (a connection that
+        # sent nothing yet, or idle for ACTIVE_SECONDS, would have been shed for it instead).
+        third_r, third_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        third_w.write(check("reviews/reviews/1"))
+        assert (await read_response(third_r))[0] == 200
+        extra_r, extra_w = await asyncio.open_connection("127.0.0.1", srv.port)
+        assert await asyncio.wait_for(extra_r.read(), 5) == b""
         # A connection that keeps checking stays open past IDLE_TIMEOUT; an idle one is closed.
         for _ in range(8):
             busy_w.write(check("reviews/reviews/1"))
@@ -270,7 +278,7 @@ async def test_slow_heads_idle_connections_and_too_many_are_closed(monkeypatch: 
         assert await asyncio.wait_for(idle_r.read(), 5) == b""
         busy_w.write(check("reviews/reviews/1"))
         assert (await read_response(busy_r))[0] == 200
-        for w in (slow_w, idle_w, busy_w, extra_w):
+        for w in (slow_w, idle_w, busy_w, third_w, extra_w):
             w.close()
     finally:
         await srv.close()

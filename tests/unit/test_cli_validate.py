@@ -99,3 +99,41 @@ def test_console_entry_point(files: tuple[Path, Path]) -> None:
         f"{bad}: services.reviews.endpoints[1].port: must be 1..65535, got 0",
         f"{bad}: invalid (1 error)",
     ]
+
+
+def _run_validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xdsd", "validate", str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("deep-flow.yaml", "services: " + "[" * 3000 + "]" * 3000 + "\n",
+     "nested deeper than 64 levels of lists and mappings"),
+    ("deep-block.yaml", "".join(" " * i + f"k{i}:\n" for i in range(3000)) + " " * 3000 + "x\n",
+     "nested deeper than 64 levels of lists and mappings"),
+    ("surrogate.yaml", VALID.replace("weight: 1}", 'weight: 1, zone: "\\ud800"}'),
+     "services.reviews.endpoints[1].zone: lone surrogate U+D800 is not allowed: '\\ud800'"),
+    ("nul.yaml", VALID.replace("weight: 1}", 'weight: 1, labels: {v: "a\\0b"}}'),
+     "services.reviews.endpoints[1].labels.v: control character U+0000 is not allowed: 'a\\x00b'"),
+    ("reserved.yaml", VALID.replace("  productpage:\n", "  xds_cluster:\n    endpoints: []\n  productpage:\n"),
+     "services.xds_cluster: 'xds_cluster' is reserved for xdsd's own resources"),
+    ("tags.yaml", "services: !!python/object/apply:os.system [echo hi]\n", "services: unsupported YAML tag"),
+])
+def test_hostile_files_are_field_errors_not_tracebacks(tmp_path: Path, name: str, content: str, expected: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    proc = _run_validate(path)
+    assert proc.returncode == 1, proc
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert lines[-1] == f"{path}: invalid (1 error)", lines
+    assert lines[0].startswith(f"{path}: ") and expected in lines[0], lines
+
+
+def test_files_that_are_not_utf8_are_field_errors(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("services: {caf\xe9: {}}\n".encode("latin-1"))
+    proc = _run_validate(path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc
+    assert proc.stderr.splitlines()[0].startswith(f"{path}: {path} is not UTF-8: ")

@@ -5,6 +5,8 @@ a new mesh only when more than registered endpoints changed."""
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
 from pathlib import Path
 
 import yaml
@@ -16,7 +18,7 @@ from xdsd.generators import NodeGroup, generate
 from xdsd.model import Mesh
 from xdsd.observability.metrics import Metrics
 from xdsd.registry.registry import Registry
-from xdsd.registry.store import MemoryStore
+from xdsd.registry.store import LocalStore, MemoryStore
 from xdsd.sources.file import FileSource
 
 MESH = {
@@ -41,7 +43,7 @@ def test_registrations_patch_and_skip_what_does_not_read_endpoints(tmp_path: Pat
     monkeypatch.setattr(ids, "ensure", lambda *a, **k: ensured.append(a) or real_ensure(*a, **k))
     hints: list[object] = []
     real_set_mesh = cache.set_mesh
-    monkeypatch.setattr(cache, "set_mesh", lambda m, endpoints_changed=None: hints.append(endpoints_changed)
+    monkeypatch.setattr(cache, "set_mesh", lambda m, endpoints_changed=None, canary=None: hints.append(endpoints_changed)
                         or real_set_mesh(m, endpoints_changed=endpoints_changed))
 
     assert ctl.reload()
@@ -61,3 +63,31 @@ def test_registrations_patch_and_skip_what_does_not_read_endpoints(tmp_path: Pat
     assert len(seen) == 2 and len(ensured) == 2 and hints[-1] is None  # a new file: everything again
     registry.deregister("reviews", "r0")
     assert len(seen) == 2 and hints[-1] is not None
+
+
+def test_a_registry_loaded_from_a_poisoned_file_is_served(tmp_path: Path) -> None:
+    """A registrations.json written before registration input was validated (a lone surrogate in
+    a zone made every later revision fail, and every xDS stream after a restart): the bad entries
+    are dropped at load, and what is left, and what registers next, reaches EDS."""
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(MESH))
+    good = {"service": "reviews", "instance_id": "r1", "address": "10.0.0.1", "port": 15006, "weight": 1,
+            "zone": "zone-a", "labels": {}, "ttl": 600.0, "state": "ACTIVE", "expires_at": time.time() + 600}
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "registrations.json").write_text(json.dumps({"instances": [
+        good, {**good, "instance_id": "bad", "address": "10.0.0.2", "zone": "\ud800"},
+        {**good, "instance_id": "bad2", "address": "10.0.0.3", "labels": {"v": "\udc80"}}]}))
+    ids = IdentityStore(CertificateAuthority.load_or_create(tmp_path, "mesh"), dt.timedelta(hours=1))
+    cache = SnapshotCache(lambda m, g: generate(m, g, ids.credentials, cache.memo))
+    registry = Registry(LocalStore(state))
+    ctl = Controller(FileSource(path), cache, Metrics(), ids, registry=registry)
+    cache.watch(NodeGroup("shop", zone="zone-a"), lambda snap, types: None)
+    assert ctl.reload()
+    registry.register({"service": "reviews", "address": "10.0.0.4", "port": 15006, "zone": "z\u00fcrich",
+                       "labels": {"team": "caf\u00e9 \u2603"}})
+    snap = cache.snapshot(NodeGroup("shop", zone="zone-a"))
+    assert snap is not None
+    body = snap.get("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment").resources["reviews"].body
+    assert b"10.0.0.1" in body and b"10.0.0.4" in body and "zürich".encode() in body
+    assert b"10.0.0.2" not in body and b"10.0.0.3" not in body

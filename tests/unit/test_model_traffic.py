@@ -239,8 +239,8 @@ def test_bootstrap_zone_sets_the_node_locality() -> None:
     from xdsd.bootstrap import BootstrapOptions, render
     from xdsd.cli import build_parser
 
-    assert render(BootstrapOptions("n1", "edge", zone="zone-a"))["node"]["locality"] == {"zone": "zone-a"}
-    assert "locality" not in render(BootstrapOptions("n1", "edge"))["node"]
+    assert render(BootstrapOptions("n1", "edge", zone="zone-a", xds_plaintext=True))["node"]["locality"] == {"zone": "zone-a"}
+    assert "locality" not in render(BootstrapOptions("n1", "edge", xds_plaintext=True))["node"]
     args = build_parser().parse_args(["bootstrap", "--node-id", "n1", "--cluster", "edge", "--zone", "zone-b"])
     assert args.zone == "zone-b"
 

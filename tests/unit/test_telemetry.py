@@ -230,7 +230,7 @@ def test_readme_example_and_default_fields_match_the_code() -> None:
 def test_bootstrap_carries_the_admin_address() -> None:
     from xdsd.bootstrap import BootstrapOptions, render
 
-    node = render(BootstrapOptions("n1", "edge", admin_address="0.0.0.0", admin_port=9911))["node"]
+    node = render(BootstrapOptions("n1", "edge", admin_address="0.0.0.0", admin_port=9911, xds_plaintext=True))["node"]
     assert node["metadata"]["xdsd.admin_address"] == "127.0.0.1:9911"  # reachable from Envoy itself
 
 

@@ -1155,15 +1155,17 @@ async def test_many_stalled_streams_do_not_starve_the_connection() -> None:
                 sent += 1
 
         def received() -> int:  # bytes the server holds for the stalled handlers
-            return sum(c._inbox_bytes + c._unacked + len(c._buf)
-                       for conn in running.server.connections for c in conn.calls.values())
+            return sum(c.held for conn in running.server.connections for c in conn.calls.values())
 
         fillers = [asyncio.create_task(fill(c)) for c in calls]
         try:
-            # Every stalled stream takes its inbox (1 MiB and a bit) and then its window (1 MiB), or
-            # as much of it as the connection window lets through: wait for that, then for a stop.
-            await until(lambda: received() >= streams * MB + 2 * MB, "the stalled streams to fill", 60)
+            # Every stalled stream takes its share (INBOX_LIMIT: what it holds plus its open window),
+            # and no more: wait for that, then for a stop.
+            await until(lambda: received() >= streams * 3 * MB // 4, "the stalled streams to fill", 60)
             await stable(lambda: sent + received(), quiet=1.5, timeout=60)
+            for conn in running.server.connections:
+                for c in conn.calls.values():  # (and each message's overhead: the window saw 5 bytes of it)
+                    assert c.held <= transport_call.INBOX_LIMIT + 8 * transport_call.MESSAGE_OVERHEAD
             request = random.Random(5).randbytes(100_000)
             assert await bounded(ch.unary_unary(path("Digest"))(request)) == \
                 b"%d:" % len(request) + hashlib.sha256(request).digest()

@@ -12,6 +12,13 @@ treat as a transport failure except a dead connection, and then it fails closed.
 The parser is deliberately small: Envoy's HTTP/1.1 codec is the only expected client. Requests are
 handled in order on a keep-alive connection; anything malformed or oversized gets a 400 / 431
 denial and the connection is closed.
+
+Every check must carry the node token of the destination service in ``x-xdsd-token`` (Envoy's
+bootstrap adds it to the requests of its ``xdsd_authz`` cluster); without a valid one the answer is
+401 (403 for a valid token of another service) with ``x-xdsd-authz: deny; unauthenticated``
+(``deny; forbidden``), never a decision. The token is never evaluated as a request header, nor
+recorded. A connection is *authenticated* once it sent a valid token (with no ``access``: once it
+sent a well-formed check); see ``xdsd.transport.limits`` for how connections are limited and shed.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING
 
+from xdsd.auth.access import Denied
 from xdsd.authz.policy import Decision
 from xdsd.authz.servicer import (
     DECISION_HEADER,
@@ -33,8 +41,10 @@ from xdsd.authz.servicer import (
     dry_run_text,
     is_unauthenticated,
 )
+from xdsd.transport.limits import ConnectionTable, source_of
 
 if TYPE_CHECKING:
+    from xdsd.auth.access import Access
     from xdsd.authz.servicer import AuthorizationServicer
 
 log = logging.getLogger(__name__)
@@ -43,13 +53,23 @@ PATH_PREFIX = "/_xdsd/authz/"  # + <service>; Envoy appends the request's own pa
 XFCC = "x-forwarded-client-cert"
 MAX_HEAD = 64 * 1024  # Envoy's own limit on request headers is 60 KiB by default
 MAX_BODY = 1024 * 1024  # checks carry no body unless a filter asks for one; skipped either way
+TOKEN_HEADER = "x-xdsd-token"  # the node token of the destination service, added by the node's Envoy
 MAX_CONNECTIONS = 4096  # Envoy opens one per check in flight per worker; xDS shares the process's files
+# Unauthenticated connections per source address (IPv6: per /64); authenticated ones count only in
+# MAX_CONNECTIONS (the nodes behind one NAT address share it). Over either limit a new connection
+# sheds the oldest unauthenticated one, then the one authenticated longest idle (at least
+# ACTIVE_SECONDS), and is refused only if every connection is authenticated and active.
+MAX_UNAUTHENTICATED_PER_SOURCE = 1024
+ACTIVE_SECONDS = 5.0
+FIRST_REQUEST_TIMEOUT = 5.0  # seconds from accepting a connection (TLS handshake included) to its first head
 HEAD_TIMEOUT = 10.0  # seconds for a started head to complete (Envoy sends a head in one piece)
+UNAUTHENTICATED_IDLE_TIMEOUT = 10.0  # seconds without a check, for a connection that never sent a valid token
 IDLE_TIMEOUT = 300.0  # seconds without a check; the bootstrap's cluster closes idle ones after 60 s
 SWEEP_INTERVAL = 1.0
 
 _ALLOW = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 431: "Request Header Fields Too Large"}
+_REFUSED_BODY = b"xdsd authorization: the check's node token was refused\n"
 
 
 def path_prefix(service: str) -> str:
@@ -94,16 +114,22 @@ def decision_response(decision: Decision, principal: str, head_only: bool = Fals
 class AuthzHttpProtocol(asyncio.Protocol):
     """One keep-alive connection from an Envoy; requests are answered in order as they arrive.
 
-    Bounded: a head is at most MAX_HEAD bytes and must arrive within HEAD_TIMEOUT; a connection
-    idle for IDLE_TIMEOUT is closed (Envoy's side closes first: the bootstrap cluster's idle timeout
-    is shorter); when the peer stops reading our answers, we stop reading its checks (asyncio flow
-    control), so unread answers cannot pile up in memory."""
+    Bounded: the first head must arrive within FIRST_REQUEST_TIMEOUT of the connection, any head is
+    at most MAX_HEAD bytes and must complete within HEAD_TIMEOUT; a connection idle for IDLE_TIMEOUT
+    is closed (Envoy's side closes first: the bootstrap cluster's idle timeout is shorter), for
+    UNAUTHENTICATED_IDLE_TIMEOUT if it never sent a valid token; when the peer stops reading our
+    answers, we stop reading its checks (asyncio flow control), so unread answers cannot pile up in
+    memory. The port's ConnectionTable decides which connections to shed when it is full."""
 
-    __slots__ = ("_authz", "_conns", "_transport", "_buf", "_scan", "_skip", "_paused", "_since", "_partial")
+    __slots__ = ("_authz", "_conns", "_table", "_access", "_transport", "_buf", "_scan", "_skip", "_paused",
+                 "_since", "_partial", "_accepted", "_requests", "authenticated", "_refusals")
 
-    def __init__(self, authz: AuthorizationServicer, conns: set[AuthzHttpProtocol]) -> None:
+    def __init__(self, authz: AuthorizationServicer, conns: set[AuthzHttpProtocol],
+                 table: ConnectionTable[AuthzHttpProtocol] | None = None, access: Access | None = None) -> None:
         self._authz = authz
         self._conns = conns
+        self._table = table
+        self._access = access
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._scan = 0  # where the search for the end of the head resumes (no quadratic rescans)
@@ -111,18 +137,33 @@ class AuthzHttpProtocol(asyncio.Protocol):
         self._paused = False  # the peer is not reading our answers
         self._since = time.monotonic()  # last activity, or when the pending partial head began
         self._partial = False
+        self._accepted = self._since  # made when accepted: before a TLS handshake
+        self._requests = 0
+        self.authenticated = False  # sent a valid token (with no access: a well-formed check)
+        self._refusals = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        if len(self._conns) >= MAX_CONNECTIONS:
-            log.warning("authz HTTP: %d connections open; refusing another", len(self._conns))
-            transport.close()
+        table = self._table
+        if table is not None and not table.admit(self, source_of(transport.get_extra_info("peername"))):
+            log.warning("authz HTTP: %d connections open, every one authenticated and active; refusing another",
+                        len(table))
+            transport.abort()
             self._transport = None
             return
         self._conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._conns.discard(self)
+        if self._table is not None:
+            self._table.remove(self)
+
+    def shed(self) -> None:
+        """The table needs this connection's slot (it is unauthenticated, or authenticated and idle)."""
+        if self._transport is not None:
+            self._transport.abort()
+            self._transport = None
         self._conns.discard(self)
 
     def pause_writing(self) -> None:
@@ -141,8 +182,13 @@ class AuthzHttpProtocol(asyncio.Protocol):
         self._process()
 
     def expired(self, now: float) -> bool:
-        """Called by the sweeper: a head that takes too long, or a connection idle too long."""
-        return now - self._since > (HEAD_TIMEOUT if self._partial else IDLE_TIMEOUT)
+        """Called by the sweeper: no first head in time, a head that takes too long, or a connection
+        idle too long."""
+        if not self._requests and now - self._accepted > FIRST_REQUEST_TIMEOUT:
+            return True
+        if self._partial:
+            return now - self._since > HEAD_TIMEOUT
+        return now - self._since > (IDLE_TIMEOUT if self.authenticated else UNAUTHENTICATED_IDLE_TIMEOUT)
 
     def close(self) -> None:
         if self._transport is not None:
@@ -193,6 +239,7 @@ class AuthzHttpProtocol(asyncio.Protocol):
     def _handle(self, head: bytes) -> None:
         start = time.perf_counter()
         assert self._transport is not None
+        self._requests += 1
         text = head.decode("utf-8", "surrogateescape")
         lines = text.split("\r\n")
         parts = lines[0].split(" ")
@@ -225,6 +272,21 @@ class AuthzHttpProtocol(asyncio.Protocol):
             service, slash, path = target[len(PATH_PREFIX):].partition("/")  # see path_prefix()
             if not slash:
                 service = ""
+        close = version == "HTTP/1.0" or headers.get("connection", "").lower() == "close"
+        # Envoy's credential, not the client's header: never matched by a policy, never recorded.
+        token = headers.pop(TOKEN_HEADER, None)
+        if self._access is not None:
+            try:
+                self._access.service(token, service)
+            except Denied as denied:
+                self._refuse(denied, service, close, head_only=method == "HEAD")
+                return
+        if not self.authenticated:
+            self.authenticated = True
+            if self._table is not None:
+                self._table.authenticated(self)
+        elif self._table is not None:
+            self._table.idle(self)  # most recently used
         # What the gRPC CheckRequest has as headers: the pseudo-headers of the client's request.
         headers[":method"] = method
         headers[":path"] = path
@@ -238,7 +300,7 @@ class AuthzHttpProtocol(asyncio.Protocol):
             log.exception("authorization check failed; denying")
             decision = Decision(False, "error")
         out = decision_response(decision, principal, head_only=method == "HEAD")
-        if version == "HTTP/1.0" or headers.get("connection", "").lower() == "close":
+        if close:
             self._transport.write(out)
             self._transport.close()
             self._transport = None
@@ -246,6 +308,24 @@ class AuthzHttpProtocol(asyncio.Protocol):
             self._transport.write(out)
         self._authz.record(service, decision, principal, method, path, headers.items(), start,
                            time.perf_counter() - start)
+
+    def _refuse(self, denied: Denied, service: str, close: bool, head_only: bool) -> None:
+        """A check without a valid token for its destination: 401 (403: a valid token of another
+        service or kind), never a decision."""
+        assert self._transport is not None
+        self._refusals += 1
+        if self._refusals == 1:  # once per connection: a misconfigured node would log every check
+            log.warning("authz HTTP: refused a check for %r from %s: %s: %s", service or "-",
+                        source_of(self._transport.get_extra_info("peername")), denied.reason, denied.message)
+        status = 401 if denied.unauthenticated else 403
+        headers = [("content-type", "text/plain"),
+                   (DECISION_HEADER, "deny; unauthenticated" if denied.unauthenticated else "deny; forbidden")]
+        if close:
+            headers.append(("connection", "close"))
+        self._transport.write(_response(status, headers, _REFUSED_BODY, head_only))
+        if close:
+            self._transport.close()
+            self._transport = None
 
 
 async def _sweep(conns: set[AuthzHttpProtocol], stop: asyncio.Event) -> None:
@@ -261,9 +341,11 @@ async def _sweep(conns: set[AuthzHttpProtocol], stop: asyncio.Event) -> None:
 class AuthzHttpServer:
     """The listening socket, its connections and their sweeper."""
 
-    def __init__(self, server: asyncio.Server, conns: set[AuthzHttpProtocol]) -> None:
+    def __init__(self, server: asyncio.Server, conns: set[AuthzHttpProtocol],
+                 table: ConnectionTable[AuthzHttpProtocol] | None = None) -> None:
         self.server = server
         self.conns = conns
+        self.table = table
         self._stop = asyncio.Event()
         self._sweeper = asyncio.create_task(_sweep(conns, self._stop))
 
@@ -281,10 +363,18 @@ class AuthzHttpServer:
 
 
 async def start_http_authz(authz: AuthorizationServicer, host: str, port: int,
-                           tls: ssl.SSLContext | None = None) -> AuthzHttpServer:
-    """Listen for Envoy's HTTP ext_authz checks (``xdsd serve --authz-http-address``)."""
+                           tls: ssl.SSLContext | None = None, access: Access | None = None, *,
+                           max_connections: int | None = None,
+                           max_unauthenticated_per_source: int | None = None) -> AuthzHttpServer:
+    """Listen for Envoy's HTTP ext_authz checks (``xdsd serve --authz-http-address``). With
+    ``access``, every check must carry a valid node token of its destination service."""
     loop = asyncio.get_running_loop()
     conns: set[AuthzHttpProtocol] = set()
-    server = await loop.create_server(lambda: AuthzHttpProtocol(authz, conns), host, port, ssl=tls,
-                                      reuse_address=True)
-    return AuthzHttpServer(server, conns)
+    table: ConnectionTable[AuthzHttpProtocol] = ConnectionTable(
+        MAX_CONNECTIONS if max_connections is None else max_connections,
+        MAX_UNAUTHENTICATED_PER_SOURCE if max_unauthenticated_per_source is None else max_unauthenticated_per_source,
+        min_idle=ACTIVE_SECONDS)
+    extra = {"ssl_handshake_timeout": FIRST_REQUEST_TIMEOUT} if tls is not None else {}
+    server = await loop.create_server(lambda: AuthzHttpProtocol(authz, conns, table, access), host, port, ssl=tls,
+                                      reuse_address=True, backlog=4096, **extra)
+    return AuthzHttpServer(server, conns, table)

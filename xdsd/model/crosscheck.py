@@ -5,16 +5,37 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Any
 
 from xdsd.errors import FieldError
+from xdsd.model.fields import reserved_name_problem
 from xdsd.model.mesh import Mesh, Policy, Retries, Service
 from xdsd.model.telemetry import check_telemetry
 from xdsd.model.traffic import LoadBalancer, Route
 
+try:  # the parser behind ``re.compile`` (``sre_parse`` before Python 3.11)
+    from re import _constants as _sre  # type: ignore[attr-defined]
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+# An SVID lives between these (seconds): it is reissued at half its life, so a shorter one would
+# keep the CA busy; the CA's root lives 10 years.
+MIN_CERT_LIFETIME = 1.0
+MAX_CERT_LIFETIME = 365 * 86400.0
+# Envoy refuses a locality whose endpoints' load_balancing_weight add up past 2^32 - 1.
+MAX_LOCALITY_WEIGHT = 2**32 - 1
+
 
 def cross_check(mesh: Mesh) -> list[FieldError]:
     errors: list[FieldError] = []
+    errors.extend(_check_reserved(mesh))
+    lifetime = mesh.mesh.cert_lifetime
+    if not MIN_CERT_LIFETIME <= lifetime <= MAX_CERT_LIFETIME:
+        errors.append(FieldError("mesh.cert_lifetime", f"must be 1s..8760h (365 days), got {lifetime:g}s"))
     for name, service in mesh.services.items():
+        errors.extend(_check_weights(name, service))
         seen: dict[tuple[str, int], int] = {}
         for i, ep in enumerate(service.endpoints):
             key = (_same_address(ep.address), ep.port)
@@ -69,6 +90,42 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
     return errors
 
 
+def _check_reserved(mesh: Mesh) -> list[FieldError]:
+    """Services, gateways and subsets name Envoy resources (clusters, listeners, route
+    configurations); names xdsd keeps for its own (``fields.RESERVED_PREFIX``) are refused."""
+    errors: list[FieldError] = []
+    for name, service in mesh.services.items():
+        if problem := reserved_name_problem(name):
+            errors.append(FieldError(f"services.{name}", problem))
+        for subset in service.subsets:
+            if problem := reserved_name_problem(subset):
+                errors.append(FieldError(f"services.{name}.subsets.{subset}", problem))
+    for name in mesh.gateways:
+        if problem := reserved_name_problem(name):
+            errors.append(FieldError(f"gateways.{name}", problem))
+    return errors
+
+
+def _check_weights(name: str, service: Service) -> list[FieldError]:
+    """Envoy's limit on the weights of one locality (zone), for the service and each subset."""
+    errors: list[FieldError] = []
+    selectors: dict[str | None, dict[str, str]] = {None: {}, **service.subsets}
+    for subset, selector in selectors.items():
+        totals: dict[str, int] = {}
+        for ep in service.endpoints:
+            if all(ep.labels.get(k) == v for k, v in selector.items()):
+                totals[ep.zone or ""] = totals.get(ep.zone or "", 0) + ep.weight
+        for zone, total in totals.items():
+            if total > MAX_LOCALITY_WEIGHT:
+                where = f" of subset {subset!r}" if subset is not None else ""
+                errors.append(FieldError(f"services.{name}.endpoints",
+                                         f"the weights{where} in zone {zone!r} add up to {total}; Envoy allows at "
+                                         f"most {MAX_LOCALITY_WEIGHT} per zone"))
+        if errors:
+            break
+    return errors
+
+
 def _same_address(address: str) -> str:
     """One spelling per address, so that ``::1`` and ``0::1`` (or ``Host.example.`` and
     ``host.example``) count as the same when looking for duplicates."""
@@ -116,6 +173,9 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT
 
 
 def _check_policy(mesh: Mesh, name: str, policy: Policy) -> list[FieldError]:
+    # A leaf of pure functions: the rule paths are checked with the very reading requests get.
+    from xdsd.authz.paths import rule_path_problem
+
     errors: list[FieldError] = []
     path = f"authorization.{name}"
     if name not in mesh.services and name not in mesh.gateways:
@@ -141,6 +201,8 @@ def _check_policy(mesh: Mesh, name: str, policy: Policy) -> list[FieldError]:
         for j, p in enumerate(match.paths):
             if p != "*" and (not p.startswith("/") or "*" in p[:-1]):
                 errors.append(FieldError(f"{rpath}.{kind}.paths[{j}]", f"{p!r}: use an exact path, a prefix ending in '*', or '*'"))
+            elif p != "*" and (problem := rule_path_problem(p)) is not None:
+                errors.append(FieldError(f"{rpath}.{kind}.paths[{j}]", problem))
     return errors
 
 
@@ -188,18 +250,140 @@ def _check_load_balancer(path: str, lb: LoadBalancer | None) -> list[FieldError]
     return []
 
 
-# RE2 (Envoy's regex engine) has no lookaround and no backreferences.
-_NOT_RE2 = re.compile(r"\\(?:[1-9]|k<)|\(\?<?[=!]")
+# Envoy compiles route regexes with RE2 and refuses a program of more than 100 instructions
+# (runtime ``re2.max_program_size.error_level``, default 100) or a repetition count above 1000.
+RE2_MAX_PROGRAM_SIZE = 100
+RE2_MAX_REPEAT = 1000
+MAX_REGEX_GROUP_DEPTH = 32
+_RE2_OVERHEAD = 4  # instructions of any program (measured: 97 literals -> 101)
+_LOOKAROUND = "lookaround and backreferences are not supported (RE2 syntax)"
+# Python's re constructs RE2 refuses.
+_NOT_RE2_OPS = {
+    _sre.ASSERT: _LOOKAROUND, _sre.ASSERT_NOT: _LOOKAROUND, _sre.GROUPREF: _LOOKAROUND,
+    _sre.GROUPREF_EXISTS: "conditional groups are not supported (RE2 syntax)",
+    _sre.ATOMIC_GROUP: "atomic groups are not supported (RE2 syntax)",
+    _sre.POSSESSIVE_REPEAT: "possessive repetition (*+, ++, ?+) is not supported (RE2 syntax)",
+}
+# Escapes Python's re reads and RE2 refuses (outside and inside [...]).
+_NOT_RE2_ESCAPES = {"Z": "\\Z is not supported (RE2 syntax; use $)", "u": "\\u escapes are not supported (RE2 syntax)",
+                    "U": "\\U escapes are not supported (RE2 syntax)", "N": "\\N{...} escapes are not supported (RE2 syntax)",
+                    **{d: _LOOKAROUND for d in "123456789"}}
+# Per-class costs measured on Envoy 1.40 (RE2, UTF-8): \d, \D, \w, \W, \s, \S.
+_CATEGORY_COST = {
+    _sre.CATEGORY_DIGIT: 1, _sre.CATEGORY_NOT_DIGIT: 2, _sre.CATEGORY_WORD: 3, _sre.CATEGORY_NOT_WORD: 5,
+    _sre.CATEGORY_SPACE: 3, _sre.CATEGORY_NOT_SPACE: 4,
+}
+_PYTHON_ONLY_FLAGS = re.VERBOSE | re.ASCII | re.LOCALE
+_FLAGS_MESSAGE = "only the flags i, m and s are supported (RE2 syntax)"
+_GROUP_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
 
 
 def _check_regex(value: str) -> str | None:
-    if _NOT_RE2.search(value):
-        return "lookaround and backreferences are not supported (RE2 syntax)"
+    r"""Why Envoy (RE2) would refuse ``value`` as a route regex, or None. The pattern must be valid
+    for Python's ``re`` too (so RE2-only syntax such as ``\p{L}`` or ``\Q...\E`` is refused), and
+    its RE2 program size is estimated from the parsed pattern, from above (a pattern close to the
+    limit may be refused although Envoy would take it)."""
+    if not value:
+        return "must not be empty"
+    depth = deepest = 0
+    i = 0
+    while i < len(value):  # escapes, and nesting bounded before the (recursive) parser runs
+        c = value[i]
+        if c == "\\" and i + 1 < len(value):
+            if value[i + 1] in _NOT_RE2_ESCAPES:
+                return _NOT_RE2_ESCAPES[value[i + 1]]
+            i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    if deepest > MAX_REGEX_GROUP_DEPTH:
+        return f"groups nested more than {MAX_REGEX_GROUP_DEPTH} deep"
     try:
+        parsed = _sre_parse.parse(value)
         re.compile(value)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
         return f"not a valid regular expression: {exc}"
+    if parsed.state.flags & _PYTHON_ONLY_FLAGS:
+        return _FLAGS_MESSAGE
+    for name in parsed.state.groupdict:
+        if not _GROUP_NAME_RE.fullmatch(name):
+            return f"group name {name!r}: use letters, digits and '_' (RE2 syntax)"
+    try:
+        size = _RE2_OVERHEAD + _re2_cost(list(parsed), parsed.state.flags)
+    except _NotRe2 as exc:
+        return str(exc)
+    if size > RE2_MAX_PROGRAM_SIZE:
+        return (f"too complex for Envoy: its RE2 program would have about {size} instructions, at most "
+                f"{RE2_MAX_PROGRAM_SIZE} are allowed (shorten the pattern, or match a prefix or exact path)")
     return None
+
+
+class _NotRe2(Exception):
+    pass
+
+
+def _re2_cost(items: list[tuple[Any, Any]], flags: int) -> int:
+    """An estimate, from above, of the RE2 instructions a parsed Python pattern compiles to
+    (each construct's cost measured on Envoy 1.40; e.g. ``b{2,5}`` is 2 + 3 x 2)."""
+    total = 0
+    for op, av in items:
+        if op in _NOT_RE2_OPS:
+            raise _NotRe2(_NOT_RE2_OPS[op])
+        if op is _sre.LITERAL:
+            total += len(chr(av).encode("utf-8", "surrogatepass"))
+        elif op is _sre.NOT_LITERAL:
+            total += 2 if av < 0x80 else 4
+        elif op is _sre.ANY:
+            total += 1 if flags & re.DOTALL else 2
+        elif op is _sre.IN:
+            total += _class_cost(av)
+        elif op is _sre.AT:
+            if av is _sre.AT_END_STRING:
+                raise _NotRe2(_NOT_RE2_ESCAPES["Z"])
+            total += 1
+        elif op is _sre.CATEGORY:
+            total += _CATEGORY_COST.get(av, 5)
+        elif op is _sre.BRANCH:
+            branches = av[1]
+            total += sum(_re2_cost(list(b), flags) for b in branches) + len(branches) - 1
+        elif op is _sre.SUBPATTERN:
+            group, add_flags, del_flags, sub = av
+            if (add_flags | del_flags) & _PYTHON_ONLY_FLAGS:
+                raise _NotRe2(_FLAGS_MESSAGE)
+            total += _re2_cost(list(sub), (flags | add_flags) & ~del_flags) + (2 if group is not None else 0)
+        elif op is _sre.MAX_REPEAT or op is _sre.MIN_REPEAT:
+            lo, hi, sub = av
+            if lo > RE2_MAX_REPEAT or (hi is not _sre.MAXREPEAT and hi > RE2_MAX_REPEAT):
+                raise _NotRe2(f"a repetition count is at most {RE2_MAX_REPEAT} (RE2)")
+            cost = _re2_cost(list(sub), flags)
+            if hi is _sre.MAXREPEAT:
+                total += max(lo, 1) * cost + 1
+            else:
+                total += lo * cost + (hi - lo) * (cost + 1)
+        else:
+            total += 5  # anything else: counted generously
+        if total > 100 * RE2_MAX_PROGRAM_SIZE:
+            return total  # far past the limit: the rest does not matter
+    return total
+
+
+def _class_cost(items: list[tuple[Any, Any]]) -> int:
+    cost = 0
+    for op, av in items:
+        if op is _sre.NEGATE:
+            cost += 1
+        elif op is _sre.LITERAL:
+            cost += 1 if av < 0x80 else 4
+        elif op is _sre.RANGE:
+            cost += 1 if av[1] < 0x80 else 4
+        elif op is _sre.CATEGORY:
+            cost += _CATEGORY_COST.get(av, 5)
+        else:
+            cost += 4
+    return max(cost, 1)
 
 
 def _match_key(route: Route) -> tuple[object, ...]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, StrictStr
+from pydantic import AfterValidator, BeforeValidator, Field, StrictStr
 
 from xdsd.model.base import FrozenModel as _Model
-from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, TrustDomain, Weight
+from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, Text, TrustDomain, Weight
 from xdsd.model.telemetry import Telemetry
 from xdsd.model.traffic import (
     Backoff,
@@ -31,8 +31,8 @@ class Endpoint(_Model):
     address: Host
     port: Port
     weight: Weight = 1
-    zone: str | None = None
-    labels: dict[str, str] = Field(default_factory=dict)
+    zone: Text | None = None
+    labels: dict[Text, Text] = Field(default_factory=dict)
     # draining: no new requests (in-flight ones finish); registered instances drain on deregister.
     status: Literal["healthy", "draining"] = "healthy"
 
@@ -91,10 +91,36 @@ class Gateway(_Model):
     routes: list[GatewayRoute] = Field(default_factory=list)
 
 
+def _canary_share(value: object) -> float:
+    """``10%`` or ``10``: the share of each node group's proxies that get a new revision first."""
+    if isinstance(value, str) and value.endswith("%"):
+        value = value[:-1]
+        try:
+            value = float(value) if value.strip() == value and value else value
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a percentage such as 10%, got {value!r}")
+    if not 0 < value <= 100:
+        raise ValueError(f"must be more than 0% and at most 100%, got {value}")
+    return float(value)
+
+
+class Rollout(_Model):
+    """Staged rollout of file revisions: a deterministic share of each node group's proxies (by hash
+    of node id; at least one per group) gets a new revision first; if any of them NACKs it within
+    ``wait``, they get the previous revision back and the others never see the new one."""
+
+    canary: Annotated[float, BeforeValidator(_canary_share)] = 10.0
+    wait: PositiveDuration = 10.0
+
+
 class MeshSettings(_Model):
     trust_domain: TrustDomain = "mesh.local"
     # Lifetime of the X.509 SVIDs the built-in CA issues; each is rotated at half its life.
     cert_lifetime: PositiveDuration = 3600.0
+    # Absent: every proxy gets a new file revision at once.
+    rollout: Rollout | None = None
 
 
 class Mesh(_Model):
@@ -157,13 +183,13 @@ class Match(_Model):
     """What a rule matches; every field left out matches anything. All given fields must match."""
 
     # Callers: service names (their SPIFFE IDs) or raw principals (``spiffe://...``).
-    from_: list[str] = Field(default_factory=list, alias="from")
-    methods: list[str] = Field(default_factory=list)
+    from_: list[Text] = Field(default_factory=list, alias="from")
+    methods: list[Text] = Field(default_factory=list)
     # Exact paths, or prefixes written with a trailing ``*`` (``/reviews/*``); ``*`` alone is any path.
-    paths: list[str] = Field(default_factory=list)
+    paths: list[Text] = Field(default_factory=list)
     # Request headers that must be present with exactly these values (names are case-insensitive;
     # ``:authority``, ``:method`` and ``:path`` too; not those Envoy changes on the way, see above).
-    headers: dict[AuthzHeaderName, StrictStr] = Field(default_factory=dict)
+    headers: dict[AuthzHeaderName, Text] = Field(default_factory=dict)
 
 
 class Rule(_Model):
@@ -178,6 +204,8 @@ class Rule(_Model):
 class Policy(_Model):
     default: Literal["allow", "deny"] = "deny"
     rules: list[Rule] = Field(default_factory=list)
+    # insensitive: for apps that ignore case; rule and request paths are compared lower-cased.
+    paths_case: Literal["sensitive", "insensitive"] = "sensitive"
 
 
 Mesh.model_rebuild()

@@ -8,12 +8,13 @@ Rules spanning fields (weights adding up, known subsets) are checked in ``crossc
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, StrictFloat, StrictInt, StrictStr
 
 from xdsd.model.base import FrozenModel
-from xdsd.model.fields import Host, Name, PathPrefix, PositiveDuration
+from xdsd.model.fields import Host, Name, PathPrefix, PositiveDuration, Text, check_text, safe_repr
 
 
 def _between(lo: int, hi: int) -> AfterValidator:
@@ -30,14 +31,31 @@ Percent = Annotated[StrictFloat | StrictInt, _between(0, 100)]
 Count = Annotated[StrictInt, _between(1, 1_000_000_000)]
 
 
+# An HTTP token (RFC 9110): header names, cookie names.
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+
+
 def check_header_name(value: str) -> str:
     # HTTP/2 header names are lower-case tokens; Envoy matches names case-insensitively anyway.
-    if not value or value != value.lower() or any(c in value for c in " :\t\r\n\"(),/;<=>?@[\\]{}"):
-        raise ValueError(f"{value!r} is not a lower-case HTTP header name")
+    if value != value.lower() or not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"{safe_repr(value)} is not a lower-case HTTP header name")
     return value
 
 
+def check_cookie_name(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise ValueError(f"{safe_repr(value)} is not a cookie name (1-256 letters, digits and !#$%&'*+.^_`|~-)")
+    return value
+
+
+def check_header_value(value: str) -> str:
+    # Envoy refuses NUL, CR and LF in header values (and text_problem any control character).
+    return check_text(value)
+
+
 HeaderName = Annotated[StrictStr, AfterValidator(check_header_name)]
+HeaderValue = Annotated[StrictStr, AfterValidator(check_header_value)]
+CookieName = Annotated[StrictStr, AfterValidator(check_cookie_name)]
 
 
 # -- retries (per service, per-route override) ------------------------------------------------
@@ -110,9 +128,9 @@ class Route(FrozenModel):
 
     prefix: PathPrefix | None = None
     path: PathPrefix | None = None
-    regex: StrictStr | None = None
-    methods: list[StrictStr] = Field(default_factory=list)
-    headers: dict[HeaderName, StrictStr] = Field(default_factory=dict)  # exact values
+    regex: Text | None = None  # checked against RE2 in crosscheck
+    methods: list[Text] = Field(default_factory=list)
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)  # exact values
     service: Name | None = None
     subset: Name | None = None
     split: list[Destination] = Field(default_factory=list)
@@ -141,7 +159,7 @@ class HashOn(FrozenModel):
     """The key of ring_hash / maglev: a request header or a cookie (exactly one)."""
 
     header: HeaderName | None = None
-    cookie: StrictStr | None = None
+    cookie: CookieName | None = None
 
 
 class LoadBalancer(FrozenModel):
@@ -192,4 +210,4 @@ class HealthCheck(FrozenModel):
 
 
 # Labels an endpoint must carry (all of them) to be in the subset.
-Subset = dict[StrictStr, StrictStr]
+Subset = dict[Text, Text]

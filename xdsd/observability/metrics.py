@@ -30,7 +30,10 @@ class Metrics:
         self.connected_streams = Gauge(
             "xdsd_connected_streams", "Open xDS streams", ["protocol", "transport"], registry=r
         )
-        self.streams_refused = Counter("xdsd_streams_refused", "xDS streams refused", ["reason"], registry=r)
+        self.streams_refused = Counter(
+            "xdsd_streams_refused", "xDS streams and calls refused (no valid token, revoked, ...)", ["reason"], registry=r)
+        self.task_failures = Counter(
+            "xdsd_task_failures", "Failures of background work (file watch, rotation, sweep, ...)", ["task"], registry=r)
         self.pushes = Counter("xdsd_pushes", "xDS responses sent", ["type"], registry=r)
         self.push_bytes = Counter("xdsd_push_bytes", "Bytes of xDS responses sent", ["type"], registry=r)
         self.push_resources = Counter("xdsd_push_resources", "Resources carried by xDS responses", ["type"], registry=r)
@@ -56,6 +59,11 @@ class Metrics:
         self.config_rejections = Counter(
             "xdsd_config_rejections", "Mesh config revisions rejected (invalid); the last good one stays", registry=r
         )
+        self.rollouts = Counter(
+            "xdsd_rollouts", "Staged rollouts by result (started, promoted, rolled_back, superseded)", ["result"],
+            registry=r)
+        self.config_held = Counter(
+            "xdsd_config_held", "File revisions held because they remove most of the mesh at once", registry=r)
         self.config_revision = Gauge("xdsd_config_revision", "Revision of the mesh being served", registry=r)
         self.config_valid = Gauge(
             "xdsd_config_last_load_valid", "1 if the last load of the mesh config was valid, else 0", registry=r

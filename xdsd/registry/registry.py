@@ -1,57 +1,109 @@
-"""The registry: register, heartbeat, deregister (DRAINING, then gone), expire past the TTL."""
+"""The registry: register, heartbeat, deregister (DRAINING, then gone), expire past the TTL.
+
+Rules:
+- An instance is (service, instance_id); a service only ever touches its own instances.
+- An address:port belongs to one instance id within its service (spellings of one IP are one
+  address) until that instance is gone: expired, or drained after deregistering. Registering it
+  under another id of the same service is refused (400 naming ``address``); another service may
+  use the same address:port (its own cluster), so no service can block another one's instances.
+- Quotas: at most ``max_per_service`` instances per service and ``max_per_token`` per token id
+  (the token that registered an instance last owns it); re-registering an instance never counts
+  twice. Over a quota: QuotaExceeded (HTTP 429 / RESOURCE_EXHAUSTED) naming the limit.
+- register, heartbeat and deregister are O(1) in the number of instances (indexes by key, by
+  service, by address, and counts per token); ``list`` sorts again only services whose membership
+  changed; ``sweep`` is one pass.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from xdsd.errors import FieldError
-from xdsd.registry.instance import Instance, RegistrationError, RegistrationInput
+from xdsd.registry.instance import Instance, RegistrationError, RegistrationInput, servable, show
 from xdsd.registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
-# Checks a registration against the mesh (service declared, ports, no clash); returns errors.
-MeshCheck = Callable[[RegistrationInput, dict[tuple[str, str], Instance]], list[FieldError]]
-
+# Checks a registration against the mesh (service declared, sidecar port, not a static endpoint).
+MeshCheck = Callable[[RegistrationInput], list[FieldError]]
 
 # Registration changes are written at most this often (a burst becomes one write).
 SAVE_EVERY = 0.1
+DEFAULT_MAX_PER_SERVICE = 1000
+DEFAULT_MAX_PER_TOKEN = 1000
 
 
 class NotRegistered(KeyError):
     pass
 
 
+class QuotaExceeded(Exception):
+    """A registration over a limit: HTTP 429 / RESOURCE_EXHAUSTED."""
+
+    def __init__(self, error: FieldError) -> None:
+        self.errors = [error]
+        super().__init__(str(error))
+
+
 class Registry:
-    def __init__(self, store: RegistryStore, drain_seconds: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: RegistryStore, drain_seconds: float = 5.0, clock: Callable[[], float] = time.time, *,
+                 max_per_service: int = DEFAULT_MAX_PER_SERVICE, max_per_token: int = DEFAULT_MAX_PER_TOKEN) -> None:
         self.store = store
         self.drain_seconds = drain_seconds
         self.clock = clock
-        now = clock()
-        self._instances = {i.key: i for i in store.load() if i.expires_at > now}
+        self.max_per_service = max_per_service
+        self.max_per_token = max_per_token
+        self._instances: dict[tuple[str, str], Instance] = {}
+        self._by_address: dict[tuple[str, str, int], tuple[str, str]] = {}
+        self._by_service: dict[str, dict[str, Instance]] = {}
+        self._order: dict[str, list[str]] = {}  # per service, its instance ids sorted (until one comes or goes)
+        self._per_token: Counter[str] = Counter()
         self.on_change: Callable[[], None] = lambda: None
-        self.mesh_check: MeshCheck = lambda reg, instances: []
+        self.mesh_check: MeshCheck = lambda reg: []
         self._dirty = False  # something not saved yet (heartbeats are saved at most every second)
         self._unsaved_change = False  # ... and it changes what is served
         self._saved_at = float("-inf")
+        self._load()
+
+    def _load(self) -> None:
+        now = self.clock()
+        for inst in self.store.load():
+            if inst.expires_at <= now:
+                continue
+            holder = self._by_address.get(inst.address_key)
+            if inst.key in self._instances or (holder is not None and holder != inst.key):
+                log.warning("registrations: dropped %s/%s at %s:%d: the address or id is taken by an earlier entry",
+                            show(inst.service), show(inst.instance_id), show(inst.address), inst.port)
+                continue
+            self._put(inst)  # quotas are not applied to what was admitted before
 
     # -- operations -----------------------------------------------------------------------
 
-    def register(self, data: dict[str, Any]) -> Instance:
-        reg = RegistrationInput.parse(data)
-        errors = self.mesh_check(reg, self._instances)
+    def register(self, data: Mapping[str, Any] | RegistrationInput, token_id: str = "") -> Instance:
+        """Adds or replaces an instance. RegistrationError (bad input, mesh rules, address taken),
+        QuotaExceeded; nothing changes when either is raised."""
+        reg = data if isinstance(data, RegistrationInput) else RegistrationInput.parse(data)
+        errors = self.mesh_check(reg)
+        inst = Instance.of(reg, self.clock() + reg.ttl, token_id)
+        old = self._instances.get(inst.key)
+        holder = self._by_address.get(inst.address_key)
+        if holder is not None and holder != inst.key:
+            errors.append(FieldError("address", f"{reg.address}:{reg.port} is already registered as "
+                                                f"{holder[0]}/{holder[1]} (an address:port is one instance of a service)"))
         if errors:
             raise RegistrationError(errors)
-        inst = Instance(
-            service=reg.service, instance_id=reg.instance_id, address=reg.address, port=reg.port,
-            weight=reg.weight, zone=reg.zone, labels=dict(reg.labels), ttl=reg.ttl, state="ACTIVE",
-            expires_at=self.clock() + reg.ttl,
-        )
-        old = self._instances.get(inst.key)
-        self._instances[inst.key] = inst
+        self._check_quotas(inst, old)
+        errors = servable(inst)
+        if errors:  # pragma: no cover - the field rules make every registration servable
+            log.error("registration refused: %s/%s passed validation but cannot be served: %s",
+                      show(inst.service), show(inst.instance_id), errors)
+            raise RegistrationError(errors)
+        self._put(inst)
         if old is None or _serving_fields(old) != _serving_fields(inst):
             log.info("registered %s/%s at %s:%d (ttl %ss)", inst.service, inst.instance_id, inst.address, inst.port, inst.ttl)
             self._changed()
@@ -60,37 +112,56 @@ class Registry:
         return inst
 
     def heartbeat(self, service: str, instance_id: str) -> Instance:
-        inst = self._instances.get((service, instance_id))
-        if inst is None:
-            raise NotRegistered(f"{service}/{instance_id} is not registered")
+        inst = self._get(service, instance_id)
         if inst.state != "ACTIVE":
             return inst  # draining: the heartbeat does not bring it back
-        inst = _replace(inst, expires_at=self.clock() + inst.ttl)
-        self._instances[inst.key] = inst
+        inst = dataclasses.replace(inst, expires_at=self.clock() + inst.ttl)
+        self._put(inst)
         self._dirty = True
         return inst
 
     def deregister(self, service: str, instance_id: str) -> Instance:
-        inst = self._instances.get((service, instance_id))
-        if inst is None:
-            raise NotRegistered(f"{service}/{instance_id} is not registered")
+        inst = self._get(service, instance_id)
         if inst.state == "DRAINING":
             return inst
-        inst = _replace(inst, state="DRAINING", expires_at=self.clock() + self.drain_seconds)
-        self._instances[inst.key] = inst
+        inst = dataclasses.replace(inst, state="DRAINING", expires_at=self.clock() + self.drain_seconds)
+        self._put(inst)
         log.info("draining %s/%s for %ss", service, instance_id, self.drain_seconds)
         self._changed()
         return inst
 
     def list(self, service: str | None = None) -> list[Instance]:
-        return sorted((i for i in self._instances.values() if not service or i.service == service), key=lambda i: i.key)
+        """Instances by (service, instance_id). Each service's order is sorted again only after its
+        membership changed: a revision after one registration does not sort every instance."""
+        if service:
+            return self._sorted(service)
+        out: list[Instance] = []
+        for name in sorted(self._by_service):
+            out += self._sorted(name)
+        return out
+
+    def _sorted(self, service: str) -> list[Instance]:
+        members = self._by_service.get(service)
+        if not members:
+            return []
+        ids = self._order.get(service)
+        if ids is None:
+            ids = self._order[service] = sorted(members)
+        return list(map(members.__getitem__, ids))
+
+    def count(self, service: str | None = None) -> int:
+        return len(self._by_service.get(service, {})) if service else len(self._instances)
+
+    def owned_by(self, token_id: str) -> int:
+        """How many instances ``token_id`` registered (and still owns)."""
+        return self._per_token[token_id] if token_id else 0
 
     def sweep(self) -> list[Instance]:
         """Removes instances past their TTL (or drain period). Also flushes heartbeats to the store."""
         now = self.clock()
         gone = [i for i in self._instances.values() if i.expires_at <= now]
         for inst in gone:
-            del self._instances[inst.key]
+            self._drop(inst)
             log.info("%s/%s %s", inst.service, inst.instance_id, "drained" if inst.state == "DRAINING" else "expired")
         if gone:
             self._changed()
@@ -104,16 +175,68 @@ class Registry:
     def instances(self) -> dict[tuple[str, str], Instance]:
         return dict(self._instances)
 
-    # -- internals ------------------------------------------------------------------------
+    # -- indexes ------------------------------------------------------------------------
+
+    def _get(self, service: str, instance_id: str) -> Instance:
+        inst = self._instances.get((service, instance_id))
+        if inst is None:
+            raise NotRegistered(f"{service}/{instance_id} is not registered")
+        return inst
+
+    def _check_quotas(self, inst: Instance, old: Instance | None) -> None:
+        if old is None and len(self._by_service.get(inst.service, {})) >= self.max_per_service:
+            raise QuotaExceeded(FieldError("service", f"{inst.service} has {self.max_per_service} registered "
+                                                      f"instances, the limit per service (xdsd serve --max-instances-per-service)"))
+        owner = old.token_id if old is not None else None
+        if inst.token_id and owner != inst.token_id and self._per_token[inst.token_id] >= self.max_per_token:
+            raise QuotaExceeded(FieldError("token", f"this token (id {inst.token_id}) has registered "
+                                                    f"{self.max_per_token} instances, the limit per token"))
+
+    def _put(self, inst: Instance) -> None:
+        """Adds ``inst`` in place of the instance of its key, if any (whose address may differ)."""
+        old = self._instances.get(inst.key)
+        if old is not None:
+            self._unindex(old)
+        else:
+            self._order.pop(inst.service, None)
+        self._instances[inst.key] = inst
+        self._by_service.setdefault(inst.service, {})[inst.instance_id] = inst
+        self._index(inst)
+
+    def _drop(self, inst: Instance) -> None:
+        self._unindex(inst)
+        del self._instances[inst.key]
+        members = self._by_service[inst.service]
+        del members[inst.instance_id]
+        self._order.pop(inst.service, None)
+        if not members:
+            del self._by_service[inst.service]
+
+    def _index(self, inst: Instance) -> None:
+        self._by_address[inst.address_key] = inst.key
+        if inst.token_id:
+            self._per_token[inst.token_id] += 1
+
+    def _unindex(self, inst: Instance) -> None:
+        if self._by_address.get(inst.address_key) == inst.key:
+            del self._by_address[inst.address_key]
+        if inst.token_id:
+            self._per_token[inst.token_id] -= 1
+            if self._per_token[inst.token_id] <= 0:
+                del self._per_token[inst.token_id]
+
+    # -- saving ---------------------------------------------------------------------------
 
     def _changed(self) -> None:
         # Saved at once unless a save happened within SAVE_EVERY; then the sweep (every 0.1 s)
-        # saves the burst as one. 10,000 registrations at fleet start-up were 10,000 rewrites of
-        # the whole file. What a crash loses of a burst comes back: agents re-register on 404.
+        # saves the burst as one. What a crash loses of a burst comes back: agents re-register on 404.
         self._dirty = self._unsaved_change = True
         if self.clock() - self._saved_at >= SAVE_EVERY:
             self._save()
-        self.on_change()
+        try:
+            self.on_change()
+        except Exception:  # the registry is right; serving it failed: a bug to log, not the caller's
+            log.exception("applying a registry change failed")
 
     def flush(self) -> None:
         """Write what is not saved yet (at shutdown)."""
@@ -121,16 +244,15 @@ class Registry:
             self._save()
 
     def _save(self) -> None:
-        self.store.save(list(self._instances.values()))
+        try:
+            self.store.save(list(self._instances.values()))
+        except OSError as exc:  # kept dirty: the next sweep tries again
+            log.error("cannot save registrations: %s", exc)
+            self._saved_at = self.clock()
+            return
         self._dirty = self._unsaved_change = False
         self._saved_at = self.clock()
 
 
 def _serving_fields(i: Instance) -> tuple[object, ...]:
     return (i.address, i.port, i.weight, i.zone, tuple(sorted(i.labels.items())), i.state)
-
-
-def _replace(i: Instance, **changes: Any) -> Instance:
-    data = i.as_json()
-    data.update(changes)
-    return Instance.from_json(data)

@@ -6,11 +6,14 @@ registrations, watches for changes) is how several replicas will share one regis
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Protocol
 
-from xdsd.registry.instance import Instance
+from xdsd.registry.instance import Instance, RegistrationError, show
+
+log = logging.getLogger(__name__)
 
 
 class RegistryStore(Protocol):
@@ -28,11 +31,36 @@ class LocalStore:
         self._encoded: dict[tuple[str, str], tuple[Instance, str]] = {}
 
     def load(self) -> list[Instance]:
+        """What the file holds that can be served. An entry that breaks a rule (a file written
+        before the rules, or edited by hand) is dropped with a warning; a file that cannot be read
+        at all is set aside as ``registrations.json.unreadable`` and the registry starts empty."""
         try:
-            data = json.loads(self.path.read_text())
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return []
-        return [Instance.from_json(item) for item in data.get("instances", [])]
+        try:
+            data = json.loads(raw.decode("utf-8"))
+            items = data["instances"]
+            if not isinstance(items, list):
+                raise TypeError("instances is not a list")
+        except (ValueError, RecursionError, TypeError, KeyError) as exc:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            log.error("%s cannot be read (%s): moving it to %s; starting with no registrations",
+                      self.path, type(exc).__name__, aside)
+            try:
+                os.replace(self.path, aside)
+            except OSError as err:  # the next save replaces it
+                log.error("cannot move %s aside: %s", self.path, err)
+            return []
+        return [inst for n, item in enumerate(items) if (inst := self._entry(n, item)) is not None]
+
+    def _entry(self, n: int, item: object) -> Instance | None:
+        try:
+            return Instance.load(item)
+        except RegistrationError as exc:
+            what = f"{show(item.get('service'))}/{show(item.get('instance_id'))}" if isinstance(item, dict) else "?"
+            log.warning("%s: dropped entry %d (%s): %s", self.path, n, what, exc)
+            return None
 
     def save(self, instances: list[Instance]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

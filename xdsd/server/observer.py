@@ -3,6 +3,7 @@ metrics, traces and status pages implement them. Nothing here imports prometheus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -51,4 +52,16 @@ class FanOut:
             for m in methods:
                 m(*args)
 
+        setattr(self, name, call)  # built once per hook, not on every call
         return call
+
+
+class NackObserver(NullObserver):
+    """Tells ``on_nack(node_id, canary_group, type_url, error)`` about every NACK (staged rollouts)."""
+
+    def __init__(self, on_nack: Callable[[str, bool, str, str], None]) -> None:
+        self._on_nack = on_nack
+
+    def nack(self, stream: Stream, type_url: str, version: str, error: str) -> None:
+        group = stream.group
+        self._on_nack(stream.node_id, bool(group is not None and group.canary), type_url, error)

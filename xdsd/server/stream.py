@@ -7,6 +7,7 @@ A stream is woken by requests and by new snapshots; each time, it works out ever
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import deque
@@ -18,9 +19,12 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
 from xdsd import typeurls, wire
+from xdsd.auth.access import Caller, Denied
 from xdsd.cache import Resource, Snapshot, SnapshotCache, TypeSnapshot
-from xdsd.generators import NodeGroup, Transport
+from xdsd.cache.cache import GroupFailed
 from xdsd.loopbudget import IterationBudget
+from xdsd.node import FetchMode as Transport
+from xdsd.node import NodeError, NodeGroup
 from xdsd.server import encode
 from xdsd.server.observer import StreamObserver
 from xdsd.server.subscriptions import DeltaState, SotwState, TypeState
@@ -36,17 +40,35 @@ EDS_GATE_SECONDS = 3.0
 # SotW subscriptions of this many names are recognized byte for byte when an ACK repeats them.
 SAME_NAMES_FROM = 64
 
+# What one stream may subscribe to, per type: far more names than any mesh has resources (a gateway
+# of 10,000 services names 10,000 clusters), of a sensible length; and few names that the snapshot
+# does not hold (a client may ask before a resource exists, not park a million names).
+MAX_NAMES = 100_000
+MAX_NAME_LENGTH = 1024
+MAX_UNKNOWN_NAMES = 4096
+MAX_NACK_TEXT = 2048  # of a NACK's error message, kept for /debug/proxies and CSDS
+
 
 class ProtocolError(Exception):
     """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
 
 
 class Refused(Exception):
-    """The client did not prove who it is; the stream ends with PERMISSION_DENIED."""
+    """The client did not prove who it is (UNAUTHENTICATED), or its credentials do not allow what
+    it asked (PERMISSION_DENIED): the stream ends with that status."""
+
+    def __init__(self, denied: Denied) -> None:
+        super().__init__(str(denied))
+        self.denied = denied
 
 
-# (node, gRPC metadata) -> None when the node may be served, else the reason it may not.
-Authenticator = Callable[[base_pb2.Node, dict[str, str]], str | None]
+class SecretsRefused(Exception):
+    """Private keys are not sent over this connection (plaintext, not loopback): the stream ends
+    with FAILED_PRECONDITION."""
+
+
+# (node, gRPC metadata) -> the caller (kept for the stream's life); raises Denied.
+Authenticator = Callable[[base_pb2.Node, dict[str, str]], Caller]
 
 
 class WakeQueue:
@@ -129,11 +151,15 @@ class Stream:
         metadata: dict[str, str] | None = None,
         authenticator: Authenticator | None = None,
         wakes: WakeQueue | None = None,
+        secrets_allowed: bool = True,
     ) -> None:
         self.id = next(_stream_ids)
         self._wakes = wakes
         self.metadata = metadata or {}
         self.authenticator = authenticator
+        self.caller: Caller | None = None  # who the token said the node is (None: no authentication)
+        self.secrets_allowed = secrets_allowed
+        self.failure: Exception | None = None  # why the stream must end (set by the reader or the server)
         self.cache = cache
         self.observer = observer
         self.delta = delta
@@ -174,9 +200,17 @@ class Stream:
         if not node.id:
             raise ProtocolError("the first request of a stream must carry node.id")
         if self.authenticator is not None:
-            reason = self.authenticator(node, self.metadata)
-            if reason is not None:
-                raise Refused(reason)
+            try:
+                self.caller = self.authenticator(node, self.metadata)
+            except Denied as exc:
+                raise Refused(exc) from None
+        carried: tuple[tuple[str, str], ...] = ()
+        if not self.ads:
+            carried = tuple((k, self.metadata[k]) for k in PROPAGATED_METADATA if k in self.metadata)
+        try:
+            group = NodeGroup.from_node(node, self.transport, carried)
+        except NodeError as exc:
+            raise ProtocolError(str(exc)) from None
         # Keep who the node is, not its build's catalogue: Envoy sends ~100 `extensions` and its
         # client features on every stream, kilobytes per proxy that nothing here reads.
         kept = base_pb2.Node()
@@ -184,34 +218,25 @@ class Stream:
         kept.ClearField("extensions")
         kept.ClearField("client_features")
         self.node = kept
-        xds_cluster = "xds_cluster"
-        fields = node.metadata.fields
-        if "xdsd.xds_cluster" in fields and fields["xdsd.xds_cluster"].string_value:
-            xds_cluster = fields["xdsd.xds_cluster"].string_value
-        inbound = fields["xdsd.inbound_address"].string_value if "xdsd.inbound_address" in fields else None
-        app = fields["xdsd.app_address"].string_value if "xdsd.app_address" in fields else None
-        admin = fields["xdsd.admin_address"].string_value if "xdsd.admin_address" in fields else None
-        authz = fields["xdsd.authz_cluster"].string_value if "xdsd.authz_cluster" in fields else None
-        carried: tuple[tuple[str, str], ...] = ()
-        if not self.ads:
-            carried = tuple((k, self.metadata[k]) for k in PROPAGATED_METADATA if k in self.metadata)
-        self.group = NodeGroup(
-            cluster=node.cluster,
-            transport=self.transport,
-            xds_cluster=xds_cluster,
-            inbound_address=inbound or None,
-            app_address=app or None,
-            initial_metadata=carried,
-            zone=node.locality.zone or None,
-            admin_address=admin or None,
-            authz_cluster=authz or None,
-        )
-        self.cache.watch(self.group, self._on_snapshot)
+        self.group = group
+        self.cache.watch(self.group, self._on_snapshot, self._on_group_failure)
         # The group's snapshot if it is built. The first node of a group has it built in a pass
         # (queued, within a build budget per loop iteration), not here: a reconnect storm reads
         # the first requests of a hundred groups in one iteration.
         self.snapshot = self.cache.current(self.group)
         self.observer.stream_opened(self)
+
+    def regroup(self, canary: bool) -> None:
+        """Move to the canary group of this node's group, or back (staged rollouts): from now on the
+        stream is served that group's snapshot, and owes the client whatever differs."""
+        group = self.group
+        if group is None or group.canary == canary or self.closed:
+            return
+        self.cache.unwatch(group, self._on_snapshot)
+        self.group = dataclasses.replace(group, canary=canary)
+        self.cache.watch(self.group, self._on_snapshot, self._on_group_failure)
+        self.snapshot = self.cache.current(self.group)  # None: built in the next pass
+        self._wake()
 
     def close(self) -> None:
         if self.closed:
@@ -220,6 +245,10 @@ class Stream:
         if self.group is not None:
             self.cache.unwatch(self.group, self._on_snapshot)
             self.observer.stream_closed(self)
+        self.wake.set()
+
+    def _on_group_failure(self, exc: Exception) -> None:
+        self.failure = GroupFailed(f"xdsd could not generate this node's configuration: {type(exc).__name__}: {exc}")
         self.wake.set()
 
     def _on_snapshot(self, snapshot: Snapshot, changed: set[str]) -> None:
@@ -238,6 +267,10 @@ class Stream:
     def _state(self, type_url: str) -> SotwState | DeltaState:
         st = self.states.get(type_url)
         if st is None:
+            if type_url == typeurls.SECRET and not self.secrets_allowed:
+                raise SecretsRefused(
+                    "xDS is served in plaintext (xdsd serve --xds-plaintext) and this peer is not on a loopback "
+                    "address: private keys are only sent over TLS or loopback; serve xDS over TLS (the default)")
             st = DeltaState(type_url) if self.delta else SotwState(type_url)
             self.states[type_url] = st
         return st
@@ -325,7 +358,15 @@ class Stream:
             # A request without a nonce is the client's first for this type (or a fresh start):
             # it is owed a response even if we think nothing changed.
             st.must_respond = True
-        changed = False if same_names and st.requested else st.subscribe(list(req.resource_names))
+        if same_names and st.requested:
+            changed = False
+        else:
+            if len(req.resource_names) > MAX_NAMES:  # before any Python string is made of them
+                raise ProtocolError(f"resource_names: at most {MAX_NAMES} names per type on a stream, "
+                                    f"got {len(req.resource_names)}")
+            names = list(req.resource_names)
+            self._check_names(type_url, names, len(names))
+            changed = st.subscribe(names)
         # An ACK that repeats the subscription owes nothing: the stream is not woken (a fan-out to
         # a thousand proxies would otherwise recompute a thousand empty passes).
         if changed or st.must_respond or st.nack_error is not None:
@@ -344,12 +385,30 @@ class Stream:
         # request with a stale nonce are honoured all the same.
         if not (req.resource_names_subscribe or req.resource_names_unsubscribe) and st.requested and req.response_nonce:
             return  # an ACK or NACK: nothing owed until the snapshot changes
-        st.subscribe(
-            list(req.resource_names_subscribe),
-            list(req.resource_names_unsubscribe),
-            dict(req.initial_resource_versions),
-        )
+        if len(req.resource_names_subscribe) > MAX_NAMES:
+            raise ProtocolError(f"resource_names_subscribe: at most {MAX_NAMES} names per type on a stream")
+        subscribe = list(req.resource_names_subscribe)
+        if subscribe:
+            self._check_names(type_url, list(st.names.union(subscribe)), len(st.names) + len(subscribe))
+        if len(req.initial_resource_versions) > MAX_NAMES:
+            raise ProtocolError(f"initial_resource_versions: at most {MAX_NAMES} entries")
+        st.subscribe(subscribe, list(req.resource_names_unsubscribe), dict(req.initial_resource_versions))
         self._wake()
+
+    def _check_names(self, type_url: str, names: list[str], total: int) -> None:
+        """Bounds on what a stream may subscribe to (ProtocolError -> INVALID_ARGUMENT)."""
+        if total > MAX_NAMES:
+            raise ProtocolError(f"resource_names: at most {MAX_NAMES} names per type on a stream, got {total}")
+        held = self.snapshot.get(type_url).resources if self.snapshot is not None else None
+        unknown = 0
+        for name in names:
+            if len(name) > MAX_NAME_LENGTH:
+                raise ProtocolError(f"resource_names: a name longer than {MAX_NAME_LENGTH} characters")
+            if held is not None and name not in held and name != "*":
+                unknown += 1
+        if unknown > MAX_UNKNOWN_NAMES:
+            raise ProtocolError(f"resource_names: {unknown} names that xdsd does not serve "
+                                f"(at most {MAX_UNKNOWN_NAMES} may be asked for ahead of time)")
 
     def _ack_or_nack(self, st: TypeState, nonce: str, error: str | None, accepted: str | None = None) -> None:
         if error is None and not st.nack_error and st.acked_nonce == nonce:
@@ -359,6 +418,8 @@ class Stream:
             st.ack(nonce)
             self.observer.ack(self, st.type_url, st.sent_version, latency)
         else:
+            if len(error) > MAX_NACK_TEXT:  # kept for status pages: bounded
+                error = error[:MAX_NACK_TEXT] + "..."
             st.nack(nonce, error or "(no message)", accepted)
             self.observer.nack(self, st.type_url, st.sent_version, st.nack_error or "")
 
@@ -373,7 +434,12 @@ class Stream:
                 wakes.add(self)  # this iteration has built enough: the next one
                 return []
             started = time.perf_counter()
-            snap = self.snapshot = self.cache.snapshot(self.group)
+            try:
+                snap = self.snapshot = self.cache.snapshot(self.group)
+            except GroupFailed as exc:
+                self.failure = exc
+                self.wake.set()
+                return []
             if wakes is not None:
                 wakes.built(time.perf_counter() - started)
         if snap is None or self.group is None:
@@ -578,6 +644,7 @@ class Stream:
             "peer": self.peer,
             "protocol": "delta" if self.delta else "sotw",
             "transport": str(self.transport),
+            "canary": bool(self.group is not None and self.group.canary),
             "connected_at": self.connected_at,
             "types": types,
         }

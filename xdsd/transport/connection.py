@@ -17,27 +17,42 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.windows
 import hpack
 from hyperframe.frame import GoAwayFrame
 
 from xdsd.transport.call import Call, grpc_message, wake
 from xdsd.transport.context import metadata_from, parse_timeout, peer_string
+from xdsd.transport.limits import source_of
 
 if TYPE_CHECKING:
     from xdsd.transport.server import GrpcServer
 
 log = logging.getLogger(__name__)
 
-# A connection must open its first stream this soon after it is accepted (TLS handshake included).
-HANDSHAKE_TIMEOUT = 30.0
+# A connection must open its first stream this soon after it is accepted, TLS handshake included;
+# with an ``authorize`` function, its first stream that passes it. Otherwise it is closed.
+HANDSHAKE_TIMEOUT = 10.0
+# The connection window every HTTP/2 connection starts with (RFC 9113 §6.9.2). A connection may hold
+# this much of received requests without drawing on the process's budget (GrpcServer.max_buffered),
+# so small requests (ACKs) keep flowing when the budget is spent; a partial message always draws.
+FREE_WINDOW = 65_535
+# Before a connection is authenticated: its request DATA is dropped (its calls were refused) and
+# its window reopened for it up to this many bytes in all, then no more until a call passes
+# ``authorize`` (HEADERS are not flow-controlled, RFC 9113 §5.2, so it still can).
+UNAUTHENTICATED_DISCARD = 1 << 20
+# The largest request message of a call allowed before its connection is authenticated (a method
+# that ``authorize`` lets through without credentials): it must fit in FREE_WINDOW.
+UNAUTHENTICATED_MAX_MESSAGE = 32 * 1024
 # Frames handed to h2 at a time; the read budget is checked between such slices of a read. One
 # 256 KiB read of small frames (resets, pings, SETTINGS) is ~15,000 frames, ~1 s of work.
 FRAMES_PER_SLICE = 64
-# Stream resets (by the client, or by h2 for a client's stream error) and SETTINGS frames, per
+# Stream resets (by the client, or by h2 for a client's stream error), SETTINGS frames, and requests
+# answered at once without a call (refused by ``authorize``, unknown method, not gRPC), per
 # connection: a burst, then a sustained rate per second (nghttp2's figures for resets). Past them the
 # connection ends with GOAWAY ENHANCE_YOUR_CALM. Each costs 60-80 us of CPU: a reset, a call started
 # and cancelled (HTTP/2 "rapid reset", CVE-2023-44487); a SETTINGS frame, h2 visiting every stream.
-# Envoy and grpcio send a handful of either in a connection's life.
+# Envoy and grpcio send a handful of any of them in a connection's life.
 CHURN_BURST = 1000
 CHURN_RATE = 33.0
 # The dynamic table of our HPACK encoder, however large a table the client allows (RFC 7541 §4.2: an
@@ -56,10 +71,23 @@ _Request = h2.events.RequestReceived
 _Ended = h2.events.StreamEnded
 _Window = h2.events.WindowUpdated
 _Reset = h2.events.StreamReset
+_OK = grpc.StatusCode.OK
+
+
+class _HeldWindow(h2.windows.WindowManager):
+    """The connection's receive window, reopened only by ``Connection.refill``: h2 would reopen it on
+    its own for DATA on closed streams (up to the largest window it ever had), past our limits."""
+
+    def process_bytes(self, size: int) -> int | None:
+        return None
 
 
 class _H2Connection(h2.connection.H2Connection):
     MAX_CLOSED_STREAMS = CLOSED_STREAMS
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self._inbound_flow_control_window_manager = _HeldWindow(FREE_WINDOW)
 
 
 class _Encoder(hpack.Encoder):
@@ -172,27 +200,48 @@ def _metadata_headers(metadata: tuple[tuple[str, str | bytes], ...]) -> list[tup
 
 
 class Connection(asyncio.Protocol):
-    """Turns h2 events into calls; writes what h2 has to send after each batch of events."""
+    """Turns h2 events into calls; writes what h2 has to send after each batch of events.
+
+    Request bytes are accounted at three levels (RFC 9113 §5.2 flow control does the holding): a call
+    holds at most its INBOX_LIMIT (or one whole message), a connection at most the server's
+    ``max_connection_buffer`` in held bytes plus open window, and the process what its
+    ``max_buffered`` allows beyond FREE_WINDOW per connection. A window is reopened only as far as
+    those limits allow; a client at a limit waits, it does not grow our memory."""
 
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.max_message = server.max_receive_message_length
+        # Authenticated: a call passed the server's ``authorize`` (or there is none). Until then the
+        # connection's window stays at FREE_WINDOW and it counts against its source's limit.
+        self.authenticated = server.authorize is None
+        self.max_message = server.max_receive_message_length if self.authenticated else min(
+            server.max_receive_message_length, UNAUTHENTICATED_MAX_MESSAGE)
+        # What the connection may hold plus its open window (refill).
+        self.buffer_limit = server.max_connection_buffer if self.authenticated else FREE_WINDOW
         self.h2 = _H2Connection(config=_CONFIG)
         self.calls: dict[int, Call] = {}
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown"
+        self.source = "local"
         self.paused = False
+        self.partial = 0  # bytes of partly received messages, over all calls
+        self.complete = 0  # bytes of received messages not read yet (and MESSAGE_OVERHEAD each)
+        self.need = 0  # bytes still to come of the partly received messages whose size is known
+        self.charge = 0  # what this connection draws on the server's max_buffered (see refill)
+        self._discarded = 0  # request bytes dropped while unauthenticated
+        self.open_since = self.loop.time()  # since when the window has been open (not shut by us)
+        self.progress = self.open_since  # when request DATA last arrived
         self._writable: asyncio.Future[None] | None = None
-        self._handshake: asyncio.TimerHandle | None = None
         self._closing = False
         self._started = False  # HTTP/2 set up (on the first bytes)
         self._backlog: list[bytes] | None = None  # bytes kept while over the read budget
         # A header list within its limit takes less than 4 times its size in a header block (HPACK's
         # Huffman code takes at most 30 bits for a byte, and some encoders always use it).
         self._frames = FrameWalk(self.h2.max_inbound_frame_size, 4 * server.max_header_list_size)
-        self._churn = float(CHURN_BURST)  # resets and SETTINGS allowed now (a token bucket)
+        self._churn = float(CHURN_BURST)  # resets, refused calls and SETTINGS allowed now (a token bucket)
         self._churn_at = self.loop.time()
+        # Made when the connection is accepted, before a TLS handshake: the deadline includes it.
+        self._handshake: asyncio.TimerHandle | None = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -200,8 +249,14 @@ class Connection(asyncio.Protocol):
         # Kept small: a reconnect storm accepts a thousand connections in one loop iteration. The
         # HTTP/2 setup happens with the first bytes, under the server's read budget.
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        peername = transport.get_extra_info("peername")
+        self.source = source_of(peername)
+        if self.server.stopping or not self.server.table.admit(self, self.source, authenticated=self.authenticated):
+            log.debug("refusing a connection from %s: %d connections open", self.source, len(self.server.table))
+            self.transport = None
+            transport.abort()
+            return
         self.server.connections.add(self)
-        self._handshake = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
 
     def _start(self) -> None:
         self._started = True
@@ -218,10 +273,9 @@ class Connection(asyncio.Protocol):
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.server.max_header_list_size,
         })
         # RFC 9113 §3.4: the server's preface is a SETTINGS frame; the client may send before it.
+        # The connection window stays at its initial 65,535 (§6.9.2): refill() opens it as requests
+        # need it.
         h2c.initiate_connection()
-        # RFC 9113 §6.9.2: the connection window starts at 65,535 whatever SETTINGS say; open it.
-        if self.server.connection_window > 65_535:
-            h2c.increment_flow_control_window(self.server.connection_window - 65_535)
 
     def data_received(self, data: bytes) -> None:
         if self._backlog is not None:
@@ -272,11 +326,28 @@ class Connection(asyncio.Protocol):
         self.write_out()
         self._close()
 
-    def _churn_allowed(self) -> bool:
+    def shed(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        """Close now: the server's connection table needs this connection's slot (it is full, and
+        this one is unauthenticated or idle), or the connection holds buffer space it does not use.
+        GOAWAY (RFC 9113 §6.8) with ``code``, then close."""
+        log.debug("shedding %s (%s)", self.peer if self._started else self.source,
+                  "authenticated" if self.authenticated else "unauthenticated")
+        if not self._started:
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._fail(code, "shed")
+
+    def _churn_allowed(self, what: str = "refused calls") -> bool:
+        """One more of what costs us and nothing the client (a reset, a refused call, SETTINGS);
+        False, and GOAWAY(ENHANCE_YOUR_CALM), once the connection's bucket is empty."""
         now = self.loop.time()
         self._churn = min(float(CHURN_BURST), self._churn + (now - self._churn_at) * CHURN_RATE) - 1.0
         self._churn_at = now
-        return self._churn >= 0.0
+        if self._churn >= 0.0:
+            return True
+        self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, f"too many {what}")
+        return False
 
     def _set_reading(self) -> None:
         transport = self.transport
@@ -290,28 +361,34 @@ class Connection(asyncio.Protocol):
     def _process(self, data: bytes) -> None:
         if not self._started:
             self._start()
+        h2c = self.h2
+        window = h2c.inbound_flow_control_window
         try:
-            events = self.h2.receive_data(data)
+            events = h2c.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
             self.write_out()  # h2 queued the GOAWAY
             self._close()
             return
         calls = self.calls
+        held = 0  # request bytes fed to calls (the rest of what the window took was dropped)
+        fed: dict[Call, None] = {}
         windows = False  # the connection's window or every stream's opened: flush every call, once
         for event in events:
             kind = type(event)
             if kind is _Data:
                 call = calls.get(event.stream_id)
-                if call is None:
-                    self.acknowledge(event.stream_id, event.flow_controlled_length)
-                else:
+                if call is not None:
+                    held += len(event.data)
                     call.feed(event.data, event.flow_controlled_length)
+                    fed[call] = None
             elif kind is _Request:
                 try:
                     self._request(event)
                 except h2.exceptions.StreamClosedError:
                     pass  # answered at once, but reset by the client in the same read (its event follows)
+                if self.transport is None or self.transport.is_closing():
+                    return  # closed for answering too many requests at once (_churn_allowed)
             elif kind is _Ended:
                 call = calls.get(event.stream_id)
                 if call is not None:
@@ -324,16 +401,15 @@ class Connection(asyncio.Protocol):
                     if call is not None:
                         call.window_opened()
             elif kind is _Reset:
-                call = calls.pop(event.stream_id, None)
+                call = calls.get(event.stream_id)
                 if call is not None:
+                    self._forget(call)
                     call.abandon()
-                if not self._churn_allowed():
-                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
+                if not self._churn_allowed("stream resets"):
                     return
             elif kind is h2.events.RemoteSettingsChanged:
                 windows = True
-                if not self._churn_allowed():
-                    self._fail(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, "too many SETTINGS frames")
+                if not self._churn_allowed("SETTINGS frames"):
                     return
             elif kind is h2.events.TrailersReceived:
                 # gRPC clients end requests with END_STREAM on DATA; trailers carry no requests.
@@ -347,16 +423,27 @@ class Connection(asyncio.Protocol):
         if windows:
             for call in list(calls.values()):
                 call.window_opened()
+        consumed = window - h2c.inbound_flow_control_window
+        if consumed > 0:
+            self.progress = self.loop.time()
+            if not self.authenticated:
+                self._discarded += max(0, consumed - held)
+        for call in fed:
+            call.grant()
+        self.refill()
         self.write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.table.remove(self)
         if self._handshake is not None:
             self._handshake.cancel()
             self._handshake = None
         calls, self.calls = self.calls, {}
         for call in calls.values():
+            call.release()
             call.abandon()
+        self.server.forget(self)
         self._wake_writers()
 
     def pause_writing(self) -> None:
@@ -370,10 +457,119 @@ class Connection(asyncio.Protocol):
         self._set_reading()
         self._wake_writers()
 
+    # -- flow control and accounting (RFC 9113 §5.2, §6.9) ------------------------------------
+
+    def account(self, partial: int, complete: int, need: int) -> None:
+        """A call's held bytes changed by these amounts."""
+        self.partial += partial
+        self.complete += complete
+        self.need += need
+        server = self.server
+        server.buffered += partial + complete
+        if (partial < 0 or complete < 0) and server.starved:
+            server.retry_starved()
+
+    def refill(self, turn: bool = False) -> bool:
+        """Reopen the connection's window as far as the limits allow; True if a WINDOW_UPDATE was
+        queued. Authenticated: up to FREE_WINDOW plus what the messages being received still need,
+        at most ``connection_window``, and held plus open window within ``max_connection_buffer``;
+        what goes past FREE_WINDOW (and every partial message) is charged to ``max_buffered``
+        (``_charge``). Unauthenticated: FREE_WINDOW, for at most UNAUTHENTICATED_DISCARD dropped
+        bytes.
+
+        While connections wait for the process's budget, budget goes to them only, on their
+        ``turn`` (GrpcServer.retry_starved: the message closest to complete first), not to
+        whichever connection happens to read next."""
+        server = self.server
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            server.forget(self)  # going: it draws on nothing (its calls give back what they hold)
+            return False
+        window = self.h2.inbound_flow_control_window
+        held = self.partial + self.complete
+        charge = self._charge(window)
+        if charge != self.charge:
+            server.charged += charge - self.charge
+            self.charge = charge
+        if self.authenticated:
+            want = min(server.connection_window, server.max_connection_buffer - held, FREE_WINDOW + self.need)
+        elif self._discarded < UNAUTHENTICATED_DISCARD:
+            want = FREE_WINDOW - held
+        else:
+            want = 0
+        granted = False
+        short = False  # the budget kept this connection's window below what it wants
+        # Like h2's own window manager: an update once half the window is used, not one per frame.
+        if want > window and 2 * window <= want:
+            grant = want - window
+            extra = self._charge(window + grant) - charge
+            if extra:
+                room = server.max_buffered - server.charged
+                if not turn and server.waiting_for_budget(self):
+                    room = 0  # others wait for the budget: take a turn after them
+                if extra > room:
+                    grant -= extra - max(room, 0)
+                    short = True
+            if grant > 0:
+                try:
+                    self.h2.increment_flow_control_window(grant)
+                except h2.exceptions.ProtocolError:  # the connection is closed
+                    return False
+                granted = True
+                if window <= 0:
+                    self.open_since = self.loop.time()
+                window += grant
+                charge = self._charge(window)
+                server.charged += charge - self.charge
+                self.charge = charge
+        if self.need > window and self.authenticated:
+            # The messages being received cannot complete with the window the client has.
+            if short:
+                server.starving(self, "budget")
+            elif server.max_connection_buffer - held <= window:
+                server.starving(self, "cap")
+            else:
+                server.starving(self, None)
+        elif self in server.starved or charge and server.charged > server.max_buffered:
+            server.starving(self, None)
+        return granted
+
+    def idle_credit(self, since: float) -> int:
+        """Window beyond FREE_WINDOW that no message being received needs, unused since ``since``
+        (a client that was given window for a message and then sent nothing): 0 if none."""
+        if self.progress > since or self.open_since > since or self.transport is None or self.transport.is_closing():
+            return 0
+        return max(0, self.h2.inbound_flow_control_window - FREE_WINDOW - self.need)
+
+    def _charge(self, window: int) -> int:
+        """What the connection draws on the process's budget with this window open: what it holds
+        and may still be sent beyond FREE_WINDOW, and its partial messages in any case (a client
+        that stops in the middle of a message must not hold 64 KiB on every connection for free)."""
+        partial = self.partial
+        return max(0, partial + self.complete + window - FREE_WINDOW) + min(partial, FREE_WINDOW)
+
+    def open_stream_window(self, sid: int, size: int) -> bool:
+        try:
+            self.h2.increment_flow_control_window(size, stream_id=sid)
+        except (KeyError, h2.exceptions.ProtocolError):  # the stream is closed
+            return False
+        return True
+
     # -- calls ------------------------------------------------------------------------------
 
-    def _request(self, event: h2.events.RequestReceived) -> None:
+    def _authenticate(self) -> None:
+        """A call passed ``authorize``: the connection is one of the mesh's own."""
+        self.authenticated = True
+        self.max_message = self.server.max_receive_message_length
+        self.buffer_limit = self.server.max_connection_buffer
+        self.server.table.authenticated(self, busy=True)
         if self._handshake is not None:
+            self._handshake.cancel()
+            self._handshake = None
+
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        server = self.server
+        if self._handshake is not None and server.authorize is None:
             self._handshake.cancel()
             self._handshake = None
         sid = event.stream_id
@@ -384,22 +580,39 @@ class Connection(asyncio.Protocol):
                 pseudo[key] = value
             else:
                 rest.append((key, value))
-        if self._closing or self.server.stopping:
+        if self._closing or server.stopping:
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         if pseudo.get(b":method") != b"POST":
-            self._http_error(sid, b"405")
+            if self._churn_allowed():
+                self._http_error(sid, b"405")
             return
         headers = dict(rest)
         content_type = headers.get(b"content-type", b"")
         if not content_type.startswith(b"application/grpc"):
-            self._http_error(sid, b"415")
+            if self._churn_allowed():
+                self._http_error(sid, b"415")
             return
         path = pseudo.get(b":path", b"").decode("latin-1")
-        handler = self.server.lookup(path)
+        handler = server.lookup(path)
         if handler is None:
-            self._status_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+            if self._churn_allowed():
+                self._status_only(sid, grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
             return
+        metadata = metadata_from(rest)
+        authorize = server.authorize
+        if authorize is not None:
+            try:
+                verdict = authorize(path, metadata, self.peer)
+            except Exception:
+                log.exception("authorizing a call to %s failed; refusing it", path)
+                verdict = (grpc.StatusCode.INTERNAL, "xdsd: the call could not be authorized")
+            if verdict is None:
+                if not self.authenticated:
+                    self._authenticate()
+            elif verdict[0] is not _OK:
+                self._refuse(event, verdict[0], verdict[1])
+                return
         encoding = headers.get(b"grpc-encoding", b"identity")
         if encoding != b"identity":
             self._status_only(sid, grpc.StatusCode.UNIMPLEMENTED,
@@ -411,7 +624,9 @@ class Connection(asyncio.Protocol):
             timeout = parse_timeout(timeout_header.decode("latin-1"))
             if timeout is not None:
                 deadline = self.loop.time() + timeout
-        call = Call(self, sid, handler, metadata_from(rest), self.peer, deadline)
+        call = Call(self, sid, handler, metadata, self.peer, deadline)
+        if not self.calls and self.authenticated:
+            server.table.busy(self)
         self.calls[sid] = call
         call.task = task = self.loop.create_task(call.run())
         task.add_done_callback(lambda _t, call=call: self._call_done(call))
@@ -419,9 +634,29 @@ class Connection(asyncio.Protocol):
             handle = self.loop.call_at(deadline, call.expire)
             task.add_done_callback(lambda _t: handle.cancel())
 
-    def _call_done(self, call: Call) -> None:
+    def _refuse(self, event: h2.events.RequestReceived, code: grpc.StatusCode, details: str) -> None:
+        """A call ``authorize`` refused: its status at once (trailers-only), and RST_STREAM(NO_ERROR)
+        so that the client stops sending its request (RFC 9113 §8.1); DATA that still arrives is
+        dropped, never buffered. Refusals count like resets: a client that keeps trying is cut off."""
+        sid = event.stream_id
+        if not self._churn_allowed():
+            return
+        self._status_only(sid, code, details)
+        with contextlib.suppress(h2.exceptions.StreamClosedError):  # the request had ended: closed
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _forget(self, call: Call) -> None:
+        """``call`` is over: what it held is given back; an idle connection becomes sheddable."""
         if self.calls.get(call.stream_id) is call:
             del self.calls[call.stream_id]
+            if not self.calls and self.authenticated and self.transport is not None:
+                self.server.table.idle(self)
+        call.release()
+
+    def _call_done(self, call: Call) -> None:
+        self._forget(call)
+        if self.refill():
+            self.write_out()
         if self._closing and not self.calls:
             self._close()
 
@@ -463,7 +698,8 @@ class Connection(asyncio.Protocol):
                 h2c.reset_stream(sid, h2.errors.ErrorCodes.NO_ERROR)
         except h2.exceptions.StreamClosedError:
             pass
-        self.calls.pop(sid, None)
+        self._forget(call)
+        self.refill()
         self.write_out()
 
     def flush(self, call: Call) -> None:
@@ -492,20 +728,6 @@ class Connection(asyncio.Protocol):
         self.write_out()
         if not pending:
             call.drained()
-
-    def open_connection_window(self, size: int) -> None:
-        """Reopen the connection's window alone (a stream holding its own window for a slow reader).
-        When that stream's bytes are acknowledged later, h2 counts them for the connection again;
-        its window manager never opens past the connection window, so that costs nothing."""
-        if size:
-            self.h2.increment_flow_control_window(size)
-
-    def acknowledge(self, sid: int, size: int) -> None:
-        if size:
-            try:
-                self.h2.acknowledge_received_data(size, sid)
-            except h2.exceptions.StreamClosedError:
-                pass
 
     def write_out(self) -> None:
         out = self.h2.data_to_send()
@@ -546,9 +768,15 @@ class Connection(asyncio.Protocol):
 
     def _handshake_expired(self) -> None:
         self._handshake = None
-        if not self.calls:
-            log.debug("closing %s: no request within %.0f s", self.peer, HANDSHAKE_TIMEOUT)
-            self._close()
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.calls:
+            if not self.authenticated:  # calls that need no credentials: look again later
+                self._handshake = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+            return
+        log.debug("closing %s: no %s within %.0f s", self.peer if self._started else self.source,
+                  "request" if self.server.authorize is None else "authorized call", HANDSHAKE_TIMEOUT)
+        self._close()
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
