@@ -15,6 +15,16 @@ def _host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _percent(value: str) -> float:
+    try:
+        number = float(value.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentage 0..100, got {value!r}") from None
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage 0..100, got {value!r}")
+    return number
+
+
 def _port(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {value!r}")
@@ -42,42 +52,40 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def _ttl(value: str) -> float:
+    from xdsd.auth.tokens import parse_ttl
+
+    try:
+        return parse_ttl(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _token(args: argparse.Namespace) -> str | None:
     if args.no_token:
         return None
     if args.token:
         return str(args.token)
-    from xdsd.auth.tokens import TokenSigner
+    from xdsd.auth.commands import describe, mint
 
-    return TokenSigner.load_or_create(args.state_dir).issue(args.node_id, args.cluster)
-
-
-def _admin_get(address: tuple[str, int], path: str) -> tuple[int, object]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    url = f"http://{address[0]}:{address[1]}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-    except OSError as exc:
-        raise SystemExit(f"xdsd: cannot reach the admin API at {url}: {exc}") from None
+    token, claims = mint(args.state_dir, args.node_id, args.cluster, ttl=args.ttl)
+    print(f"xdsd bootstrap: {describe(claims)}", file=sys.stderr)
+    return token
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from xdsd.status import render_node, render_table
+    from xdsd.admin.client import AdminClient, fail, operator_token
+    from xdsd.status import render_node, render_table, safe
 
-    _, proxies = _admin_get(args.admin_address, "/debug/proxies")
-    assert isinstance(proxies, list)
+    status, proxies = AdminClient(args.admin_address, operator_token(args.token, args.state_dir)).get("/debug/proxies")
+    if status != 200 or not isinstance(proxies, list):
+        return fail("status", status, proxies)
     if args.node:
         match = [p for p in proxies if p["node_id"] == args.node]
         if not match:
-            print(f"xdsd: node {args.node!r} is not connected", file=sys.stderr)
+            print(f"xdsd: node {safe(args.node)!r} is not connected", file=sys.stderr)
             return 1
         print(json.dumps(match[0], indent=2) if args.json else render_node(match[0]))
         return 0
@@ -89,12 +97,23 @@ def _cmd_config_dump(args: argparse.Namespace) -> int:
     import json
     import urllib.parse
 
-    status, body = _admin_get(args.admin_address, "/debug/config_dump?node=" + urllib.parse.quote(args.node))
+    from xdsd.admin.client import AdminClient, fail, operator_token
+
+    client = AdminClient(args.admin_address, operator_token(args.token, args.state_dir))
+    status, body = client.get("/debug/config_dump?node=" + urllib.parse.quote(args.node))
     if status != 200:
-        print(f"xdsd: {body.get('error', status) if isinstance(body, dict) else status}", file=sys.stderr)
-        return 1
+        return fail("config-dump", status, body)
     print(json.dumps(body, indent=2))
     return 0
+
+
+def _cmd_config(name: str) -> object:
+    def run(args: argparse.Namespace) -> int:
+        from xdsd.admin import commands
+
+        return int(getattr(commands, name)(args))
+
+    return run
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
@@ -102,17 +121,32 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     token = args.token
     if token is None and not args.no_token:
-        from xdsd.auth.tokens import TokenSigner
+        from xdsd.auth.commands import mint
+        from xdsd.registry.instance import default_instance_id
 
-        token = TokenSigner.load_or_create(args.state_dir).issue(args.instance_id or f"{args.address}:{args.port}", args.service)
+        node_id = args.instance_id or default_instance_id(args.address, args.port)
+        token, _ = mint(args.state_dir, node_id, args.service, ttl=args.ttl_token)
     return run(args, token)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from xdsd.auth.tokens import TokenSigner
+    from xdsd.auth.commands import run
 
-    print(TokenSigner.load_or_create(args.state_dir).issue(args.node_id, args.cluster))
-    return 0
+    return run(args)
+
+
+def _embedded_bundle(args: argparse.Namespace) -> bytes | None:
+    """The CA bundle that verifies ``xdsd serve``'s own certificate (from the state directory),
+    unless the bootstrap is plaintext or names a CA file on the Envoy's machine."""
+    if args.xds_plaintext or args.xds_tls_ca:
+        return None
+    from xdsd.ca import CertificateAuthority
+    from xdsd.ca.serving import bundle_path
+
+    written = bundle_path(args.state_dir)  # what the server verifies with (also an operator's CA)
+    if written.exists():
+        return written.read_bytes()
+    return CertificateAuthority.load_or_create(args.state_dir, "mesh").bundle_pem
 
 
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -129,7 +163,9 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
         delta=args.delta,
         token=_token(args),
         xds_tls_ca=args.xds_tls_ca,
+        xds_tls_ca_pem=_embedded_bundle(args),
         xds_tls_server_name=args.xds_tls_server_name,
+        xds_plaintext=args.xds_plaintext,
         inbound_address=args.inbound_address,
         app_address=args.app_address,
         zone=args.zone,
@@ -137,6 +173,12 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(render_text(opts, fmt=args.format))
     return 0
+
+
+def _operator_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="an operator token (`xdsd token --operator`); default: mint a short-lived one "
+                                   "with the key in --state-dir, if it is there")
+    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quiet period that coalesces bursts of changes (default 0.05)")
     p.add_argument("--registry-debounce", type=float, default=0.01, metavar="SECONDS",
                    help="registration changes within this window become one revision (default 0.01)")
+    p.add_argument("--max-removal", type=_percent, default=50.0, metavar="PERCENT",
+                   help="a file revision removing more than this share of the services, gateways or endpoints "
+                        "is held until the file stays unchanged for --settle (default 50)")
+    p.add_argument("--settle", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a held revision's file must stay unchanged before it is applied (default 5)")
+    p.add_argument("--history", type=int, default=50, metavar="N",
+                   help="accepted config revisions kept in the state directory for `xdsd history`/`rollback` (default 50)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="CA root, token key (default $XDSD_STATE_DIR or ~/.local/state/xdsd)")
@@ -161,8 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ca-cert", type=Path, metavar="PEM", help="operator CA: signing certificate (+ chain)")
     p.add_argument("--ca-key", type=Path, metavar="PEM", help="operator CA: private key of --ca-cert")
     p.add_argument("--ca-bundle", type=Path, metavar="PEM", help="trust anchors (default: roots in --ca-cert)")
-    p.add_argument("--xds-tls-cert", type=Path, metavar="PEM", help="serve xDS over TLS with this certificate")
+    p.add_argument("--xds-tls-cert", type=Path, metavar="PEM",
+                   help="serve xDS over TLS with this certificate instead of one from xdsd's own CA")
     p.add_argument("--xds-tls-key", type=Path, metavar="PEM", help="private key of --xds-tls-cert")
+    p.add_argument("--xds-tls-san", action="append", default=[], metavar="NAME",
+                   help="another DNS name or IP for xdsd's own serving certificate (repeatable)")
+    p.add_argument("--xds-plaintext", action="store_true",
+                   help="serve xDS and the authz HTTP port without TLS (private keys then go only to loopback peers)")
+    p.add_argument("--max-instances-per-service", type=int, default=1000, metavar="N",
+                   help="registered instances per service, and per token (default 1000)")
     p.add_argument("--xds-transport", choices=["h2", "grpcio"], default="h2",
                    help="what serves the gRPC port: h2 on the event loop (default; half the CPU per message) "
                         "or grpcio's asyncio server")
@@ -195,8 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the token key is (same default as `xdsd serve`)")
     p.add_argument("--token", help="a node token minted earlier (`xdsd token`); default: mint one now")
     p.add_argument("--no-token", action="store_true", help="omit the token (only for `serve --auth off`)")
-    p.add_argument("--xds-tls-ca", metavar="PEM", help="reach xdsd over TLS, verifying it with this CA file")
-    p.add_argument("--xds-tls-server-name", metavar="NAME", help="SNI / name to verify on xdsd's certificate")
+    p.add_argument("--ttl", type=_ttl, default=365 * 86400.0, metavar="D",
+                   help="lifetime of the minted token: 365d, 12h, 30m, 90s (default 365d)")
+    p.add_argument("--xds-tls-ca", metavar="PEM",
+                   help="verify xdsd with this CA file on the Envoy's machine (default: embed the state "
+                        "directory's bundle)")
+    p.add_argument("--xds-tls-server-name", metavar="NAME",
+                   help="name to verify on xdsd's certificate (default: xdsd; with --xds-tls-ca the xDS host)")
+    p.add_argument("--xds-plaintext", action="store_true", help="xdsd serves xDS without TLS (serve --xds-plaintext)")
     p.add_argument("--inbound-address", metavar="IP",
                    help="sidecars: the instance's mesh address (when the service config leaves it open)")
     p.add_argument("--app-address", metavar="IP",
@@ -211,12 +273,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
     p.add_argument("--node", metavar="ID", help="one proxy in detail")
     p.add_argument("--json", action="store_true")
+    _operator_flags(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("config-dump", help="print as JSON what xdsd serves one node")
     p.add_argument("--node", required=True, metavar="ID")
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    _operator_flags(p)
     p.set_defaults(func=_cmd_config_dump)
+
+    p = sub.add_parser("diff", help="what a mesh file would change, per node group, against what xdsd serves")
+    p.add_argument("file")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true")
+    _operator_flags(p)
+    p.set_defaults(func=_cmd_config("diff"))
+
+    p = sub.add_parser("apply", help="validate a mesh file, show the diff, make it the served config, wait for the proxies")
+    p.add_argument("file")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    p.add_argument("--allow-removal", action="store_true",
+                   help="apply at once even if it removes more than serve --max-removal of the mesh")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for the proxies' ACKs or NACKs")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long to wait for every proxy to ACK or NACK (default 30)")
+    _operator_flags(p)
+    p.set_defaults(func=_cmd_config("apply"))
+
+    p = sub.add_parser("history", help="the accepted config revisions; `history show REV` prints one")
+    p.add_argument("action", nargs="?", choices=["show"])
+    p.add_argument("revision", nargs="?", type=int)
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    _operator_flags(p)
+    p.set_defaults(func=_cmd_config("history"))
+
+    p = sub.add_parser("rollback", help="make an earlier config revision current again (default: the one before)")
+    p.add_argument("--to", type=int, metavar="REV")
+    p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
+    p.add_argument("--no-wait", action="store_true", help="do not wait for the proxies' ACKs or NACKs")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    _operator_flags(p)
+    p.set_defaults(func=_cmd_config("rollback"))
 
     p = sub.add_parser("register", help="register an instance, heartbeat until interrupted, then deregister")
     p.add_argument("--service", required=True)
@@ -230,12 +327,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
     p.add_argument("--token", help="a node token for the service (`xdsd token`); default: mint one")
     p.add_argument("--no-token", action="store_true", help="send no token (only for `serve --auth off`)")
+    p.add_argument("--token-ttl", dest="ttl_token", type=_ttl, default=365 * 86400.0, metavar="D",
+                   help="lifetime of the token minted when --token is not given (default 365d)")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
     p.set_defaults(func=_cmd_register)
 
-    p = sub.add_parser("token", help="mint a node token binding a node id to its service")
-    p.add_argument("--node-id", required=True)
-    p.add_argument("--cluster", required=True)
+    p = sub.add_parser("token", help="mint, list and revoke tokens; rotate the signing key",
+                       description="xdsd token --node-id ID --cluster NAME | --operator  [--ttl D]: mint a token; "
+                                   "xdsd token list [--all]; xdsd token revoke --id ID | --node-id ID; "
+                                   "xdsd token rotate-key; xdsd token retire-key [--kid KID]")
+    p.add_argument("action", nargs="?", choices=["list", "revoke", "rotate-key", "retire-key"],
+                   help="what to do (default: mint a token)")
+    p.add_argument("--node-id", help="the node (mint), or revoke every token of this node issued until now")
+    p.add_argument("--cluster", help="the node's service or gateway (mint)")
+    p.add_argument("--operator", action="store_true", help="mint an operator token (CSDS, /debug/*, xdsd status)")
+    p.add_argument("--ttl", type=_ttl, default=365 * 86400.0, metavar="D",
+                   help="lifetime: 365d, 12h, 30m, 90s (default 365d); the expiry is printed on stderr")
+    p.add_argument("--id", help="revoke: the token id (from `xdsd token list` or the mint message)")
+    p.add_argument("--kid", help="retire-key: only this previous key (default: every previous key)")
+    p.add_argument("--all", action="store_true", help="list: also expired, revoked and retired-key tokens")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
     p.set_defaults(func=_cmd_token)
     return parser

@@ -1,20 +1,59 @@
-"""Admin HTTP: /metrics, /healthz, /readyz, /debug/proxies, /debug/config, /debug/loop."""
+"""Admin HTTP: /metrics, /healthz, /readyz, /debug/*, and (added by the App) the registration API.
+
+Every route has an access rule in ``xdsd.auth.methods.ADMIN_ROUTES``; a route without one answers
+403. The debug pages need an operator token unless the admin port listens on loopback only."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from xdsd.admin.dump import node_config
+from xdsd.auth.access import Access, Denied, token_from_headers
+from xdsd.auth.methods import ADMIN_ROUTES, Rule, check
 from xdsd.controller import Controller
+from xdsd.errors import MeshError
+from xdsd.model.load import MAX_TEXT_BYTES
 from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
 from xdsd.server.xds import XdsServer
+from xdsd.supervise import Supervisor
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def access_middleware(access: Access, debug_open: bool,
+                      on_refused: Callable[[str, str, str, str], None] | None = None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Enforces ``ADMIN_ROUTES`` before any handler runs. ``debug_open``: the admin address is
+    loopback, so the LOCAL_OR_OPERATOR pages need no token."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route
+        if isinstance(request.match_info.http_exception, web.HTTPException) or route.resource is None:
+            return await handler(request)  # 404 / 405: nothing is served
+        method = "GET" if request.method == "HEAD" else request.method
+        rule = ADMIN_ROUTES.get((method, route.resource.canonical))
+        if rule is None:
+            return web.json_response({"errors": [f"no-rule: no access rule for {method} {route.resource.canonical}"]},
+                                     status=403)
+        if rule is Rule.LOCAL_OR_OPERATOR:
+            rule = Rule.PUBLIC if debug_open else Rule.OPERATOR
+        try:
+            check(access, rule, token_from_headers(request.headers))
+        except Denied as exc:
+            if on_refused is not None:
+                on_refused(exc.reason, exc.message, str(request.remote), f"{method} {request.path}")
+            return web.json_response({"errors": [f"{exc.reason}: {exc.message}"]}, status=401 if exc.unauthenticated else 403)
+        return await handler(request)
+
+    return middleware
 
 
 def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_serving: Callable[[], bool],
-             loop_monitor: LoopMonitor | None = None) -> web.Application:
+             loop_monitor: LoopMonitor | None = None, *, access: Access | None = None, debug_open: bool = True,
+             supervisor: Supervisor | None = None) -> web.Application:
     async def metrics_page(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -22,11 +61,23 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        # Ready only once a complete valid config is loaded and the xDS port is serving.
-        if controller.cache.ready and is_serving():
+        # Ready once a complete valid config is loaded and the xDS port is serving, while no
+        # background task has been failing for long (a dead watcher or rotator is not "ready").
+        failing = supervisor.unhealthy() if supervisor is not None else []
+        if controller.cache.ready and is_serving() and not failing:
             return web.json_response({"ready": True, "revision": controller.cache.revision})
-        reason = "no valid config loaded yet" if not controller.cache.ready else "xDS server not started"
-        return web.json_response({"ready": False, "reason": reason, "config": controller.status.as_json()}, status=503)
+        if not controller.cache.ready:
+            reason = "no valid config loaded yet"
+        elif not is_serving():
+            reason = "xDS server not started"
+        else:
+            reason = "background task failing: " + ", ".join(failing)
+        return web.json_response({"ready": False, "reason": reason, "failing": failing,
+                                  "config": controller.status.as_json()}, status=503)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"tasks": supervisor.status() if supervisor is not None else [],
+                                  "failing": supervisor.unhealthy() if supervisor is not None else []})
 
     async def proxies(_: web.Request) -> web.Response:
         # Each node's protocol state, plus what the mesh side knows: the revision being served and,
@@ -61,7 +112,56 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
             return web.json_response(loop_monitor.reset())
         return web.json_response({"max_stall_seconds": loop_monitor.max_stall, "since": loop_monitor.since})
 
-    app = web.Application()
+    async def candidate(request: web.Request) -> bytes | web.Response:
+        """The request body, a mesh file: at most MAX_TEXT_BYTES, read no further."""
+        if request.content_length is not None and request.content_length > MAX_TEXT_BYTES:
+            return web.json_response({"errors": [f"body: larger than {MAX_TEXT_BYTES} bytes"]}, status=413)
+        body = bytearray()
+        while chunk := await request.content.read(1 << 16):
+            body += chunk
+            if len(body) > MAX_TEXT_BYTES:
+                return web.json_response({"errors": [f"body: larger than {MAX_TEXT_BYTES} bytes"]}, status=413)
+        return bytes(body)
+
+    async def config_diff(request: web.Request) -> web.Response:
+        content = await candidate(request)
+        if isinstance(content, web.Response):
+            return content
+        try:
+            return web.json_response(controller.diff(content))
+        except MeshError as exc:
+            return web.json_response({"valid": False, "errors": [str(e) for e in exc.errors]}, status=400)
+
+    async def config_apply(request: web.Request) -> web.Response:
+        content = await candidate(request)
+        if isinstance(content, web.Response):
+            return content
+        out = controller.apply_content(content, "apply", request.query.get("allow_removal") in ("1", "true"))
+        return web.json_response(out, status=400 if out["result"] == "rejected" else 200)
+
+    async def config_history(_: web.Request) -> web.Response:
+        history = controller.history
+        entries = [e.as_json() for e in history.entries] if history is not None else []
+        return web.json_response({"current": controller.status.history_revision, "revisions": entries})
+
+    async def config_history_one(request: web.Request) -> web.Response:
+        text = request.match_info["revision"]
+        found = controller.history.get(int(text)) if controller.history is not None and text.isdigit() else None
+        if found is None:
+            return web.json_response({"errors": [f"revision: no revision {text[:20]!r} in the history"]}, status=404)
+        entry, content = found
+        return web.json_response({**entry.as_json(), "content": content.decode("utf-8", "replace")})
+
+    async def config_rollback(request: web.Request) -> web.Response:
+        to = request.query.get("to")
+        if to is not None and not to.isdigit():
+            return web.json_response({"errors": ["to: must be a revision number"]}, status=400)
+        out = controller.rollback(int(to) if to is not None else None)
+        return web.json_response(out, status=400 if out["result"] == "rejected" else 200)
+
+    middlewares = [access_middleware(access or Access.off(), debug_open, server.refused)]
+    # Bodies are read by their handlers, each with its own limit (registration 64 KiB, configs 32 MiB).
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_TEXT_BYTES + 1)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -70,4 +170,10 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
     app.router.add_get("/debug/refused", refused)
     app.router.add_get("/debug/config_dump", config_dump)
     app.router.add_get("/debug/loop", loop_health)
+    app.router.add_get("/debug/health", health)
+    app.router.add_post("/v1/config/diff", config_diff)
+    app.router.add_post("/v1/config/apply", config_apply)
+    app.router.add_get("/v1/config/history", config_history)
+    app.router.add_get("/v1/config/history/{revision}", config_history_one)
+    app.router.add_post("/v1/config/rollback", config_rollback)
     return app
