@@ -22,6 +22,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.status.v3 import csds_pb2_grpc
 
 from xdsd.admin.http import make_app
+from xdsd.admin.site import KEEPALIVE_SECONDS, LimitedSite
 from xdsd.api.v1 import registration_pb2_grpc
 from xdsd.auth.access import Access
 from xdsd.auth.methods import CallGate, grpc_gate
@@ -283,10 +284,13 @@ class App:
                              access=self.access, debug_open=_is_loopback(self.admin_address[0]),
                              supervisor=self.supervisor)
         admin_app.add_routes(http_routes(self.registry, self.access))
-        admin = web.AppRunner(admin_app, access_log=None)
+        admin = web.AppRunner(admin_app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
         await admin.setup()
-        site = web.TCPSite(admin, self.admin_address[0], self.admin_address[1])
-        await site.start()
+        site = LimitedSite(admin, self.admin_address[0], self.admin_address[1])
+        try:
+            await site.start()
+        except OSError as exc:
+            raise SystemExit(f"cannot listen on admin address {self.admin_address[0]}:{self.admin_address[1]}: {exc}") from exc
         authz_http = await self._start_authz_http()
         await grpc_server.start()
         self.serving = True

@@ -141,3 +141,26 @@ def test_loopback_peers(peer: str, loopback: bool) -> None:
     from xdsd.server.xds import is_loopback_peer
 
     assert is_loopback_peer(peer) is loopback
+
+
+def test_status_output_escapes_what_proxies_send() -> None:
+    from xdsd.status import render_node, render_table
+
+    nasty = "NACK \x1b[2J\x1b]52;c;ZXZpbA==\x07 row\rgone"
+    proxy = {"node_id": "n\x1b[1A", "cluster": "edge", "protocol": "sotw", "transport": "ads", "peer": "ipv4:1.2.3.4:5",
+             "types": {"CDS": {"state": "NACKED", "acked_version": "v\x1b[0m", "sent_version": "2",
+                               "current_version": "2", "sent_nonce": "1", "acked_nonce": "1", "last_nack": nasty,
+                               "nacked_version": "2"}}}
+    for text in (render_table([proxy]), render_node(proxy)):
+        assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+        assert "\\x1b[2J" in text
+
+
+def test_a_non_ascii_token_is_refused_and_counted(tmp_path: Path) -> None:
+    access = Access.from_state_dir(tmp_path)
+    refused: list[str] = []
+    gate = grpc_gate(access, lambda reason, message, peer, method: refused.append(reason))
+    ads = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+    # HTTP/2 header values arrive as latin-1 text: the bytes of "v1.e30.é".
+    code, _ = gate(ads, (("x-xdsd-token", "v1.e30.\xc3\xa9"),), "ipv4:1.2.3.4:5")  # type: ignore[misc]
+    assert code == grpc.StatusCode.UNAUTHENTICATED and refused == ["bad-token"]

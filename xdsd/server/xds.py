@@ -196,6 +196,7 @@ class XdsServer:
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"xdsd: {exc}")
                     if isinstance(exc, GroupFailed):
                         await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+                    self.refused("invalid-request", str(exc)[:500], stream.peer, "xDS stream", stream.node_id)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 if stream.ended:
                     return
