@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from xdsd.auth.tokens import TOKEN_HEADER
 from xdsd.model.fields import parse_duration
 from xdsd.registry.instance import default_instance_id
 
@@ -28,7 +29,7 @@ def _reply(status: int, raw: bytes) -> dict[str, Any]:
 def _post(base: str, path: str, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
     headers = {"content-type": "application/json"}
     if token:
-        headers["x-xdsd-token"] = token
+        headers[TOKEN_HEADER] = token
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:

@@ -10,6 +10,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from xdsd.auth.tokens import TOKEN_HEADER
+
 # Operator tokens that the commands mint for themselves from the state directory's key.
 CLI_OPERATOR_TTL = 600.0
 
@@ -35,7 +37,7 @@ class AdminClient:
         self.token = token
 
     def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 30.0) -> tuple[int, Any]:
-        headers = {"x-xdsd-token": self.token} if self.token else {}
+        headers = {TOKEN_HEADER: self.token} if self.token else {}
         if body is not None:
             headers["content-type"] = "application/yaml"
         req = urllib.request.Request(self.base + path, data=body, headers=headers, method=method)

@@ -32,10 +32,10 @@ import time
 from typing import TYPE_CHECKING
 
 from xdsd.auth.access import Denied
+from xdsd.auth.tokens import TOKEN_HEADER
+from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER, PATH_PREFIX, XFCC
 from xdsd.authz.policy import Decision
 from xdsd.authz.servicer import (
-    DECISION_HEADER,
-    DRY_RUN_HEADER,
     denial_body,
     denial_header,
     dry_run_text,
@@ -49,11 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PATH_PREFIX = "/_xdsd/authz/"  # + <service>; Envoy appends the request's own path
-XFCC = "x-forwarded-client-cert"
 MAX_HEAD = 64 * 1024  # Envoy's own limit on request headers is 60 KiB by default
 MAX_BODY = 1024 * 1024  # checks carry no body unless a filter asks for one; skipped either way
-TOKEN_HEADER = "x-xdsd-token"  # the node token of the destination service, added by the node's Envoy
 MAX_CONNECTIONS = 4096  # Envoy opens one per check in flight per worker; xDS shares the process's files
 # Unauthenticated connections per source address (IPv6: per /64); authenticated ones count only in
 # MAX_CONNECTIONS (the nodes behind one NAT address share it). Over either limit a new connection
@@ -72,11 +69,6 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
 _REFUSED_BODY = b"xdsd authorization: the check's node token was refused\n"
 
 
-def path_prefix(service: str) -> str:
-    """The ``http_service.path_prefix`` that names the destination service of a listener's checks.
-    It ends in a slash, so the service name ends where the request's path begins whatever that
-    path looks like (``*`` for ``OPTIONS *`` has no leading slash)."""
-    return f"{PATH_PREFIX}{service}/"
 
 
 _XFCC_URI = re.compile(r'(?:^|[;,])\s*uri=(?:"((?:[^"\\]|\\.)*)"|([^;,]*))', re.IGNORECASE)

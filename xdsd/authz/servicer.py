@@ -19,14 +19,12 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from xdsd.auth.access import Access, Denied, token_from_metadata
+from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER, SERVICE_KEY
 from xdsd.authz.policy import NO_POLICY, CompiledPolicy, Decision, compile_mesh
 from xdsd.model import Mesh
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEY = "xdsd.service"  # context extension naming the destination service
-DRY_RUN_HEADER = "x-xdsd-authz-dry-run"
-DECISION_HEADER = "x-xdsd-authz"
 
 # (service, rule, outcome, seconds) — metrics attach here; this module does not import them.
 DecisionObserver = Callable[[str, str, str, float], None]

@@ -11,9 +11,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.v3 import http_status_pb2
 
-from xdsd.authz.http import XFCC as XFCC_HEADER
-from xdsd.authz.http import path_prefix as authz_path_prefix
-from xdsd.authz.servicer import DECISION_HEADER, DRY_RUN_HEADER
+from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER
+from xdsd.authz.contract import XFCC as XFCC_HEADER
+from xdsd.authz.contract import path_prefix as authz_path_prefix
 from xdsd.generators.node import NodeGroup, config_source
 from xdsd.generators.tls import downstream_socket
 from xdsd.model import Gateway

@@ -10,6 +10,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
 
+from xdsd.authz.contract import SERVICE_KEY
 from xdsd.generators.endpoints import cluster_name
 from xdsd.model import Gateway, Mesh
 from xdsd.model.traffic import Fault, Retries, Route
@@ -159,5 +160,5 @@ def inbound_routes(service: str, app_cluster: str) -> route_pb2.RouteConfigurati
 
 def _authz_context(destination: str) -> ext_authz_pb2.ExtAuthzPerRoute:
     per_route = ext_authz_pb2.ExtAuthzPerRoute()
-    per_route.check_settings.context_extensions["xdsd.service"] = destination
+    per_route.check_settings.context_extensions[SERVICE_KEY] = destination
     return per_route

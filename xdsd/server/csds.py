@@ -12,11 +12,18 @@ from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from xdsd.redact import redacted_any
 from xdsd.server.stream import Stream
-from xdsd.server.subscriptions import DeltaState
+from xdsd.server.subscriptions import NACKED, NOT_SENT, STALE, SYNCED, DeltaState, sync_state
 from xdsd.server.xds import XdsServer
 
 _STATUS = csds_pb2.ConfigStatus
 _CLIENT = config_dump_shared_pb2.ClientResourceStatus
+# sync_state -> (what xdsd knows of the config, what the client did with it)
+_CSDS = {
+    SYNCED: (_STATUS.SYNCED, _CLIENT.ACKED),
+    STALE: (_STATUS.STALE, _CLIENT.REQUESTED),
+    NACKED: (_STATUS.ERROR, _CLIENT.NACKED),
+    NOT_SENT: (_STATUS.NOT_SENT, _CLIENT.REQUESTED),
+}
 
 
 def _matches(req: csds_pb2.ClientStatusRequest, node_id: str) -> bool:
@@ -53,22 +60,12 @@ def client_config(streams: list[Stream]) -> csds_pb2.ClientConfig:
                     g.version_info = res.version
                     # Never a private key: CSDS is an operator's view, not the node's own SDS.
                     g.xds_config.CopyFrom(redacted_any(type_url, res.body))
-                if sent_version is None:
-                    g.config_status = _STATUS.NOT_SENT
-                    g.client_status = _CLIENT.REQUESTED
-                elif res is not None and sent_version != res.version:
-                    g.config_status = _STATUS.STALE
-                    g.client_status = _CLIENT.ACKED if st.acked_version else _CLIENT.REQUESTED
-                elif st.nack_error is not None:
-                    g.config_status = _STATUS.ERROR
-                    g.client_status = _CLIENT.NACKED
-                    g.error_state.details = st.nack_error
-                elif st.acked_version == st.sent_version and st.acked_version:
-                    g.config_status = _STATUS.SYNCED
-                    g.client_status = _CLIENT.ACKED
-                else:
-                    g.config_status = _STATUS.STALE
-                    g.client_status = _CLIENT.REQUESTED
+                state = sync_state(st, sent_version is not None, res is None or sent_version == res.version)
+                g.config_status, g.client_status = _CSDS[state]
+                if state == STALE and st.acked_version:
+                    g.client_status = _CLIENT.ACKED  # it runs an older version it acknowledged
+                if state == NACKED:
+                    g.error_state.details = st.nack_error or ""
     return cfg
 
 

@@ -10,7 +10,6 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -18,27 +17,31 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
-from xdsd import typeurls, wire
-from xdsd.auth.access import Caller, Denied
-from xdsd.cache import Resource, Snapshot, SnapshotCache, TypeSnapshot
+from xdsd import typeurls
+from xdsd.auth.access import Caller
+from xdsd.cache import Snapshot, SnapshotCache, TypeSnapshot
 from xdsd.cache.cache import GroupFailed
-from xdsd.loopbudget import IterationBudget
 from xdsd.node import FetchMode as Transport
-from xdsd.node import NodeError, NodeGroup
+from xdsd.node import NodeGroup
 from xdsd.server import encode
+from xdsd.server.ackpath import SAME_NAMES_FROM, subscription_block
+from xdsd.server.ackpath import same_subscription as _same_subscription
+from xdsd.server.attach import PROPAGATED_METADATA, Authenticator, ProtocolError, Refused, admit
 from xdsd.server.observer import StreamObserver
-from xdsd.server.subscriptions import DeltaState, SotwState, TypeState
+from xdsd.server.ordering import endpoints_outstanding, pending, routes_current
+from xdsd.server.ordering import retained as retained_clusters
+from xdsd.server.subscriptions import DeltaState, SotwState, TypeState, sync_state
+from xdsd.server.wake import WakeQueue
+
+# Re-exported: where the rest of xdsd (and tests) found them before the split.
+__all__ = ["PROPAGATED_METADATA", "SAME_NAMES_FROM", "Authenticator", "Outgoing", "ProtocolError", "Refused",
+           "SecretsRefused", "Stream", "WakeQueue"]
 
 _stream_ids = itertools.count(1)
-
-# gRPC metadata a standalone-services node must also send on the streams our config sources open.
-PROPAGATED_METADATA = ("x-xdsd-token",)
 
 # How long LDS/RDS may wait for the endpoints of new clusters before they are sent anyway.
 EDS_GATE_SECONDS = 3.0
 
-# SotW subscriptions of this many names are recognized byte for byte when an ACK repeats them.
-SAME_NAMES_FROM = 64
 
 # What one stream may subscribe to, per type: far more names than any mesh has resources (a gateway
 # of 10,000 services names 10,000 clusters), of a sensible length; and few names that the snapshot
@@ -49,88 +52,9 @@ MAX_UNKNOWN_NAMES = 4096
 MAX_NACK_TEXT = 2048  # of a NACK's error message, kept for /debug/proxies and CSDS
 
 
-class ProtocolError(Exception):
-    """The client broke the protocol; the stream ends with INVALID_ARGUMENT."""
-
-
-class Refused(Exception):
-    """The client did not prove who it is (UNAUTHENTICATED), or its credentials do not allow what
-    it asked (PERMISSION_DENIED): the stream ends with that status."""
-
-    def __init__(self, denied: Denied) -> None:
-        super().__init__(str(denied))
-        self.denied = denied
-
-
 class SecretsRefused(Exception):
     """Private keys are not sent over this connection (plaintext, not loopback): the stream ends
     with FAILED_PRECONDITION."""
-
-
-# (node, gRPC metadata) -> the caller (kept for the stream's life); raises Denied.
-Authenticator = Callable[[base_pb2.Node, dict[str, str]], Caller]
-
-
-class WakeQueue:
-    """Wakes streams for a new snapshot a batch per event-loop iteration.
-
-    A revision can concern thousands of streams at once; woken together, their passes would all
-    run in one loop iteration and hold the loop (timers, new connections, ACKs) for the whole
-    fan-out. In batches, other work interleaves and no single iteration is long."""
-
-    BATCH = 64
-    # The batch adapts so that an iteration running a batch of passes stays near this long: a pass
-    # that sends a 270 KB assignment costs ~50x one that sends a small one.
-    TARGET_SECONDS = 0.008
-    MIN_BATCH = 4
-
-    # Building a group's first snapshot (its first node connecting) costs ~0.5-1 ms; a reconnect
-    # storm brings a hundred groups at once. At most this much of it per loop iteration.
-    BUILD_BUDGET_SECONDS = 0.004
-
-    def __init__(self) -> None:
-        self._queue: deque[Stream] = deque()
-        self._scheduled = False
-        self.batch = self.BATCH
-        self._drained_at = 0.0  # when the last batch was woken, while draining continues
-        self._build = IterationBudget(self.BUILD_BUDGET_SECONDS)  # snapshot building per iteration
-
-    def may_build(self) -> bool:
-        return not self._build.exhausted()
-
-    def built(self, seconds: float) -> None:
-        self._build.charge(seconds)
-
-    def add(self, stream: Stream) -> None:
-        self._queue.append(stream)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (unit tests): wake at once
-            while self._queue:
-                self._queue.popleft().wake.set()
-            return
-        self._scheduled = True
-        loop.call_soon(self._drain, loop)
-
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = time.perf_counter()
-        if self._drained_at:
-            # The previous batch's passes ran in the iteration that just ended: size the next one.
-            took = now - self._drained_at
-            if took > self.TARGET_SECONDS:
-                self.batch = max(self.MIN_BATCH, int(self.batch * self.TARGET_SECONDS / took))
-            elif took < self.TARGET_SECONDS / 2:
-                self.batch = min(self.BATCH, self.batch * 2)
-        for _ in range(min(self.batch, len(self._queue))):
-            self._queue.popleft().wake.set()
-        if self._queue:
-            self._drained_at = now
-            loop.call_soon(self._drain, loop)
-        else:
-            self._drained_at = 0.0
-            self._scheduled = False
 
 
 @dataclass(slots=True)
@@ -152,6 +76,7 @@ class Stream:
         authenticator: Authenticator | None = None,
         wakes: WakeQueue | None = None,
         secrets_allowed: bool = True,
+        siblings: Callable[[str], Iterable[Stream]] | None = None,
     ) -> None:
         self.id = next(_stream_ids)
         self._wakes = wakes
@@ -159,6 +84,9 @@ class Stream:
         self.authenticator = authenticator
         self.caller: Caller | None = None  # who the token said the node is (None: no authentication)
         self.secrets_allowed = secrets_allowed
+        # The ordering rules span types: on ADS they all live on this stream; a node on the standalone
+        # services has a stream per type, found by node id through this handle (the server's registry).
+        self._siblings = siblings
         self.failure: Exception | None = None  # why the stream must end (set by the reader or the server)
         self.cache = cache
         self.observer = observer
@@ -196,29 +124,8 @@ class Stream:
         return Transport.DELTA_GRPC if self.delta else Transport.GRPC
 
     def _attach(self, node: base_pb2.Node) -> None:
-        """The first request carries the node (set_node_on_first_message_only); it decides the group."""
-        if not node.id:
-            raise ProtocolError("the first request of a stream must carry node.id")
-        if self.authenticator is not None:
-            try:
-                self.caller = self.authenticator(node, self.metadata)
-            except Denied as exc:
-                raise Refused(exc) from None
-        carried: tuple[tuple[str, str], ...] = ()
-        if not self.ads:
-            carried = tuple((k, self.metadata[k]) for k in PROPAGATED_METADATA if k in self.metadata)
-        try:
-            group = NodeGroup.from_node(node, self.transport, carried)
-        except NodeError as exc:
-            raise ProtocolError(str(exc)) from None
-        # Keep who the node is, not its build's catalogue: Envoy sends ~100 `extensions` and its
-        # client features on every stream, kilobytes per proxy that nothing here reads.
-        kept = base_pb2.Node()
-        kept.CopyFrom(node)
-        kept.ClearField("extensions")
-        kept.ClearField("client_features")
-        self.node = kept
-        self.group = group
+        """The first request carries the node: who it is decides its group (attach.admit)."""
+        self.caller, self.group, self.node = admit(node, self.metadata, self.transport, self.authenticator)
         self.cache.watch(self.group, self._on_snapshot, self._on_group_failure)
         # The group's snapshot if it is built. The first node of a group has it built in a pass
         # (queued, within a build budget per loop iteration), not here: a reconnect storm reads
@@ -287,11 +194,8 @@ class Stream:
     # -- requests -------------------------------------------------------------------------
 
     def on_sotw_data(self, data: bytes) -> None:
-        """A serialized DiscoveryRequest. An ACK repeats the whole subscription: a gateway holding
-        10,000 clusters sends 10,000 names with every ACK, and turning them into Python strings
-        and a set to find that nothing changed cost ~1 ms per ACK. When the request holds, byte
-        for byte, the names (and type) of the last subscription applied for a type, it is parsed
-        without them and handled as the same subscription again."""
+        """A serialized DiscoveryRequest. One that repeats, byte for byte, the names and type of the
+        last subscription applied for its type is parsed without them (ackpath)."""
         hit = _same_subscription(data, self._blocks) if self._blocks else None
         try:
             if hit is not None:
@@ -307,32 +211,11 @@ class Stream:
             self._remember_block(data, req)
 
     def _remember_block(self, data: bytes, req: discovery_pb2.DiscoveryRequest) -> None:
-        """Keep the bytes of ``req``'s names and type (the part an ACK repeats), if they can be
-        told apart from the rest: version and node before, nonce and error after (as Envoy, and
-        protobuf serializers generally, write them: in field order)."""
+        """Keep the bytes of ``req``'s names and type, the part an ACK repeats (ackpath)."""
         type_url = self._type_of(req.type_url)
         self._blocks.pop(type_url, None)
-        if len(req.resource_names) < SAME_NAMES_FROM:
-            return  # a sidecar's few names: cheaper to compare as they are
-        head_end = _skip_fields(data, 0, _HEAD_FIELDS)
-        tail = b""
-        if req.response_nonce:
-            tail += wire.field(5, req.response_nonce.encode())
-        if req.HasField("error_detail"):
-            tail += wire.field(6, req.error_detail.SerializeToString(deterministic=True))
-        tail_start = len(data) - len(tail)
-        if head_end is None or tail_start < head_end or not data.endswith(tail):
-            return
-        block = data[head_end:tail_start]
-        try:
-            parsed = discovery_pb2.DiscoveryRequest.FromString(block)
-        except Exception:  # noqa: BLE001 - not a field boundary: no fast path for this type
-            return
-        if (
-            {f.number for f, _ in parsed.ListFields()} <= {3, 4}
-            and parsed.type_url == req.type_url
-            and parsed.resource_names == req.resource_names
-        ):
+        block = subscription_block(data, req)
+        if block is not None:
             self._blocks[type_url] = block
 
     def on_sotw_request(self, req: discovery_pb2.DiscoveryRequest, same_names: bool = False) -> bool:
@@ -475,9 +358,9 @@ class Stream:
             return None
         return max(0.0, self._gate_since + EDS_GATE_SECONDS - time.monotonic())
 
-    # The ordering rules span types. On ADS they all live on this stream; a node on the standalone
-    # services has one stream per type, and xdsd applies the same rules across that node's streams.
-    siblings: Callable[[], Iterable[Stream]] = staticmethod(lambda: ())  # type: ignore[assignment]
+    def siblings(self) -> Iterable[Stream]:
+        """This node's other open streams (the standalone services), including this one."""
+        return self._siblings(self.node_id) if self._siblings is not None and self.node is not None else ()
 
     def _states_of(self, type_url: str) -> list[SotwState | DeltaState]:
         """This node's state for a type: on ADS one; on the standalone services one per stream
@@ -497,35 +380,14 @@ class Stream:
         return self.ads or any(other is not self for other in self.siblings())
 
     def _eds_gate_closed(self, snap: Snapshot) -> bool:
-        """LDS/RDS wait until the client holds the endpoints of every EDS cluster it was sent.
-
-        "Eventual consistency considerations": LDS updates must arrive after the CDS/EDS updates
-        they depend on, or traffic is routed to a cluster that is still warming.
-        """
+        """LDS/RDS wait (at most EDS_GATE_SECONDS) until the client holds the endpoints of every EDS
+        cluster it was sent (ordering.endpoints_outstanding)."""
         cds_states = self._states_of(typeurls.CLUSTER)
-        if not cds_states or not (typeurls.LISTENER in self.states or typeurls.ROUTE in self.states):
-            self._gate_since = None
-            return False
-        cds_ts = snap.get(typeurls.CLUSTER)
-        if not self.ads and any(_adds_pending(cds, cds_ts) for cds in cds_states):
-            # A sibling CDS stream has yet to send new clusters: routes must not overtake them.
+        if (cds_states and (typeurls.LISTENER in self.states or typeurls.ROUTE in self.states)
+                and endpoints_outstanding(snap, cds_states, self._states_of(typeurls.ENDPOINT), self.ads)):
             return self._gate_wait()
-        held: set[str] = set()
-        for cds in cds_states:
-            held.update(cds.client.keys() if isinstance(cds, DeltaState) else cds.sent.keys())
-        eds_ts = snap.get(typeurls.ENDPOINT)
-        waiting = [n for n in snap.get(typeurls.CLUSTER).eds_names if n in held and n in eds_ts.resources]
-        if not waiting:
-            self._gate_since = None
-            return False
-        eds_states = self._states_of(typeurls.ENDPOINT)
-        ready = all(
-            any(n in eds.names and _holds(eds, n, eds_ts.resources[n]) for eds in eds_states) for n in waiting
-        )
-        if ready:
-            self._gate_since = None
-            return False
-        return self._gate_wait()
+        self._gate_since = None
+        return False
 
     def _gate_wait(self) -> bool:
         now = time.monotonic()
@@ -534,15 +396,8 @@ class Stream:
         return now - self._gate_since < EDS_GATE_SECONDS
 
     def _routes_current(self, snap: Snapshot) -> bool:
-        for type_url in (typeurls.LISTENER, typeurls.ROUTE):
-            ts = snap.get(type_url)
-            for st in self._states_of(type_url):
-                if isinstance(st, DeltaState):
-                    if st.pending(ts):
-                        return False
-                elif st.pending(ts, type_url in typeurls.FULL_STATE_TYPES):
-                    return False
-        return True
+        """Listeners and routes owe the client nothing of ``snap``: clusters it drops may go."""
+        return routes_current(snap, self._states_of(typeurls.LISTENER), self._states_of(typeurls.ROUTE))
 
     def _siblings_settled(self) -> bool:
         """On ADS every type is on this stream; a standalone-services node's ordering also depends on
@@ -575,7 +430,7 @@ class Stream:
         if defer_removals and type_url == typeurls.CLUSTER:
             # State of the world cannot withhold a removal, so send the new state plus the clusters
             # it drops; the next pass (after routes moved) sends the new state alone.
-            retained = _retained(st, ts, self._previous_cluster_snapshot)
+            retained = retained_clusters(st, ts, self._previous_cluster_snapshot)
             if retained:
                 resources = st.take(ts, full)
                 if resources is None:
@@ -616,14 +471,7 @@ class Stream:
         types: dict[str, object] = {}
         for type_url, st in self.states.items():
             current = snap.get(type_url).version if snap is not None else ""
-            if st.nack_error is not None:
-                state = "NACKED"
-            elif not st.sent_version:
-                state = "NOT SENT"
-            elif st.acked_version == st.sent_version and not _pending(st, snap):
-                state = "SYNCED"
-            else:
-                state = "STALE"
+            state = sync_state(st, bool(st.sent_version), not pending(st, snap))
             types[typeurls.short(type_url)] = {
                 "type_url": type_url,
                 "state": state,
@@ -648,85 +496,3 @@ class Stream:
             "connected_at": self.connected_at,
             "types": types,
         }
-
-
-_HEAD_FIELDS = frozenset({1, 2})  # DiscoveryRequest: version_info, node
-_TAIL_FIELDS = frozenset({5, 6})  # response_nonce, error_detail
-
-
-def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(data) or shift > 63:
-            raise ValueError("truncated varint")
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _skip_fields(data: bytes, pos: int, allowed: frozenset[int], to_end: bool = False) -> int | None:
-    """From ``pos``, skip length-delimited fields numbered in ``allowed``; the position of the first
-    other field (or, with ``to_end``, None unless they run exactly to the end)."""
-    try:
-        while pos < len(data):
-            key, after = _varint_at(data, pos)
-            if key & 7 != 2 or key >> 3 not in allowed:
-                return None if to_end else pos
-            size, after = _varint_at(data, after)
-            pos = after + size
-    except ValueError:
-        return None
-    return pos if pos == len(data) else None
-
-
-def _same_subscription(data: bytes, blocks: dict[str, bytes]) -> tuple[str, int, int] | None:
-    """(type URL, end of the head, start of the tail) if ``data`` is head + a remembered block +
-    tail, with only version and node in the head and only nonce and error in the tail."""
-    head_end = _skip_fields(data, 0, _HEAD_FIELDS)
-    if head_end is None:
-        return None
-    for type_url, block in blocks.items():
-        if data.startswith(block, head_end):
-            tail_start = head_end + len(block)
-            if _skip_fields(data, tail_start, _TAIL_FIELDS, to_end=True) is not None:
-                return type_url, head_end, tail_start
-    return None
-
-
-def _holds(st: SotwState | DeltaState, name: str, res: Resource) -> bool:
-    if isinstance(st, DeltaState):
-        return st.client.get(name) == res.version
-    return st.sent.get(name) == res.version
-
-
-def _adds_pending(st: SotwState | DeltaState, ts: TypeSnapshot) -> bool:
-    """Does the client lack a resource (or a version of one) that it is subscribed to?"""
-    if not st.requested:
-        return False
-    desired = st.select(ts)
-    if isinstance(st, DeltaState):
-        return any(st.client.get(n) != r.version for n, r in desired.items())
-    return any(st.sent.get(n) != r.version for n, r in desired.items())
-
-
-def _pending(st: SotwState | DeltaState, snap: Snapshot | None) -> bool:
-    if snap is None:
-        return False
-    ts = snap.get(st.type_url)
-    if isinstance(st, DeltaState):
-        return st.pending(ts)
-    return st.pending(ts, st.type_url in typeurls.FULL_STATE_TYPES)
-
-
-def _retained(st: SotwState, ts: TypeSnapshot, previous: TypeSnapshot | None) -> list[Resource]:
-    """Clusters the client holds that ``ts`` drops, as they were last sent."""
-    if previous is None:
-        return []
-    return [
-        previous.resources[name]
-        for name in st.sent
-        if name not in ts.resources and name in previous.resources
-    ]

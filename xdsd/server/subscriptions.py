@@ -12,6 +12,24 @@ from xdsd.cache import Resource, TypeSnapshot
 
 WILDCARD = "*"
 
+# A client's sync state with what xdsd serves it (per type on status pages, per resource in CSDS).
+SYNCED = "SYNCED"
+STALE = "STALE"
+NACKED = "NACKED"
+NOT_SENT = "NOT SENT"
+
+
+def sync_state(st: TypeState, sent: bool, current: bool) -> str:
+    """The one classification for /debug/proxies, ``xdsd status`` and CSDS. ``sent``: something was
+    sent (the type, or this resource); ``current``: what was sent is what is served now."""
+    if not sent:
+        return NOT_SENT
+    if st.nack_error is not None:
+        return NACKED
+    if current and st.acked_version and st.acked_version == st.sent_version:
+        return SYNCED
+    return STALE
+
 
 class TypeState:
     """What both variants track for ACK/NACK bookkeeping and status reporting."""

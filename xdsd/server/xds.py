@@ -139,6 +139,9 @@ class XdsServer:
 
         return handler
 
+    def _node_streams(self, node_id: str) -> Iterable[Stream]:
+        return self.nodes.get(node_id, ())
+
     def _stream(self, context: grpc.aio.ServicerContext, fixed: str | None, delta: bool) -> Stream:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         return Stream(
@@ -151,6 +154,7 @@ class XdsServer:
             authenticator=self.authenticator,
             wakes=self._wakes,
             secrets_allowed=not self.plaintext or is_loopback_peer(context.peer()),
+            siblings=self._node_streams,
         )
 
     async def _run(
@@ -176,8 +180,6 @@ class XdsServer:
                 stream.wake.set()
 
         self.streams[stream.id] = stream
-        node_streams = self.nodes.get  # bound lookup: siblings are resolved at use time
-        stream.siblings = lambda: node_streams(stream.node_id, ())  # type: ignore[method-assign]
         reader = asyncio.create_task(read())
         retry: asyncio.TimerHandle | None = None
         try:
