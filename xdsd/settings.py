@@ -1,8 +1,11 @@
-"""Defaults shared by the commands."""
+"""Defaults shared by the commands, and ``xdsd serve``'s settings: one typed object with every
+default in one place, built once from the command line; nothing else reads flags."""
 
 from __future__ import annotations
 
+import argparse
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
@@ -14,3 +17,54 @@ def default_state_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "xdsd"
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    config: Path
+    xds_address: tuple[str, int] = ("0.0.0.0", 18000)
+    admin_address: tuple[str, int] = ("127.0.0.1", 19000)
+    authz_http_address: tuple[str, int] | None = None
+    state_dir: Path = field(default_factory=default_state_dir)
+    log_level: str = "info"
+    # Changes: the quiet period that coalesces file writes, and registrations into one revision.
+    debounce: float = 0.05
+    registry_debounce: float = 0.01
+    # A file revision removing more than this share of the mesh is held until it stays for ``settle``.
+    max_removal: float = 0.5
+    settle: float = 5.0
+    history: int = 50
+    drain_time: float = 5.0
+    max_instances_per_service: int = 1000
+    # Who may call: node and operator tokens (``required``), or anyone (``off``, experiments only).
+    auth: str = "required"
+    # TLS of xdsd's own ports: its own certificate by default; an operator's; or none.
+    xds_plaintext: bool = False
+    xds_tls_cert: Path | None = None
+    xds_tls_key: Path | None = None
+    xds_tls_san: tuple[str, ...] = ()
+    # The CA: its own root in the state dir by default, or an operator's signing certificate.
+    ca_cert: Path | None = None
+    ca_key: Path | None = None
+    ca_bundle: Path | None = None
+    xds_transport: str = "h2"  # or "grpcio"
+    otlp_endpoint: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeSettings:
+        """The parsed ``xdsd serve`` command line (argparse holds the same defaults, for --help)."""
+        values = {}
+        for f in fields(cls):
+            if hasattr(args, f.name) and getattr(args, f.name) is not None:
+                values[f.name] = getattr(args, f.name)
+        if "config" in values:
+            values["config"] = Path(values["config"])
+        if "max_removal" in values:
+            values["max_removal"] = float(values["max_removal"]) / 100.0  # the flag is a percentage
+        if "xds_tls_san" in values:
+            values["xds_tls_san"] = tuple(values["xds_tls_san"])
+        return cls(**values)
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth == "required"

@@ -8,7 +8,7 @@ import socket
 from aiohttp import web
 
 from xdsd.admin import site as admin_site
-from xdsd.admin.site import Limiter, LimitedSite
+from xdsd.admin.site import LimitedSite, Limiter
 
 
 async def _get(host: str, port: int, source: str) -> int | None:

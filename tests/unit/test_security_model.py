@@ -63,7 +63,9 @@ async def test_every_registered_method_and_route_has_an_access_rule(tmp_path: Pa
     from xdsd.app import App
     from xdsd.registry.api import http_routes
 
-    app = App(_serve_args(tmp_path))  # type: ignore[arg-type]
+    from xdsd.settings import ServeSettings
+
+    app = App(ServeSettings.from_args(_serve_args(tmp_path)))  # type: ignore[arg-type]
     grpc_server, _ = await app._start_grpc()
     try:
         served = set(grpc_server.registered_methods())  # type: ignore[union-attr]

@@ -111,3 +111,34 @@ def grpc_gate(access: Access, on_refused: OnRefused | None = None) -> CallGate:
         return code, f"xdsd: {reason}: {message}"
 
     return gate
+
+
+class GateInterceptor(grpc.aio.ServerInterceptor):
+    """The same call-start check for grpcio's server (``xdsd serve --xds-transport grpcio``)."""
+
+    def __init__(self, gate: CallGate) -> None:
+        self.gate = gate
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        refusal = self.gate(handler_call_details.method, tuple(handler_call_details.invocation_metadata or ()), "")
+        if refusal is None:
+            return await continuation(handler_call_details)
+        code, details = refusal
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        async def deny(request_or_iterator, context):  # type: ignore[no-untyped-def]
+            await context.abort(code, details)
+
+        async def deny_stream(request_or_iterator, context):  # type: ignore[no-untyped-def]
+            await context.abort(code, details)
+            yield  # pragma: no cover - makes this an async generator
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from xdsd.ca.authority import CertificateAuthority, Svid
+
+log = logging.getLogger(__name__)
 
 
 def service_id(trust_domain: str, service: str) -> str:
@@ -64,6 +69,20 @@ class IdentityStore:
         if due:
             self._publish()
         return due
+
+    async def rotate_forever(self, stop: asyncio.Event, on_rotated: Callable[[], None]) -> None:
+        """Reissue each SVID at half its life, then call ``on_rotated`` (which pushes the secrets)."""
+        while not stop.is_set():
+            due = self.next_rotation()
+            wait = 1.0 if due is None else (due - dt.datetime.now(dt.UTC)).total_seconds()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), min(wait, 5.0))
+                continue
+            rotated = self.rotate_due()
+            if rotated:
+                log.debug("rotated %d SVIDs", len(rotated))
+                on_rotated()
 
     def next_rotation(self) -> dt.datetime | None:
         return min((s.rotate_at for s in self._svids.values()), default=None)

@@ -21,7 +21,8 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.25, 0.
 class Metrics:
     """All of xdsd's metrics in one private registry (no global state, one per process/test)."""
 
-    def __init__(self) -> None:
+    def __init__(self, role_of: Callable[[str], str] | None = None) -> None:
+        """``role_of``: node.cluster -> gateway / sidecar / unknown, against the mesh being served."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.connected_proxies = Gauge(
@@ -94,7 +95,7 @@ class Metrics:
         # node id -> node.cluster; the role (gateway/sidecar/unknown) is decided at scrape time against
         # the mesh being served (``role_of``, wired by the app), so a config change re-labels proxies.
         self._node_cluster: dict[str, str] = {}
-        self.role_of: Callable[[str], str] = lambda cluster: "unknown"
+        self.role_of: Callable[[str], str] = role_of or (lambda cluster: "unknown")
         r.register(_ProxiesByRole(self))
         self._type_children: dict[str, tuple[Any, ...]] = {}
 

@@ -16,6 +16,8 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Checks a registration against the mesh (service declared, sidecar port, not a static endpoint).
 MeshCheck = Callable[[RegistrationInput], list[FieldError]]
+
+# How often lapsed registrations are looked for (an instance leaves EDS within TTL + this).
+SWEEP_EVERY = 0.1
 
 # Registration changes are written at most this often (a burst becomes one write).
 SAVE_EVERY = 0.1
@@ -168,6 +173,13 @@ class Registry:
         elif self._dirty and now - self._saved_at >= (SAVE_EVERY if self._unsaved_change else 1.0):
             self._save()
         return gone
+
+    async def sweep_forever(self, stop: asyncio.Event, every: float = SWEEP_EVERY) -> None:
+        """Expire registrations whose heartbeats lapsed, within ``every`` of their TTL; and save."""
+        while not stop.is_set():
+            self.sweep()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
 
     def next_expiry(self) -> float | None:
         return min((i.expires_at for i in self._instances.values()), default=None)

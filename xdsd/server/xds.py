@@ -4,6 +4,7 @@ delta. Responses leave as pre-assembled bytes (identity serializer): see ``encod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -253,6 +254,18 @@ class XdsServer:
         self.observer.stream_refused(reason, peer)
         self.refusals.append({"at": time.time(), "peer": peer, "what": what, "node_id": node_id or None,
                               "reason": f"{reason}: {message}"})
+
+    async def enforce_tokens(self, refresh: Callable[[], bool], still_valid: Callable[[object], Denied | None],
+                             stop: asyncio.Event, every: float = 0.5) -> None:
+        """Keep up with revocations and key changes (``refresh`` says whether any happened) and with
+        expiring tokens: the streams of a revoked or expired token end within ``every`` seconds."""
+        while not stop.is_set():
+            if refresh() or time.time() >= self.next_expiry:
+                ended = self.revalidate(still_valid)
+                if ended:
+                    log.info("ended %d xDS streams whose token was revoked or expired", ended)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
 
     def revalidate(self, still_valid: Callable[[object], Denied | None]) -> int:
         """End the streams whose caller is no longer valid (revoked, expired) with UNAUTHENTICATED;

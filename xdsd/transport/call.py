@@ -95,8 +95,8 @@ class Call:
         self.turn = False  # granted a delivery turn by the server's DeliveryBudget, not used yet
         self.open_since = self.progress  # since when the stream's window has been open (not shut by us)
         # The stream's receive window as h2 counts it: SETTINGS_INITIAL_WINDOW_SIZE, in effect from
-        # the connection's start (h2 takes our initial settings as current), less what arrived,
-        # plus what ``grant`` opened.
+        # the connection's start (compat.replace_local_settings), less what arrived, plus what
+        # ``grant`` opened.
         self.window = conn.server.stream_window
 
     @property

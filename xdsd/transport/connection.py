@@ -8,19 +8,16 @@ import contextlib
 import logging
 import socket
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import grpc
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import h2.windows
-import hpack
-from hyperframe.frame import GoAwayFrame
 
+from xdsd.transport import compat
 from xdsd.transport.call import Call, grpc_message, wake
 from xdsd.transport.context import metadata_from, parse_timeout, peer_string
 from xdsd.transport.limits import source_of
@@ -74,49 +71,9 @@ _Reset = h2.events.StreamReset
 _OK = grpc.StatusCode.OK
 
 
-class _HeldWindow(h2.windows.WindowManager):
-    """The connection's receive window, reopened only by ``Connection.refill``: h2 would reopen it on
-    its own for DATA on closed streams (up to the largest window it ever had), past our limits."""
-
-    def process_bytes(self, size: int) -> int | None:
-        return None
-
-
-class _H2Connection(h2.connection.H2Connection):
-    MAX_CLOSED_STREAMS = CLOSED_STREAMS
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config=config)
-        self._inbound_flow_control_window_manager = _HeldWindow(FREE_WINDOW)
-
-
-class _Encoder(hpack.Encoder):
-    """h2 sets ``header_table_size`` to what the client's SETTINGS_HEADER_TABLE_SIZE allows."""
-
-    @property
-    def header_table_size(self) -> int:
-        return int(self.header_table.maxsize)
-
-    @header_table_size.setter
-    def header_table_size(self, value: int) -> None:
-        hpack.Encoder.header_table_size.fset(self, min(value, ENCODER_TABLE_SIZE))
-
-
-class _Decoder(hpack.Decoder):
-    """At most two dynamic table size updates at the start of a header block (RFC 7541 §4.2): hpack
-    takes any number, a loop turn (~0.7 us) per byte of them, so 1 MiB of them held the loop 0.7 s."""
-
-    _updates = 0
-
-    def decode(self, data: bytes, raw: bool = False) -> Any:
-        self._updates = 0
-        return super().decode(data, raw)
-
-    def _update_encoding_context(self, data: bytes | memoryview) -> int:
-        self._updates += 1
-        if self._updates > 2:
-            raise hpack.HPACKDecodingError("more than two dynamic table size updates in a header block")
-        return int(super()._update_encoding_context(data))
+# h2 with our limits: at most CLOSED_STREAMS closed streams remembered, the receive window held at
+# FREE_WINDOW until ``refill`` opens it (every hook on h2's internals is in compat.py).
+_H2Connection = compat.server_connection_class(max_closed_streams=CLOSED_STREAMS, receive_window=FREE_WINDOW)
 
 
 class FrameError(Exception):
@@ -265,9 +222,9 @@ class Connection(asyncio.Protocol):
             self.peer = peer_string(transport.get_extra_info("peername"))
         _keepalive(transport)
         h2c = self.h2
-        h2c.encoder = _Encoder()
-        h2c.decoder = _Decoder(self.server.max_header_list_size)
-        h2c.local_settings = h2.settings.Settings(client=False, initial_values={
+        compat.install_encoder(h2c, ENCODER_TABLE_SIZE)
+        compat.install_decoder(h2c, self.server.max_header_list_size)
+        compat.replace_local_settings(h2c, {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.server.max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.server.stream_window,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.server.max_header_list_size,
@@ -367,7 +324,7 @@ class Connection(asyncio.Protocol):
             events = h2c.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self.write_out()  # h2 queued the GOAWAY
+            self.write_out()  # h2 queued the GOAWAY (compat: "protocol-error-goaway")
             self._close()
             return
         calls = self.calls
@@ -749,16 +706,14 @@ class Connection(asyncio.Protocol):
 
     def go_away(self) -> None:
         """Stop taking new streams, let the open calls finish (GOAWAY, RFC 9113 §6.8), close once
-        they end. The frame is written directly: h2's close_connection() would end the connection's
-        state machine and fail every call still running."""
+        they end. The frame is written directly (compat.goaway): h2's close_connection() would end the
+        connection's state machine and fail every call still running."""
         if self.transport is None or self.transport.is_closing():
             return
         self._closing = True
         if self._started:
-            frame = GoAwayFrame(stream_id=0, error_code=h2.errors.ErrorCodes.NO_ERROR,
-                                last_stream_id=self.h2.highest_inbound_stream_id)
             self.write_out()
-            self.transport.write(frame.serialize())
+            self.transport.write(compat.goaway(self.h2.highest_inbound_stream_id))
         if not self.calls:
             self._close()
 

@@ -1,0 +1,23 @@
+"""`xdsd serve`'s settings: one typed object whose defaults are the command line's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xdsd.cli import build_parser
+from xdsd.settings import ServeSettings, default_state_dir
+
+
+def test_command_line_defaults_are_the_settings_defaults() -> None:
+    args = build_parser().parse_args(["serve", "--config", "mesh.yaml"])
+    from_cli = ServeSettings.from_args(args)
+    assert from_cli == ServeSettings(config=Path("mesh.yaml"), state_dir=default_state_dir())
+
+
+def test_flags_reach_the_settings() -> None:
+    args = build_parser().parse_args([
+        "serve", "--config", "m.yaml", "--max-removal", "20", "--settle", "2", "--xds-tls-san", "a", "--xds-tls-san",
+        "10.0.0.1", "--xds-plaintext", "--auth", "off", "--xds-address", "[::]:1", "--history", "7"])
+    s = ServeSettings.from_args(args)
+    assert (s.max_removal, s.settle, s.xds_tls_san, s.xds_plaintext, s.auth_required, s.xds_address, s.history) == (
+        0.2, 2.0, ("a", "10.0.0.1"), True, False, ("::", 1), 7)
