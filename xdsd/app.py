@@ -30,7 +30,7 @@ from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
-from xdsd.generators import generate
+from xdsd.generators import MeshGenerator
 from xdsd.generators.roles import UNKNOWN, role_of
 from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
@@ -70,7 +70,7 @@ class App:
         self.settings = s = settings
         self.stop = asyncio.Event()
         self.serving = False
-        self.metrics = Metrics(role_of=lambda cluster: role_of(self.cache.mesh, cluster) if self.cache.mesh else UNKNOWN)
+        self.metrics = Metrics(role_of=lambda cluster: role_of(mesh, cluster) if (mesh := self.controller.file_mesh) else UNKNOWN)
         self.supervisor = Supervisor(self.stop, on_failure=lambda name: self.metrics.task_failures.labels(name).inc())
         if s.ca_cert or s.ca_key:
             if not (s.ca_cert and s.ca_key):
@@ -80,7 +80,7 @@ class App:
             ca = CertificateAuthority.load_or_create(s.state_dir, "mesh")
         self.tls = ServingTls(s, ca)
         self.identities = IdentityStore(ca, dt.timedelta(hours=1))
-        self.cache = SnapshotCache(lambda mesh, group: generate(mesh, group, self.identities.credentials, self.cache.memo))
+        self.cache = SnapshotCache(MeshGenerator(lambda: self.identities.credentials))
         if not s.auth_required:
             log.warning("--auth off: every port answers every caller; use only for experiments")
         self.access = Access.from_state_dir(s.state_dir, required=s.auth_required)
@@ -227,9 +227,9 @@ def _is_loopback(host: str) -> bool:
 
 def _tune_gc() -> None:
     """Python's cyclic collector stops the world for as long as it takes to scan every tracked
-    object; with thousands of streams a full collection held the loop 140 ms. What exists after
-    start-up lives for the whole process: freeze it out of the scans, and collect the young
-    generation less often (xdsd makes few reference cycles; refcounting frees the rest)."""
+    object, and thousands of streams are many objects. What exists after start-up lives for the
+    whole process: freeze it out of the scans, and collect the young generation less often (xdsd
+    makes few reference cycles; refcounting frees the rest)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)

@@ -17,7 +17,7 @@ from xdsd.cache import InconsistentSnapshot, Snapshot, SnapshotCache
 from xdsd.cache.snapshot import Encoder
 from xdsd.diff import snapshot_diff
 from xdsd.errors import FieldError, MeshError
-from xdsd.generators import generate, required_identities
+from xdsd.generators import MeshRevision, generate, required_identities
 from xdsd.model import Mesh
 from xdsd.model.mesh import Rollout as RolloutSettings
 from xdsd.observability.metrics import Metrics
@@ -277,7 +277,7 @@ class Controller:
             )
             self._identities_for = identities_for
         with trace.stage("xdsd.generate"):
-            self.cache.set_mesh(mesh, endpoints_changed=endpoints_changed, canary=canary)
+            self.cache.update(MeshRevision(mesh, canary), hint=endpoints_changed)
         # Generation, serialization and checks: until the new snapshots are ready to be sent
         # (waking the streams that hold them is the fan-out, not the build).
         self.metrics.snapshot_build.observe(self.cache.last_build_seconds)
@@ -286,8 +286,7 @@ class Controller:
             endpoints_changed is not None and endpoints_changed[0] is self._on_mesh_for
         ):
             # Same revision for the authorization service. A registration changes endpoints only,
-            # which authorization does not read: it keeps the mesh it has (recompiling every
-            # policy and indexing 10,000 services cost ~2 ms per registration).
+            # which authorization does not read: it keeps the mesh it has (its compiled policies).
             self.on_mesh(mesh)
         self._on_mesh_for = mesh
         self.status.revision = self.cache.revision
@@ -311,12 +310,12 @@ class Controller:
         )
 
     def refresh(self) -> None:
-        """Regenerate from the current mesh (new certificates, same config)."""
-        if self.cache.mesh is not None:
+        """Regenerate the revision being served (new certificates, same config)."""
+        if self.cache.ready:
             trace = self.tracing.revision("refresh")
             try:
                 with trace.stage("xdsd.generate"):
-                    self.cache.set_mesh(self.cache.mesh)
+                    self.cache.update(self.cache.input)
             except Exception as exc:  # noqa: BLE001 - counted and shown on /readyz
                 log.exception("refresh (new certificates) not applied")
                 self.health.failed("refresh", exc)

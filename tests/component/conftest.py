@@ -49,7 +49,7 @@ class Harness:
         self.clients: list[XdsClient] = []
 
     def set_mesh(self, text: str) -> None:
-        self.cache.set_mesh(load_mesh(text))
+        self.cache.update(load_mesh(text))
 
     def client(self, node_id: str = "test-node", cluster: str = "edge", *, delta: bool = False, service: str = ADS) -> XdsClient:
         c = XdsClient(self.channel, node_id, cluster, delta=delta, service=service)

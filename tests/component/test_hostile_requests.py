@@ -103,7 +103,7 @@ async def test_any_ads_request_is_served_or_refused_cleanly(xds: Harness, specs:
     xds.set_mesh(BASE_MESH)
     await _send(xds, specs)
     # The next revision applies for everyone, and a well-behaved client is served it.
-    xds.cache.set_mesh(load_mesh(with_service("extra")))
+    xds.cache.update(load_mesh(with_service("extra")))
     good = XdsClient(xds.channel, "good-node", "edge")
     try:
         await good.request(CLUSTER)

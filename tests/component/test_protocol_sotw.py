@@ -216,8 +216,8 @@ async def test_ads_pushes_in_order_cds_eds_lds_rds(xds: Harness) -> None:
 async def test_versions_derive_from_content_so_replicas_agree(xds: Harness) -> None:
     mesh = load_mesh(BASE_MESH)
     a, b = SnapshotCache(generate), SnapshotCache(generate)
-    a.set_mesh(mesh)
-    b.set_mesh(load_mesh(BASE_MESH))
+    a.update(mesh)
+    b.update(load_mesh(BASE_MESH))
     group = NodeGroup("edge")
     sa, sb = a.snapshot(group), b.snapshot(group)
     assert sa is not None and sb is not None

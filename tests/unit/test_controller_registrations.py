@@ -14,7 +14,7 @@ import yaml
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
-from xdsd.generators import NodeGroup, generate
+from xdsd.generators import MeshGenerator, NodeGroup
 from xdsd.model import Mesh
 from xdsd.observability.metrics import Metrics
 from xdsd.registry.registry import Registry
@@ -33,7 +33,7 @@ def test_registrations_patch_and_skip_what_does_not_read_endpoints(tmp_path: Pat
     path = tmp_path / "mesh.yaml"
     path.write_text(yaml.safe_dump(MESH))
     ids = IdentityStore(CertificateAuthority.load_or_create(tmp_path, "mesh"), dt.timedelta(hours=1))
-    cache = SnapshotCache(lambda m, g: generate(m, g, ids.credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: ids.credentials))
     seen: list[Mesh] = []
     registry = Registry(MemoryStore())
     ctl = Controller(FileSource(path), cache, Metrics(), ids, on_mesh=seen.append, registry=registry)
@@ -42,9 +42,8 @@ def test_registrations_patch_and_skip_what_does_not_read_endpoints(tmp_path: Pat
     real_ensure = ids.ensure
     monkeypatch.setattr(ids, "ensure", lambda *a, **k: ensured.append(a) or real_ensure(*a, **k))
     hints: list[object] = []
-    real_set_mesh = cache.set_mesh
-    monkeypatch.setattr(cache, "set_mesh", lambda m, endpoints_changed=None, canary=None: hints.append(endpoints_changed)
-                        or real_set_mesh(m, endpoints_changed=endpoints_changed))
+    real_update = cache.update
+    monkeypatch.setattr(cache, "update", lambda revision, hint=None: hints.append(hint) or real_update(revision, hint))
 
     assert ctl.reload()
     assert len(seen) == 1 and len(ensured) == 1 and hints == [None]
@@ -79,7 +78,7 @@ def test_a_registry_loaded_from_a_poisoned_file_is_served(tmp_path: Path) -> Non
         good, {**good, "instance_id": "bad", "address": "10.0.0.2", "zone": "\ud800"},
         {**good, "instance_id": "bad2", "address": "10.0.0.3", "labels": {"v": "\udc80"}}]}))
     ids = IdentityStore(CertificateAuthority.load_or_create(tmp_path, "mesh"), dt.timedelta(hours=1))
-    cache = SnapshotCache(lambda m, g: generate(m, g, ids.credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: ids.credentials))
     registry = Registry(LocalStore(state))
     ctl = Controller(FileSource(path), cache, Metrics(), ids, registry=registry)
     cache.watch(NodeGroup("shop", zone="zone-a"), lambda snap, types: None)

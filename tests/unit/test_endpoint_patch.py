@@ -10,10 +10,11 @@ import random
 import pytest
 import yaml
 
-from xdsd import generators, typeurls
+from xdsd import typeurls
 from xdsd.ca import Credentials
 from xdsd.cache import SnapshotCache
-from xdsd.generators import NodeGroup, generate
+from xdsd.generators import MeshGenerator, NodeGroup, assemble
+from xdsd.generators import patch as patch_module
 from xdsd.model import Mesh, load_mesh
 from xdsd.registry.instance import Instance
 from xdsd.registry.merge import Merger
@@ -75,8 +76,8 @@ def _file_mesh(big: int = 300, timeout: str = "1s", telemetry: bool = True) -> M
 def _scratch(mesh: Mesh, credentials: Credentials) -> SnapshotCache:
     """Generated from nothing (a fresh memo: large assignments are versioned by the same chunked
     digest as in the served cache)."""
-    scratch = SnapshotCache(lambda m, g: generate(m, g, credentials, scratch.memo))
-    scratch.set_mesh(mesh)
+    scratch = SnapshotCache(MeshGenerator(lambda: credentials))
+    scratch.update(mesh)
     return scratch
 
 
@@ -100,7 +101,7 @@ def _instance(rnd: random.Random, n: int) -> Instance:
 def test_patched_snapshots_equal_snapshots_from_scratch(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rnd = random.Random(seed)
     patched = 0
-    real_patch = generators._patch
+    real_patch = assemble.patch
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         nonlocal patched
@@ -108,9 +109,9 @@ def test_patched_snapshots_equal_snapshots_from_scratch(seed: int, monkeypatch: 
         patched += out is not None
         return out
 
-    monkeypatch.setattr(generators, "_patch", counting)
+    monkeypatch.setattr(assemble, "patch", counting)
     credentials = Credentials()  # one object, as IdentityStore hands out between rotations
-    cache = SnapshotCache(lambda m, g: generate(m, g, credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: credentials))
     for g in GROUPS:
         cache.watch(g, lambda snap, types: None)
     merger = Merger()
@@ -133,7 +134,7 @@ def test_patched_snapshots_equal_snapshots_from_scratch(seed: int, monkeypatch: 
             file_mesh = _file_mesh(big=rnd.choice([260, 300]), timeout=rnd.choice(["1s", "2s"]),
                                    telemetry=rnd.random() < 0.5)
         mesh = merger.merge(file_mesh, sorted(instances.values(), key=lambda i: i.instance_id))
-        cache.set_mesh(mesh, endpoints_changed=merger.endpoints_changed)
+        cache.update(mesh, hint=merger.endpoints_changed)
         scratch = _scratch(mesh, credentials)
         for g in GROUPS:
             assert _view(cache, g) == _view(scratch, g), (step, g)
@@ -142,18 +143,18 @@ def test_patched_snapshots_equal_snapshots_from_scratch(seed: int, monkeypatch: 
 
 def test_a_registration_touches_only_what_the_service_feeds() -> None:
     credentials = Credentials()
-    cache = SnapshotCache(lambda m, g: generate(m, g, credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: credentials))
     for g in GROUPS:
         cache.watch(g, lambda snap, types: None)
     merger = Merger()
     file_mesh = _file_mesh()
-    cache.set_mesh(merger.merge(file_mesh, []))
+    cache.update(merger.merge(file_mesh, []))
     before = {g: cache.snapshot(g) for g in GROUPS}
     inst = Instance(service="reviews", instance_id="r", address="10.3.0.1", port=80, labels={"version": "v2"})
     mesh = merger.merge(file_mesh, [inst])
     assert merger.endpoints_changed is not None and merger.endpoints_changed[1] == {"reviews"}
     misses = cache.memo.misses
-    changed = cache.set_mesh(mesh, endpoints_changed=merger.endpoints_changed)
+    changed = cache.update(mesh, hint=merger.endpoints_changed)
     # The assignments of the clusters reviews feeds, once per zone: the edge's reviews~v1 and ~v2
     # (no zone, zone-a), the shop's reviews and reviews~v2 (no zone, zone-b; reviews~v2 without a
     # zone is the edge's), plus the service's EDS-or-DNS decision. Nothing else is built again.
@@ -174,14 +175,14 @@ def test_a_registration_touches_only_what_the_service_feeds() -> None:
 
 def test_a_service_turning_to_dns_regenerates_in_full_and_stays_consistent() -> None:
     credentials = Credentials()
-    cache = SnapshotCache(lambda m, g: generate(m, g, credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: credentials))
     cache.watch(NodeGroup("edge"), lambda snap, types: None)
     merger = Merger()
     file_mesh = _file_mesh()
-    cache.set_mesh(merger.merge(file_mesh, []))
+    cache.update(merger.merge(file_mesh, []))
     inst = Instance(service="reviews", instance_id="r", address="reviews.internal", port=80)
     mesh = merger.merge(file_mesh, [inst])
-    changed = cache.set_mesh(mesh, endpoints_changed=merger.endpoints_changed)
+    changed = cache.update(mesh, hint=merger.endpoints_changed)
     assert changed[NodeGroup("edge")] == {typeurls.CLUSTER, typeurls.ENDPOINT}
     snap = cache.snapshot(NodeGroup("edge"))
     assert snap is not None
@@ -191,15 +192,15 @@ def test_a_service_turning_to_dns_regenerates_in_full_and_stays_consistent() -> 
 
 def test_the_hint_is_ignored_unless_it_is_relative_to_the_mesh_being_served() -> None:
     credentials = Credentials()
-    cache = SnapshotCache(lambda m, g: generate(m, g, credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: credentials))
     cache.watch(NodeGroup("edge"), lambda snap, types: None)
     merger = Merger()
     file_mesh = _file_mesh()
     first = merger.merge(file_mesh, [])
     inst = Instance(service="reviews", instance_id="r", address="10.3.0.1", port=80, labels={"version": "v2"})
     second = merger.merge(file_mesh, [inst])  # relative to ``first``, which the cache never served
-    cache.set_mesh(_file_mesh(timeout="2s"))
-    cache.set_mesh(second, endpoints_changed=merger.endpoints_changed)
+    cache.update(_file_mesh(timeout="2s"))
+    cache.update(second, hint=merger.endpoints_changed)
     scratch = _scratch(second, credentials)
     assert merger.endpoints_changed is not None and merger.endpoints_changed[0] is first
     assert _view(cache, NodeGroup("edge")) == _view(scratch, NodeGroup("edge"))
@@ -219,10 +220,10 @@ def test_an_all_eds_gateway_finds_what_a_service_feeds_by_bisection() -> None:
                                      for i, n in enumerate(names) if i % 7 == 0 for sub in ("one", None)]}}}
     file_mesh = load_mesh(yaml.safe_dump(data))
     credentials = Credentials()
-    cache = SnapshotCache(lambda m, g: generate(m, g, credentials, cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: credentials))
     cache.watch(NodeGroup("edge"), lambda snap, types: None)
     merger = Merger()
-    cache.set_mesh(merger.merge(file_mesh, []))
+    cache.update(merger.merge(file_mesh, []))
     rnd = random.Random(7)
     instances: list[Instance] = []
     for step in range(25):
@@ -230,7 +231,7 @@ def test_an_all_eds_gateway_finds_what_a_service_feeds_by_bisection() -> None:
         instances.append(Instance(service=service, instance_id=f"i{step}", address=f"10.5.0.{step + 1}", port=80,
                                   labels={"v": rnd.choice(["1", "2"])}))
         mesh = merger.merge(file_mesh, instances)
-        cache.set_mesh(mesh, endpoints_changed=merger.endpoints_changed)
+        cache.update(mesh, hint=merger.endpoints_changed)
         assert _view(cache, NodeGroup("edge")) == _view(_scratch(mesh, credentials), NodeGroup("edge")), step
     last = cache.memo.last(("generated", NodeGroup("edge")))
-    assert isinstance(last, generators._Generated) and isinstance(last.where, generators._SortedTargets)
+    assert isinstance(last, patch_module.Generated) and isinstance(last.where, patch_module._SortedTargets)

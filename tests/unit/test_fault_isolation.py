@@ -37,11 +37,11 @@ def test_a_failing_group_does_not_stop_the_revision() -> None:
     failures: list[Exception] = []
     cache.watch(good, lambda snap, types: seen.append(snap.revision))
     cache.watch(bad, lambda snap, types: seen.append("bad"), failures.append)
-    cache.set_mesh(load_mesh(MESH))
+    cache.update(load_mesh(MESH))
     assert seen == [1] and len(failures) == 1 and "poison" in cache.failed[bad]
     with pytest.raises(GroupFailed, match="poison"):
         cache.snapshot(bad)
-    cache.set_mesh(load_mesh(MESH.replace("10.0.0.1", "10.0.0.2")))  # the next revision is served too
+    cache.update(load_mesh(MESH.replace("10.0.0.1", "10.0.0.2")))  # the next revision is served too
     assert seen == [1, 2] and len(failures) == 3
     assert cache.snapshot(good) is not None
 

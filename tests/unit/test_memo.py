@@ -8,12 +8,12 @@ from bench.meshgen import service_name
 from xdsd import typeurls
 from xdsd.ca import Credentials
 from xdsd.cache import SnapshotCache
-from xdsd.generators import NodeGroup, generate
+from xdsd.generators import MeshGenerator, NodeGroup, generate
 from xdsd.model import Mesh
 
 
 def _cache() -> SnapshotCache:
-    cache = SnapshotCache(lambda m, g: generate(m, g, Credentials(), cache.memo))
+    cache = SnapshotCache(MeshGenerator(lambda: Credentials()))
     return cache
 
 
@@ -36,15 +36,15 @@ def test_memoized_generation_equals_generation_from_scratch() -> None:
     memoized = _cache()
     for g in groups:
         memoized.watch(g, lambda s, t: None)
-    memoized.set_mesh(m)
+    memoized.update(m)
     for port in (9001, 9002, 9001):
         m = _change_endpoint(m, service_name(0), port)
-        changed = memoized.set_mesh(m)
+        changed = memoized.update(m)
         # Every sidecar calls the hot service: all of them see exactly one EDS change.
         assert {t for types in changed.values() for t in types} == {typeurls.ENDPOINT}
         assert len(changed) == len(groups) - 1
         scratch = SnapshotCache(generate)
-        scratch.set_mesh(m)
+        scratch.update(m)
         for g in groups:
             assert _bytes(memoized, g) == _bytes(scratch, g)
 
@@ -55,10 +55,10 @@ def test_an_endpoint_change_rebuilds_one_assignment_for_all_groups() -> None:
     groups = [NodeGroup(cluster=n) for n in m.services]
     for g in groups:
         cache.watch(g, lambda s, t: None)
-    cache.set_mesh(m)
+    cache.update(m)
     before = {g: cache.snapshot(g) for g in groups}
     misses = cache.memo.misses
-    cache.set_mesh(_change_endpoint(m, service_name(0), 9001))
+    cache.update(_change_endpoint(m, service_name(0), 9001))
     # One ClusterLoadAssignment, shared by 19 groups (plus, for the changed service object, the
     # EDS-or-DNS decision and its policy tuple, which compares equal: nothing else is rebuilt).
     assert cache.memo.misses - misses == 3
@@ -83,7 +83,7 @@ def test_memoized_policy_edits_equal_generation_from_scratch() -> None:
     memoized = _cache()
     for g in groups:
         memoized.watch(g, lambda s, t: None)
-    memoized.set_mesh(m)
+    memoized.update(m)
     edits = [
         ("ratings", {"timeout": 7.0}),
         ("reviews", {"retries": None}),
@@ -92,8 +92,8 @@ def test_memoized_policy_edits_equal_generation_from_scratch() -> None:
     ]
     for name, update in edits:
         m = m.model_copy(update={"services": {**m.services, name: m.services[name].model_copy(update=update)}})
-        memoized.set_mesh(m)
+        memoized.update(m)
         scratch = SnapshotCache(generate)
-        scratch.set_mesh(m)
+        scratch.update(m)
         for g in groups:
             assert _bytes(memoized, g) == _bytes(scratch, g), (name, update, g)

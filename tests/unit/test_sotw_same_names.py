@@ -41,7 +41,7 @@ def _state(st: object) -> tuple[object, ...]:
 def test_bytes_and_messages_give_the_same_streams(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     rnd = random.Random(seed)
     cache = SnapshotCache(generate)
-    cache.set_mesh(load_mesh(_mesh_text()))
+    cache.update(load_mesh(_mesh_text()))
     fast, plain = (Stream(cache, NullObserver(), delta=False, fixed_type=None, peer="p") for _ in range(2))
     hits = 0
     real = stream_module._same_subscription
@@ -85,7 +85,7 @@ def test_bytes_and_messages_give_the_same_streams(seed: int, monkeypatch: pytest
         got_plain = [(o.type_url, o.payload) for o in plain.responses()]
         assert got_fast == got_plain, step
         if rnd.random() < 0.1:  # an endpoint change: new snapshots for both
-            cache.set_mesh(load_mesh(_mesh_text().replace("port: 80}", f"port: {80 + step}}}", 1)))
+            cache.update(load_mesh(_mesh_text().replace("port: 80}", f"port: {80 + step}}}", 1)))
     assert hits > 5  # the byte-for-byte path was taken
 
 

@@ -21,7 +21,7 @@ from google.protobuf.json_format import MessageToDict
 from xdsd import typeurls
 from xdsd.cache import Snapshot
 from xdsd.errors import MeshError
-from xdsd.generators import NodeGroup, generate
+from xdsd.generators import MeshGenerator, NodeGroup, generate
 from xdsd.generators.memo import Memo
 from xdsd.generators.telemetry import ADMIN_CLUSTER, COLLECTOR_CLUSTER, DEFAULT_ADMIN_ADDRESS
 from xdsd.model import parse_mesh
@@ -239,12 +239,12 @@ def test_a_gateway_with_telemetry_survives_revisions_that_change_its_services() 
     # very list, so the next revision that changed a service failed ("zip() argument 4 is longer").
     from xdsd.cache import SnapshotCache
 
-    cache = SnapshotCache(lambda m, g: generate(m, g, memo=cache.memo))
+    cache = SnapshotCache(MeshGenerator())
     cache.watch(NodeGroup("edge"), lambda snap, types: None)
     m = mesh()
     page = m.services["productpage"]
     for timeout in (1.0, 2.0, 1.0):
         changed = page.model_copy(update={"connect_timeout": timeout})
-        cache.set_mesh(m.model_copy(update={"services": {**m.services, "productpage": changed}}))
+        cache.update(m.model_copy(update={"services": {**m.services, "productpage": changed}}))
         clusters = cache.snapshot(NodeGroup("edge")).get(typeurls.CLUSTER).resources
         assert {"productpage", ADMIN_CLUSTER, COLLECTOR_CLUSTER} <= clusters.keys()

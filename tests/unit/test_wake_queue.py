@@ -91,7 +91,7 @@ def test_first_nodes_of_many_groups_have_their_snapshots_built_across_iterations
 
     async def main() -> None:
         cache = SnapshotCache(generate)
-        cache.set_mesh(load_mesh(text))
+        cache.update(load_mesh(text))
         queue = WakeQueue()
         built_per_iteration: list[int] = []
         real = cache.snapshot

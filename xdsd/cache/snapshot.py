@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -13,10 +13,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from google.protobuf.message import Message
 
 from xdsd import typeurls
+from xdsd.cache.inputs import Encoded, Patched
 from xdsd.cache.resources import Resource, TypeSnapshot
-from xdsd.generators.encoded import Encoded
-from xdsd.generators.memo import Patched
-from xdsd.generators.node import NodeGroup
 
 
 class InconsistentSnapshot(ValueError):
@@ -61,7 +59,7 @@ class Encoder:
         entry = self._current.get(key) or self._previous.get(key)
         if entry is None or entry[0] is not message:
             rds = frozenset(_rds_names(message)) if isinstance(message, listener_pb2.Listener) else frozenset()
-            if isinstance(message, Encoded):  # already serialized (generators.encoded)
+            if isinstance(message, Encoded):  # already serialized by the generator
                 resource = Resource.from_body(message.name, message.type_url, message.body, message.version)
             else:
                 resource = Resource.from_message(_resource_name(message), message)
@@ -81,13 +79,13 @@ class Encoder:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    group: NodeGroup
+    group: Hashable  # the key it was built for (a node group)
     revision: int
     types: dict[str, TypeSnapshot]
     created: float = field(default_factory=time.monotonic)
     # The generated messages each type was built from (identity tells the next build what changed).
     sources: dict[str, list[Message]] = field(default_factory=dict, repr=False, compare=False)
-    # The generator's own lists (not copies): a generated.memo.Patched names the one it patched.
+    # The generator's own lists (not copies): a Patched list names the one it patched.
     origins: dict[str, list[Message]] = field(default_factory=dict, repr=False, compare=False)
 
     def get(self, type_url: str) -> TypeSnapshot:
@@ -95,7 +93,7 @@ class Snapshot:
         return ts if ts is not None else TypeSnapshot.empty(type_url)
 
     @classmethod
-    def build(cls, group: NodeGroup, revision: int, generated: dict[str, list[Message]],
+    def build(cls, group: Hashable, revision: int, generated: dict[str, list[Message]],
               encoder: Encoder | None = None, previous: Snapshot | None = None) -> Snapshot:
         """Serialize every resource once and check that references resolve (DESIGN: cache).
 
@@ -184,7 +182,7 @@ class Snapshot:
 
 
 def _same_names(a: frozenset[str], b: frozenset[str]) -> bool:
-    return a is b or a == b  # set equality does not short-cut on identity: 10,000 names cost 70 us
+    return a is b or a == b  # set equality does not short-cut on identity
 
 
 def _patched_eds_names(previous: frozenset[str], old: list[Message], new: list[Message], changed: list[int]) -> frozenset[str]:

@@ -27,15 +27,16 @@ def _seconds(d: duration_pb2.Duration, seconds: float) -> None:
 
 
 def service_cluster(mesh: Mesh, name: str, group: NodeGroup, own_id: str | None,
-                    subset: str | None = None) -> cluster_pb2.Cluster:
+                    subset: str | None = None, *, eds: bool) -> cluster_pb2.Cluster:
     """A cluster for service ``name`` (or for one ``subset`` of it, named ``name~subset``). If the
     service runs sidecars and the caller has an identity (``own_id``), traffic goes over mTLS and
     only the service's own SPIFFE ID is accepted. Depends on the service, ``mesh.mesh``, the
-    group's transport and zone and ``own_id`` only."""
+    group's transport and zone and ``own_id`` only. ``eds``: the service's one EDS-or-DNS decision
+    (``endpoints.uses_eds``, made once per service by the caller)."""
     service = mesh.services[name]
     cluster = cluster_pb2.Cluster(name=cluster_name(name, subset), lb_policy=cluster_pb2.Cluster.ROUND_ROBIN)
     _seconds(cluster.connect_timeout, service.connect_timeout)
-    if uses_eds(mesh.endpoints_of(name)):
+    if eds:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(config_source(group))
     else:
@@ -108,4 +109,4 @@ def local_app_cluster(name: str, address: str, port: int, protocol: str) -> clus
 
 def generate(mesh: Mesh, group: NodeGroup, services: list[str], own_id: str | None) -> list[cluster_pb2.Cluster]:
     """The whole-service clusters of ``services`` (subsets not included)."""
-    return [service_cluster(mesh, name, group, own_id) for name in services]
+    return [service_cluster(mesh, name, group, own_id, eds=uses_eds(mesh.endpoints_of(name))) for name in services]

@@ -19,6 +19,7 @@ from envoy.config.core.v3 import health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2
 
 from xdsd import wire
+from xdsd.cache.inputs import Encoded
 from xdsd.model import Endpoint
 from xdsd.model.fields import is_ip
 
@@ -26,16 +27,6 @@ ENDPOINT_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignm
 CHUNK = 128
 _ZONE = operator.attrgetter("zone")
 _ADDRESS = operator.attrgetter("address")
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """A resource already serialized: what the cache would otherwise get from a message."""
-
-    name: str
-    type_url: str
-    body: bytes
-    version: str
 
 
 def fill_lb_endpoint(lb: endpoint_components_pb2.LbEndpoint, ep: Endpoint) -> None:

@@ -61,7 +61,7 @@ def load_assignment(name: str, endpoints: list[Endpoint], zone: str | None = Non
 
 def uses_eds(endpoints: list[Endpoint]) -> bool:
     """EDS carries IP addresses only; a service with host names becomes a STRICT_DNS cluster."""
-    return all(map(is_ip, map(_ADDRESS, endpoints)))  # C-level loops: 10,000 endpoints in ~1 ms
+    return all(map(is_ip, map(_ADDRESS, endpoints)))  # C-level loops over large services
 
 
 # From this many endpoints on, an assignment is encoded incrementally to bytes (generators.encoded).
@@ -69,12 +69,12 @@ LARGE = 256
 
 
 def service_assignment(mesh: Mesh, service: str, subset: str | None = None, zone: str | None = None,
-                       encoder: AssignmentEncoder | None = None,
-                       eds: bool | None = None) -> endpoint_pb2.ClusterLoadAssignment | Encoded | None:
+                       encoder: AssignmentEncoder | None = None, *,
+                       eds: bool) -> endpoint_pb2.ClusterLoadAssignment | Encoded | None:
     """The EDS resource of one cluster of ``service`` (None for a STRICT_DNS service). Depends only
     on the service itself and the node's zone. With an ``encoder``, a large one comes pre-encoded.
-    ``eds``: whether the service uses EDS, if the caller knows already."""
-    if not (uses_eds(mesh.endpoints_of(service)) if eds is None else eds):
+    ``eds``: the service's one EDS-or-DNS decision (``uses_eds``, made once per service by the caller)."""
+    if not eds:
         return None
     endpoints = endpoints_for(mesh, service, subset)
     if encoder is not None and len(endpoints) >= LARGE:
@@ -84,4 +84,5 @@ def service_assignment(mesh: Mesh, service: str, subset: str | None = None, zone
 
 def generate(mesh: Mesh, services: list[str], zone: str | None = None) -> list[endpoint_pb2.ClusterLoadAssignment]:
     """The whole-service assignments of ``services`` (subsets not included)."""
-    return [cla for name in services if (cla := service_assignment(mesh, name, None, zone)) is not None]
+    return [cla for name in services
+            if (cla := service_assignment(mesh, name, None, zone, eds=uses_eds(mesh.endpoints_of(name)))) is not None]

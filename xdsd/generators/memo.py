@@ -11,24 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from xdsd.cache.inputs import Patched  # noqa: F401 - generators build them; re-exported for their callers
 from xdsd.generators.encoded import AssignmentEncoder
 from xdsd.model import Mesh
 
 M = TypeVar("M")
 
 _Entry = tuple[tuple[object, ...], object, object]
-
-
-class Patched(list):  # type: ignore[type-arg]
-    """A generated list equal to ``base`` (an earlier generated list) but at positions ``changed``:
-    lets the cache patch a snapshot without comparing every position."""
-
-    __slots__ = ("base", "changed")
-
-    def __init__(self, items: list[object], base: list[object], changed: list[int]) -> None:
-        super().__init__(items)
-        self.base = base
-        self.changed = changed
 
 
 class Memo:

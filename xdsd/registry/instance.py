@@ -374,8 +374,8 @@ class Instance:
         return (self.service, address_key(self.address), self.port)
 
     def as_json(self) -> dict[str, Any]:
-        # By hand: dataclasses.asdict deep-copies field by field, ~10x slower (the store writes
-        # every instance on each change).
+        # By hand, not dataclasses.asdict (which deep-copies field by field): the store writes
+        # every changed instance on each save.
         return {"service": self.service, "instance_id": self.instance_id, "address": self.address, "port": self.port,
                 "weight": self.weight, "zone": self.zone, "labels": dict(self.labels), "ttl": self.ttl,
                 "state": self.state, "expires_at": self.expires_at, "token_id": self.token_id}

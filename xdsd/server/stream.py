@@ -354,6 +354,7 @@ class Stream:
         return out
 
     def gate_retry_in(self) -> float | None:
+        """Seconds until listeners and routes held back for endpoints are sent anyway (None: none held)."""
         if self._gate_since is None:
             return None
         return max(0.0, self._gate_since + EDS_GATE_SECONDS - time.monotonic())
@@ -377,6 +378,7 @@ class Stream:
         return found
 
     def _coordinated(self) -> bool:
+        """Are removals held back for make-before-break: on ADS, or when the node has other streams?"""
         return self.ads or any(other is not self for other in self.siblings())
 
     def _eds_gate_closed(self, snap: Snapshot) -> bool:

@@ -265,6 +265,7 @@ class DeltaState(TypeState):
             self.must_respond = True  # an unsubscribe alone needs no answer
 
     def plan(self, ts: TypeSnapshot) -> tuple[list[Resource], list[str]]:
+        """What a response owes the client: (resources to send, names to remove)."""
         diff = None if self.forced else self._since_settled(ts)
         if diff is not None:
             # ``client`` is exactly what the patched-from snapshot selects: only ``diff`` can differ.

@@ -41,14 +41,14 @@ UNAUTHENTICATED_DISCARD = 1 << 20
 # The largest request message of a call allowed before its connection is authenticated (a method
 # that ``authorize`` lets through without credentials): it must fit in FREE_WINDOW.
 UNAUTHENTICATED_MAX_MESSAGE = 32 * 1024
-# Frames handed to h2 at a time; the read budget is checked between such slices of a read. One
-# 256 KiB read of small frames (resets, pings, SETTINGS) is ~15,000 frames, ~1 s of work.
+# Frames handed to h2 at a time; the read budget is checked between such slices of a read (one read
+# of small frames holds thousands of them).
 FRAMES_PER_SLICE = 64
 # Stream resets (by the client, or by h2 for a client's stream error), SETTINGS frames, and requests
 # answered at once without a call (refused by ``authorize``, unknown method, not gRPC), per
 # connection: a burst, then a sustained rate per second (nghttp2's figures for resets). Past them the
-# connection ends with GOAWAY ENHANCE_YOUR_CALM. Each costs 60-80 us of CPU: a reset, a call started
-# and cancelled (HTTP/2 "rapid reset", CVE-2023-44487); a SETTINGS frame, h2 visiting every stream.
+# connection ends with GOAWAY ENHANCE_YOUR_CALM. Each costs real work: a reset, a call started and
+# cancelled (HTTP/2 "rapid reset", CVE-2023-44487); a SETTINGS frame, h2 visiting every stream.
 # Envoy and grpcio send a handful of any of them in a connection's life.
 CHURN_BURST = 1000
 CHURN_RATE = 33.0

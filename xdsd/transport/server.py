@@ -62,9 +62,8 @@ def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
 class ReadBudget(IterationBudget):
     """At most ``seconds`` of request handling (HTTP/2 parsing, gRPC framing, starting calls) per
     event-loop iteration, across all connections; a connection past it stops reading and takes
-    its turn in a later iteration. A reconnect storm makes a thousand connections readable at
-    once: handled in one iteration, their first requests alone (HPACK, the node token) held the
-    loop for ~50 ms."""
+    its turn in a later iteration: a reconnect storm makes a thousand connections readable at once,
+    and their first requests (HPACK, the node token) must not all be handled in one iteration."""
 
     def __init__(self, seconds: float = 0.004) -> None:
         super().__init__(seconds)
