@@ -137,9 +137,17 @@ async def test_unsubscribe_stops_updates_for_that_name(xds: Harness) -> None:
     c = xds.client(delta=True)
     await c.delta_request(EDS, ["reviews", "ratings"])
     first = await c.recv()
+    assert names(first) == ["ratings", "reviews"]
     await c.delta_request(EDS, unsubscribe=["reviews"], nonce=first.nonce)
     await c.expect_none(0.3)
-    xds.set_mesh(BASE_MESH.replace("weight: 3", "weight: 4"))
+    # Both assignments change: only the one still subscribed is sent (the stream is alive and
+    # updating; reviews is not in it).
+    xds.set_mesh(BASE_MESH.replace("weight: 3", "weight: 4").replace("10.0.1.1", "10.0.1.2"))
+    update = await c.recv()
+    assert names(update) == ["ratings"] and not update.removed_resources
+    await c.delta_ack(update)
+    # A change to reviews alone sends nothing.
+    xds.set_mesh(BASE_MESH.replace("weight: 3", "weight: 5").replace("10.0.1.1", "10.0.1.2"))
     await c.expect_none(0.5)
 
 

@@ -11,6 +11,8 @@ import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
 
 from tests.component.conftest import BASE_MESH, Harness, with_service
 from tests.support.xds_client import STANDALONE
@@ -33,6 +35,14 @@ def names(resp) -> list[str]:  # type: ignore[no-untyped-def]
             e = endpoint_pb2.ClusterLoadAssignment()
             any_.Unpack(e)
             out.append(e.cluster_name)
+        elif any_.type_url == LDS:
+            listener = listener_pb2.Listener()
+            any_.Unpack(listener)
+            out.append(listener.name)
+        elif any_.type_url == RDS:
+            rc = route_pb2.RouteConfiguration()
+            any_.Unpack(rc)
+            out.append(rc.name)
         else:
             out.append(any_.type_url)
     return sorted(out)
@@ -230,13 +240,21 @@ async def test_versions_derive_from_content_so_replicas_agree(xds: Harness) -> N
     assert (await c.recv()).version_info == sa.get(LDS).version
 
 
-@pytest.mark.parametrize("type_url", [CDS, LDS])
-async def test_standalone_services_serve_their_type(xds: Harness, type_url: str) -> None:
+@pytest.mark.parametrize(("type_url", "ask", "expected"), [
+    (CDS, [], ["ratings", "reviews"]),
+    (EDS, ["reviews", "ratings"], ["ratings", "reviews"]),
+    (LDS, [], ["edge"]),
+    (RDS, ["edge"], ["edge"]),
+], ids=["CDS", "EDS", "LDS", "RDS"])
+async def test_standalone_services_serve_their_type(xds: Harness, type_url: str, ask: list[str], expected: list[str]) -> None:
+    """Each per-type service answers with its own type only, and exactly what the node should get."""
     xds.set_mesh(BASE_MESH)
     c = xds.client(service=STANDALONE[type_url])
-    await c.request("")  # type_url may be left out on a per-type service
+    await c.request("", ask)  # type_url may be left out on a per-type service
     resp = await c.recv()
-    assert resp.type_url == type_url and len(resp.resources) >= 1
+    assert resp.type_url == type_url
+    assert {r.type_url for r in resp.resources} == {type_url}
+    assert names(resp) == expected
 
 
 async def test_first_request_without_a_node_is_refused(xds: Harness) -> None:
@@ -247,7 +265,7 @@ async def test_first_request_without_a_node_is_refused(xds: Harness) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_listener_responses_always_carry_the_full_state(xds: Harness) -> None:
+async def test_cluster_responses_always_carry_the_full_state(xds: Harness) -> None:
     xds.set_mesh(BASE_MESH)
     c = xds.client()
     await c.request(CDS)
@@ -256,4 +274,32 @@ async def test_listener_responses_always_carry_the_full_state(xds: Harness) -> N
     await c.expect_none(0.3)  # "extra" is not routed from the edge: not in its group
     xds.set_mesh(BASE_MESH.replace("/ratings, service: ratings", "/ratings, service: reviews"))
     resp = await asyncio.wait_for(c.recv(), 5)
-    assert names(resp) == ["reviews"]  # full state: ratings is gone by omission
+    # The unchanged cluster is there again; ratings is gone by omission (SotW has no removal list).
+    assert names(resp) == ["reviews"]
+
+
+SIDECAR_MESH = """
+services:
+  productpage:
+    sidecar: {inbound: {port: 15006}, app_port: 9080, upstreams: {reviews: 9081, ratings: 9082}}
+  reviews:
+    endpoints: [{address: 10.0.0.1, port: 8080}]
+  ratings:
+    endpoints: [{address: 10.0.1.1, port: 8080}]
+"""
+
+
+async def test_listener_responses_always_carry_the_full_state(xds: Harness) -> None:
+    """A sidecar holds three listeners; one changes (ratings moves to another outbound port): the
+    response carries all of them, the two unchanged ones included, and the old one by omission."""
+    xds.set_mesh(SIDECAR_MESH)
+    c = xds.client("productpage-1", "productpage")
+    await c.request(LDS)
+    first = await c.recv()
+    before = set(names(first))
+    assert {"outbound|9081|reviews", "outbound|9082|ratings"} <= before and len(before) == 3, before
+    await c.ack(first)
+    xds.set_mesh(SIDECAR_MESH.replace("ratings: 9082", "ratings: 9083"))
+    resp = await asyncio.wait_for(c.recv(), 5)
+    assert resp.type_url == LDS
+    assert set(names(resp)) == (before - {"outbound|9082|ratings"}) | {"outbound|9083|ratings"}

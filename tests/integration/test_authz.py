@@ -3,28 +3,32 @@ this request; principals are real SPIFFE IDs from the peers' certificates."""
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
+import os
+import signal
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from tests.integration.conftest import MODES, EnvoyFactory, MeshFile, Mode
-from tests.support.procs import free_port, wait_for
+from tests.support.certs import write_svid
+from tests.support.envoy import EnvoyFactory
+from tests.support.meshes import ADS, ADS_MODES, MeshFile, Mode, sidecar_mesh
+from tests.support.procs import free_port, free_port_on, wait_for
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
 from xdsd.ca import CertificateAuthority
 
 TD = "example.org"
-ADS_MODES = [m for m in MODES if m.ads]
 # How sidecars ask xdsd: gRPC on the xDS cluster (default bootstrap), or HTTP/1.1 (--authz-http-port).
 TRANSPORTS = ["grpc", "http"]
-CASES = [(m, "grpc") for m in ADS_MODES] + [(ADS_MODES[0], "http")]
+CASES = [(m, "grpc") for m in ADS_MODES] + [(ADS, "http")]
 CASE_IDS = [f"{m.id}-{t}" for m, t in CASES]
 
 POLICY = """
@@ -47,7 +51,6 @@ class AuthzMesh:
     inbound_port: int
     pp_out: int
     ratings_out: int
-    text: str
 
     def get(self, out_port: int, path: str, method: str = "GET") -> tuple[int, str]:
         conn = http.client.HTTPConnection("127.0.0.1", out_port, timeout=5)
@@ -58,45 +61,34 @@ class AuthzMesh:
         finally:
             conn.close()
 
-
-def mesh_text(ups: Upstreams, inbound: int, pp_out: int, ratings_out: int, policy: str = POLICY) -> str:
-    return f"""
-mesh: {{trust_domain: {TD}}}
-services:
-  productpage:
-    sidecar: {{inbound: {{address: 127.0.0.2, port: {inbound}}}, app_address: 127.0.0.2, app_port: {ups.addresses["productpage"][1]}, upstreams: {{reviews: {pp_out}}}}}
-  reviews:
-    sidecar: {{inbound: {{address: 127.0.0.3, port: {inbound}}}, app_address: 127.0.0.3, app_port: {ups.addresses["reviews"][1]}}}
-  ratings:
-    sidecar: {{inbound: {{address: 127.0.0.4, port: {inbound}}}, app_address: 127.0.0.4, app_port: {ups.addresses["ratings"][1]}, upstreams: {{reviews: {ratings_out}}}}}
-{policy}"""
+    def rules(self, mesh: dict[str, Any]) -> list[dict[str, Any]]:
+        """reviews' rules in ``mesh`` (for ``mesh_file.update``)."""
+        return mesh["authorization"]["reviews"]["rules"]
 
 
 MakeMesh = Callable[..., AuthzMesh]
 
 
 @pytest.fixture
-def make_mesh(
-    mesh_file: MeshFile,
-    start_xdsd: Callable[..., XdsdProcess],
-    envoy_factory: EnvoyFactory,
-    start_upstreams: Callable[[dict[str, str]], Upstreams],
-) -> MakeMesh:
+def make_mesh(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory,
+              upstreams: Callable[..., Upstreams]) -> MakeMesh:
+    """productpage and ratings (sidecars) both call reviews (sidecar) under ``policy``."""
     def make(mode: Mode, transport: str = "grpc", policy: str = POLICY) -> AuthzMesh:
-        ups = start_upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3", "ratings": "127.0.0.4"})
-        inbound, pp_out, ratings_out = free_port("127.0.0.3"), free_port(), free_port()
-        text = mesh_text(ups, inbound, pp_out, ratings_out, policy)
-        mesh_file.write(text)
+        ups = upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3", "ratings": "127.0.0.4"})
+        inbound, pp_out, ratings_out = free_port_on("127.0.0.2", "127.0.0.3", "127.0.0.4"), free_port(), free_port()
+        mesh = sidecar_mesh(ups, inbound, {"productpage": {"reviews": pp_out}, "ratings": {"reviews": ratings_out}},
+                            trust_domain=TD)
+        mesh_file.write({**mesh, **yaml.safe_load(policy)})
         extra: list[str] = []
         bootstrap: dict[str, int] = {}
         if transport == "http":
             port = free_port()
             extra = ["--authz-http-address", f"127.0.0.1:{port}"]
             bootstrap = {"authz_http_port": port}
-        xdsd = start_xdsd(mesh_file.path, extra_args=extra)
+        server = xdsd(extra_args=extra)
         for name in ("productpage", "reviews", "ratings"):
-            envoy_factory(xdsd, f"{name}-1", name, mode=mode, **bootstrap)
-        m = AuthzMesh(ups, xdsd, mesh_file, inbound, pp_out, ratings_out, text)
+            envoy_factory(server, f"{name}-1", name, mode=mode, **bootstrap)
+        m = AuthzMesh(ups, server, mesh_file, inbound, pp_out, ratings_out)
         if policy is POLICY:
             wait_for(lambda: m.get(pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
         return m
@@ -145,16 +137,18 @@ def _raw_tls(port: int, request: bytes, cert: Path, key: Path) -> int:
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
 
 
+def _svid_files(m: AuthzMesh, tmp_path: Path, service: str) -> tuple[Path, Path]:
+    """A client certificate for ``service`` from xdsd's own CA."""
+    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
+    return write_svid(ca, f"spiffe://{TD}/service/{service}", tmp_path / "svids", service)
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_path_confusion_cannot_reach_admin(make_mesh: MakeMesh, transport: str, tmp_path: Path) -> None:
-    m = make_mesh(ADS_MODES[0], transport)
+    m = make_mesh(ADS, transport)
     # Straight at reviews' inbound listener, as productpage (a client certificate from xdsd's CA),
     # so that nothing but the inbound sidecar normalizes the path.
-    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
-    svid = ca.issue(f"spiffe://{TD}/service/productpage", dt.timedelta(minutes=5))
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.write_bytes(svid.cert_chain_pem)
-    key.write_bytes(svid.key_pem)
+    cert, key = _svid_files(m, tmp_path, "productpage")
     before = m.ups.stats("reviews")
     assert _raw_tls(m.inbound_port, b"GET /reviews/1 HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n", cert, key) == 200
     for path in ["/admin", "//admin", "/x/../admin", "/%61dmin", "/%2Fadmin", "/%2fadmin/", "/reviews/../admin", "/./admin"]:
@@ -175,22 +169,40 @@ def test_fail_closed_while_the_authz_service_is_down(make_mesh: MakeMesh, mode: 
     wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "requests to pass again", 30)
 
 
+def test_fail_closed_while_the_authz_service_hangs(make_mesh: MakeMesh) -> None:
+    """A hung xdsd (stopped: the kernel still accepts its connections, nothing answers) is no
+    better than a dead one: reviews' sidecar gives up on the check at its timeout and denies. The
+    request is answered 403, not held (the client would time out), and not by a policy decision
+    (the policy allows productpage). When xdsd resumes, requests pass again."""
+    m = make_mesh(ADS)
+    pid = m.xdsd.proc.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        answers = [m.get(m.pp_out, "/reviews/1") for _ in range(3)]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert [status for status, _ in answers] == [403] * 3, answers
+    assert not any("access denied by xdsd" in body for _, body in answers), answers
+    wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "requests to pass again", 30)
+
+
 @pytest.mark.parametrize(("mode", "transport"), CASES, ids=CASE_IDS)
 def test_a_live_policy_edit_changes_decisions(make_mesh: MakeMesh, mode: Mode, transport: str) -> None:
     m = make_mesh(mode, transport)
     assert m.get(m.ratings_out, "/reviews/1")[0] == 403
-    m.mesh_file.write(m.text.replace("{name: ratings-probe, dry_run: true, allow: {from: [ratings]}}",
-                                     "{name: ratings-read, allow: {from: [ratings], methods: [GET]}}"))
+    m.mesh_file.update(lambda mesh: m.rules(mesh).__setitem__(
+        -1, {"name": "ratings-read", "allow": {"from": ["ratings"], "methods": ["GET"]}}))
     wait_for(lambda: m.get(m.ratings_out, "/reviews/1")[0] == 200, "ratings to be allowed", 15)
     # An invalid edit (unknown service in `from`) is refused; decisions stay as they were.
-    m.mesh_file.write(m.text.replace("from: [ratings]}", "from: [ghost]}"))
+    m.mesh_file.update(lambda mesh: m.rules(mesh)[-1]["allow"].update({"from": ["ghost"]}))
     wait_for(lambda: m.xdsd.metric_value("xdsd_config_rejections_total") >= 1, "the rejection", 15)
     assert m.get(m.ratings_out, "/reviews/1")[0] == 200
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_odd_requests_get_a_decision_not_a_crash(make_mesh: MakeMesh, transport: str) -> None:
-    m = make_mesh(MODES[0], transport)
+    m = make_mesh(ADS, transport)
     many = {f"x-h{i}": "v" * 50 for i in range(90)}
     conn = http.client.HTTPConnection("127.0.0.1", m.pp_out, timeout=5)
     conn.request("GET", "/reviews/1", headers=many)
@@ -223,7 +235,7 @@ def test_header_rules_dry_run_report_and_the_http_transport_wiring(make_mesh: Ma
     """The headers a policy reads reach the decision over either transport (over HTTP only those are
     sent, and ``authorization`` only because a rule reads it); a dry-run rule is reported to the
     client in a response header while the request passes."""
-    m = make_mesh(ADS_MODES[0], transport, HEADER_POLICY)
+    m = make_mesh(ADS, transport, HEADER_POLICY)
     wait_for(lambda: _status(m.pp_out, "/reviews/1", {"x-tenant": "a"}) == 200, "tenant a allowed", 30)
     assert _status(m.pp_out, "/reviews/1", {"x-tenant": "b"}) == 403
     assert _status(m.pp_out, "/reviews/1") == 403
@@ -253,20 +265,13 @@ def test_header_rules_dry_run_report_and_the_http_transport_wiring(make_mesh: Ma
 def test_a_caller_cannot_claim_another_identity(make_mesh: MakeMesh, transport: str, tmp_path: Path) -> None:
     """ratings, with its own certificate, sends an x-forwarded-client-cert naming productpage: the
     inbound listener replaces it with the verified peer identity, so the decision is still ratings'."""
-    m = make_mesh(ADS_MODES[0], transport)
-    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
-    svid = ca.issue(f"spiffe://{TD}/service/ratings", dt.timedelta(minutes=5))
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.write_bytes(svid.cert_chain_pem)
-    key.write_bytes(svid.key_pem)
+    m = make_mesh(ADS, transport)
+    cert, key = _svid_files(m, tmp_path, "ratings")
     forged = f"By=spiffe://{TD}/service/reviews;URI=spiffe://{TD}/service/productpage"
     request = f"GET /reviews/1 HTTP/1.1\r\nhost: r\r\nx-forwarded-client-cert: {forged}\r\nconnection: close\r\n\r\n"
     assert _raw_tls(m.inbound_port, request.encode(), cert, key) == 403
     # The same request as productpage (its own certificate) is allowed.
-    pp = ca.issue(f"spiffe://{TD}/service/productpage", dt.timedelta(minutes=5))
-    cert.write_bytes(pp.cert_chain_pem)
-    key.write_bytes(pp.key_pem)
-    assert _raw_tls(m.inbound_port, request.encode(), cert, key) == 200
+    assert _raw_tls(m.inbound_port, request.encode(), *_svid_files(m, tmp_path, "productpage")) == 200
 
 
 PARAMS_POLICY = """
@@ -279,13 +284,6 @@ authorization:
 """
 
 
-def _svid_files(m: AuthzMesh, tmp_path: Path, service: str) -> tuple[Path, Path]:
-    ca = CertificateAuthority.load_or_create(m.xdsd.state_dir, TD)
-    svid = ca.issue(f"spiffe://{TD}/service/{service}", dt.timedelta(minutes=5))
-    cert, key = tmp_path / f"{service}.pem", tmp_path / f"{service}.key"
-    cert.write_bytes(svid.cert_chain_pem)
-    key.write_bytes(svid.key_pem)
-    return cert, key
 
 
 def _inbound_get(m: AuthzMesh, path: str, cert_key: tuple[Path, Path]) -> int:
@@ -297,7 +295,7 @@ def test_path_parameters_cannot_get_past_a_rule(make_mesh: MakeMesh, transport: 
     """Servlet containers serve /admin;x as /admin: a rule sees the path with its parameters removed,
     on either transport. Straight at reviews' inbound listener (only that Envoy normalizes), and
     through productpage's outbound listener."""
-    m = make_mesh(ADS_MODES[0], transport, PARAMS_POLICY)
+    m = make_mesh(ADS, transport, PARAMS_POLICY)
     pp, ratings = _svid_files(m, tmp_path, "productpage"), _svid_files(m, tmp_path, "ratings")
     wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
     before = m.ups.stats("reviews")
@@ -335,13 +333,13 @@ authorization:
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_paths_case_insensitive_denies_other_cases(make_mesh: MakeMesh, transport: str) -> None:
     """Case is significant (an app that ignores case serves /ADMIN as /admin): a policy opts in."""
-    m = make_mesh(ADS_MODES[0], transport, CASE_POLICY)
+    m = make_mesh(ADS, transport, CASE_POLICY)
     wait_for(lambda: m.get(m.pp_out, "/reviews/1")[0] == 200, "productpage -> reviews allowed", 30)
     assert m.get(m.pp_out, "/admin")[0] == 403
     before = m.ups.stats("reviews")
     assert m.get(m.pp_out, "/ADMIN")[0] == 200
     assert m.ups.stats("reviews") == before + 1
-    m.mesh_file.write(m.text.replace("paths_case: sensitive", "paths_case: insensitive"))
+    m.mesh_file.update(lambda mesh: mesh["authorization"]["reviews"].update(paths_case="insensitive"))
     wait_for(lambda: m.get(m.pp_out, "/ADMIN")[0] == 403, "/ADMIN to be denied", 15)
     for path in ["/ADMIN", "/Admin/x", "/aDmIn;x", "/%41DMIN/"]:
         status, body = m.get(m.pp_out, path)

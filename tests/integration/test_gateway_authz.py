@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import MODES, EnvoyFactory, MeshFile
-from tests.support.envoy import EnvoyProcess
+from tests.support.envoy import EnvoyFactory, EnvoyProcess
+from tests.support.meshes import ADS, MeshFile
 from tests.support.procs import free_port
 from tests.support.traffic import Client
 from tests.support.upstream import Upstreams
@@ -28,12 +28,12 @@ authorization:
 @pytest.mark.parametrize("transport", ["grpc", "http"])
 def test_a_gateway_with_a_policy_checks_every_request(
     mesh_file: MeshFile,
-    start_xdsd: Callable[..., XdsdProcess],
+    xdsd: Callable[..., XdsdProcess],
     envoy_factory: EnvoyFactory,
-    start_upstreams: Callable[[dict[str, str]], Upstreams],
+    upstreams: Callable[..., Upstreams],
     transport: str,
 ) -> None:
-    ups = start_upstreams({"web": "127.0.0.2"})
+    ups = upstreams({"web": "127.0.0.2"})
     host, port = ups.address("web")
     edge, open_ = free_port(), free_port()
     mesh_file.write(f"""
@@ -48,9 +48,9 @@ gateways:
     if transport == "http":  # the checks go over HTTP/1.1 (xdsd serve --authz-http-address)
         authz_port = free_port()
         extra, bootstrap = ["--authz-http-address", f"127.0.0.1:{authz_port}"], {"authz_http_port": authz_port}
-    xdsd = start_xdsd(mesh_file.path, extra_args=extra)
-    edge_envoy = envoy_factory(xdsd, "edge-1", "edge", mode=MODES[0], **bootstrap)
-    open_envoy = envoy_factory(xdsd, "open-1", "open", mode=MODES[0], **bootstrap)
+    server = xdsd(extra_args=extra)
+    edge_envoy = envoy_factory(server, "edge-1", "edge", mode=ADS, **bootstrap)
+    open_envoy = envoy_factory(server, "open-1", "open", mode=ADS, **bootstrap)
     edge_client, open_client = Client(f"http://127.0.0.1:{edge}/"), Client(f"http://127.0.0.1:{open_}/")
     edge_envoy.wait_for(lambda: edge_client.get("/x").status == 200, "edge gateway serves", 30)
     open_envoy.wait_for(lambda: open_client.get("/x").status == 200, "open gateway serves", 30)
@@ -69,9 +69,9 @@ gateways:
 
     assert filters(edge_envoy) == ["envoy.filters.http.ext_authz"]
     assert filters(open_envoy) == []
-    assert 'xdsd_authz_decisions_total{outcome="deny",rule="no-admin",service="edge"}' in xdsd.admin_get("/metrics")
+    assert 'xdsd_authz_decisions_total{outcome="deny",rule="no-admin",service="edge"}' in server.admin_get("/metrics")
 
     # Fail closed: with xdsd gone, the gateway that checks refuses; the other keeps serving.
-    xdsd.stop()
+    server.stop()
     edge_envoy.wait_for(lambda: edge_client.request("GET", "/x").status == 403, "fail closed", 30)
     assert open_client.request("GET", "/x").status == 200

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from tests.integration.conftest import MeshFile
-from tests.support.envoy import EnvoyProcess
+from tests.support.envoy import EnvoyFactory
+from tests.support.meshes import MeshFile, edge_mesh
 from tests.support.procs import free_port, wait_for
 from tests.support.traffic import send_requests
 from tests.support.upstream import Upstreams
@@ -15,18 +15,12 @@ from tests.support.xdsd_proc import XdsdProcess
 
 
 def test_zone_failover_and_back(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess],
-                                envoy_factory: Callable[..., EnvoyProcess], upstreams: Callable[..., Upstreams]) -> None:
+                                envoy_factory: EnvoyFactory, upstreams: Callable[..., Upstreams]) -> None:
     ups = upstreams({"a1": "127.0.0.2", "a2": "127.0.0.3", "b1": "127.0.0.4"})
     gw = free_port()
-    eps = [f"{{address: {h}, port: {p}, zone: {'zone-b' if n == 'b1' else 'zone-a'}}}" for n, (h, p) in ups.addresses.items()]
-    mesh_file.write(f"""
-services:
-  reviews:
-    endpoints: [{", ".join(eps)}]
-    health_check: {{path: /health, interval: 200ms, timeout: 500ms, unhealthy_threshold: 2, healthy_threshold: 1}}
-gateways:
-  edge: {{listen: {{address: 127.0.0.1, port: {gw}}}, routes: [{{prefix: /, service: reviews}}]}}
-""")
+    eps = [{"address": h, "port": p, "zone": "zone-b" if n == "b1" else "zone-a"} for n, (h, p) in ups.addresses.items()]
+    mesh_file.write(edge_mesh(gw, eps, health_check={"path": "/health", "interval": "200ms", "timeout": "500ms",
+                                                     "unhealthy_threshold": 2, "healthy_threshold": 1}))
     server = xdsd()
     envoy = envoy_factory(server, "edge-a", "edge", zone="zone-a")
     url = f"http://127.0.0.1:{gw}/r"

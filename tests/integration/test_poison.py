@@ -12,7 +12,8 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import struct_pb2
 
-from tests.integration.conftest import MODES, EnvoyFactory, MeshFile
+from tests.support.envoy import EnvoyFactory
+from tests.support.meshes import ADS, MeshFile
 from tests.support.procs import free_port
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
@@ -72,7 +73,7 @@ def test_poison_does_not_stop_the_control_plane(mesh_file: MeshFile, xdsd: Calla
     inbound = free_port("127.0.0.3")
     mesh_file.write(mesh(ups, inbound))
     proc = xdsd()
-    envoy = envoy_factory(proc, "reviews-1", "reviews", mode=MODES[0], inbound_address="127.0.0.3")
+    envoy = envoy_factory(proc, "reviews-1", "reviews", mode=ADS, inbound_address="127.0.0.3")
     proc.wait_for(lambda: _secret_versions(envoy), "the sidecar's SVID", 30)
     first_secret = _secret_versions(envoy)
 

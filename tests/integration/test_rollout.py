@@ -7,37 +7,28 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.integration.conftest import MODES, EnvoyFactory, MeshFile
-from tests.support.envoy import EnvoyProcess
+from tests.support.envoy import EnvoyFactory, EnvoyProcess
+from tests.support.meshes import ADS, MeshFile, edge_mesh
 from tests.support.procs import free_port
 from tests.support.traffic import http_request
 from tests.support.upstream import Upstreams
-from tests.support.xdsd_proc import ROOT, XdsdProcess
+from tests.support.xdsd_proc import XdsdProcess
 from xdsd.rollout import choose_canaries
 
 NODES = [f"edge-{i}" for i in range(1, 4)]
 WAIT = 4
 
 
-def mesh(listen: int, app: tuple[str, int], marker: str) -> str:
-    return f"""
-mesh:
-  rollout: {{canary: 10%, wait: {WAIT}s}}
-gateways:
-  edge:
-    listen: {{address: 127.0.0.1, port: {listen}}}
-    routes:
-      - {{prefix: /{marker}/, service: app}}
-services:
-  app:
-    endpoints: [{{address: {app[0]}, port: {app[1]}}}]
-"""
+def mesh(listen: int, app: tuple[str, int], marker: str) -> dict[str, object]:
+    """The gateway routes /<marker>/ to the app; revisions roll out to a 10% canary first."""
+    return {"mesh": {"rollout": {"canary": "10%", "wait": f"{WAIT}s"}},
+            **edge_mesh(listen, [app], service="app", prefix=f"/{marker}/")}
 
 
 def listener_ports(envoy: EnvoyProcess) -> set[int]:
@@ -70,15 +61,13 @@ def fleet(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: 
     app = ups.addresses["app"]
     mesh_file.write(mesh(listen, app, "r0"))
     proc = xdsd()
-    envoys = {node: envoy_factory(proc, node, "edge", mode=MODES[0]) for node in NODES}
+    envoys = {node: envoy_factory(proc, node, "edge", mode=ADS) for node in NODES}
     proc.wait_for(lambda: all(route_prefixes(e) == {"/r0/"} for e in envoys.values()), "every gateway configured", 30)
     return proc, envoys, listen, app
 
 
 def apply(proc: XdsdProcess, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "xdsd", "apply", str(path), "--admin-address",
-                           f"127.0.0.1:{proc.admin_port}", "--state-dir", str(proc.state_dir), "--timeout", "30"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return proc.cli("apply", str(path), "--timeout", "30")
 
 
 def test_a_canary_nack_rolls_back_and_the_others_never_see_it(
@@ -92,7 +81,7 @@ def test_a_canary_nack_rolls_back_and_the_others_never_see_it(
     before = {node: lds_updates(envoy) for node, envoy in envoys.items()}
     try:
         bad = tmp_path / "bad.yaml"
-        bad.write_text(mesh(blocker.getsockname()[1], app, "r0"))  # a port Envoy cannot bind: it NACKs
+        bad.write_text(yaml.safe_dump(mesh(blocker.getsockname()[1], app, "r0")))  # a port Envoy cannot bind: it NACKs
         out = apply(proc, bad)
         assert out.returncode == 1, out.stdout + out.stderr
         assert "rolled back" in out.stderr and "NACK" in out.stderr

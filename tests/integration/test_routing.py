@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.conftest import MeshFile
-from tests.support.envoy import EnvoyProcess
+from tests.support.envoy import EnvoyFactory, EnvoyProcess
+from tests.support.meshes import MeshFile
 from tests.support.procs import free_port, wait_for
+from tests.support.stats import binomial_bounds
 from tests.support.traffic import Client, send_requests
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
@@ -58,7 +59,7 @@ gateways:
 
 
 @pytest.fixture
-def edge(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: Callable[..., EnvoyProcess],
+def edge(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory,
          upstreams: Callable[..., Upstreams]) -> Edge:
     ups = upstreams({"v1": "127.0.0.2", "v2": "127.0.0.3", "ratings": "127.0.0.4"})
     gw = free_port()
@@ -74,8 +75,8 @@ def test_a_90_10_canary_split_by_subset(edge: Edge) -> None:
     results = send_requests(edge.url("/reviews"), 2000)
     counts = Counter(r.app for r in results)
     assert counts["v1"] + counts["v2"] == 2000, counts
-    # Binomial(2000, 0.1): one standard deviation is 0.67 points; +/-3 points is > 4 sigma.
-    assert 0.07 <= counts["v2"] / 2000 <= 0.13, counts
+    lo, hi = binomial_bounds(2000, 0.1)  # each request picks v2 with probability 0.1
+    assert lo <= counts["v2"] <= hi, counts
     # Subset clusters hold only their own endpoints.
     assert set(edge.envoy.endpoints_of("reviews~v2")) == {"%s:%d" % edge.ups.address("v2")}
 
@@ -83,8 +84,9 @@ def test_a_90_10_canary_split_by_subset(edge: Edge) -> None:
 def test_a_header_match_sends_every_matching_request_to_v2(edge: Edge) -> None:
     results = send_requests(edge.url("/reviews"), 200, headers={"x-canary": "yes"})
     assert Counter(r.app for r in results) == {"v2": 200}
-    # Another value of the header does not match.
-    assert Counter(r.app for r in send_requests(edge.url("/reviews"), 100, headers={"x-canary": "no"}))["v1"] > 70
+    # Another value of the header does not match: the 90/10 split applies.
+    lo, _ = binomial_bounds(100, 0.9)
+    assert Counter(r.app for r in send_requests(edge.url("/reviews"), 100, headers={"x-canary": "no"}))["v1"] >= lo
 
 
 def test_exact_regex_and_method_matches(edge: Edge) -> None:
@@ -119,12 +121,14 @@ def test_fault_abort_percentage_and_delay(edge: Edge) -> None:
     results = send_requests(edge.url("/faulty"), 1000)
     aborted = sum(r.status == 418 for r in results)
     assert all(r.status in (200, 418) for r in results)
-    # Binomial(1000, 0.25): sd 1.4 points; allow +/-5 points.
-    assert 200 <= aborted <= 300, aborted
+    lo, hi = binomial_bounds(1000, 0.25)
+    assert lo <= aborted <= hi, aborted
     assert edge.envoy.stat("http.edge.fault.aborts_injected") == aborted
     start = time.monotonic()
     assert send_requests(edge.url("/slow"), 3)[-1].app == "ratings"
-    assert time.monotonic() - start >= 0.85  # 3 x 300 ms (Envoy timers have millisecond granularity)
+    # A lower bound only: each request was held (3 x 300 ms; Envoy's timers have millisecond
+    # granularity). How much longer a loaded machine takes is not this test's business.
+    assert time.monotonic() - start >= 0.85
     assert edge.envoy.stat("http.edge.fault.delays_injected") == 3
 
 
@@ -134,5 +138,8 @@ def test_a_bad_split_is_refused_and_the_last_good_routes_keep_serving(edge: Edge
     proc = edge.xdsd
     wait_for(lambda: proc.metric_value("xdsd_config_rejections_total") >= 1, "the rejection", 15)
     assert server_errors in proc.admin_get_json("/debug/config")["last_error"]
-    counts = Counter(r.app for r in send_requests(edge.url("/reviews"), 300))
-    assert counts["v1"] + counts["v2"] == 300 and counts["v2"] < 60, counts
+    # Envoy still has the last good split (90/10, not the refused 90/20), and it serves.
+    routes = edge.envoy.config_dump("dynamic_route_configs")["configs"][0]["route_config"]["virtual_hosts"][0]["routes"]
+    split = {c["name"]: c["weight"] for c in routes[-1]["route"]["weighted_clusters"]["clusters"]}
+    assert split == {"reviews~v1": 90, "reviews~v2": 10}, split
+    assert {r.status for r in send_requests(edge.url("/reviews"), 20)} == {200}

@@ -25,10 +25,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import EnvoyFactory
-from tests.support.envoy import EnvoyProcess
+from tests.support.dashboard import dashboard_metric_names
+from tests.support.envoy import EnvoyFactory, EnvoyProcess
+from tests.support.meshes import sidecar_mesh
 from tests.support.otlp import OtlpReceiver, Span
-from tests.support.procs import free_port, wait_for
+from tests.support.procs import free_port, free_port_on, wait_for
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
 from xdsd.bootstrap import BootstrapOptions, render
@@ -60,20 +61,14 @@ class TelemetryMesh:
 
 def _mesh_config(ups: Upstreams, gateway_port: int, inbound_port: int, out_port: int, stats_port: int,
                  collector: str) -> dict[str, Any]:
+    mesh = sidecar_mesh(ups, inbound_port, {"productpage": {"reviews": out_port}}, services=("productpage", "reviews"),
+                        trust_domain=TD)
     return {
-        "mesh": {"trust_domain": TD},
+        **mesh,
         "telemetry": {
             "stats": {"port": stats_port},
             "access_log": {"path": "/dev/stdout"},
             "tracing": {"collector": collector, "sampling": 100},
-        },
-        "services": {
-            "productpage": {"sidecar": {
-                "inbound": {"address": "127.0.0.2", "port": inbound_port}, "app_address": "127.0.0.2",
-                "app_port": ups.port("productpage"), "upstreams": {"reviews": out_port}}},
-            "reviews": {"sidecar": {
-                "inbound": {"address": "127.0.0.3", "port": inbound_port}, "app_address": "127.0.0.3",
-                "app_port": ups.port("reviews")}},
         },
         "gateways": {"edge": {"listen": {"address": "127.0.0.1", "port": gateway_port},
                               "routes": [{"prefix": "/", "service": "productpage"}]}},
@@ -83,10 +78,12 @@ def _mesh_config(ups: Upstreams, gateway_port: int, inbound_port: int, out_port:
 @pytest.fixture(scope="module")
 def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
     workdir = tmp_path_factory.mktemp("telemetry")
-    with OtlpReceiver() as otlp, Upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3"}, workdir) as ups:
+    (workdir / "upstreams").mkdir()
+    with OtlpReceiver() as otlp, Upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3"},
+                                           workdir / "upstreams") as ups:
         gateway_port, out_port = free_port(), free_port()
-        inbound_port = free_port("127.0.0.3")
-        stats_port = free_port("127.0.0.2")
+        inbound_port = free_port_on("127.0.0.2", "127.0.0.3")
+        stats_port = free_port_on("127.0.0.1", "127.0.0.2", "127.0.0.3")
         config = workdir / "mesh.yaml"
         _write_atomically(config, yaml.safe_dump(_mesh_config(ups, gateway_port, inbound_port, out_port, stats_port,
                                                       otlp.endpoint)))
@@ -94,7 +91,8 @@ def tmesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TelemetryMesh]:
         ups.set("productpage", forward_to=f"http://127.0.0.1:{out_port}")
         # reviews asks for its authz decisions over HTTP, productpage over gRPC: both end up as spans.
         authz_http = free_port()
-        xdsd = XdsdProcess(config, workdir, extra_args=["--otlp-endpoint", otlp.endpoint,
+        (workdir / "xdsd").mkdir()
+        xdsd = XdsdProcess(config, workdir / "xdsd", extra_args=["--otlp-endpoint", otlp.endpoint,
                                                         "--authz-http-address", f"127.0.0.1:{authz_http}"])
         envoys = EnvoyFactory(workdir)
         try:
@@ -155,9 +153,22 @@ def test_one_request_is_one_trace_across_gateway_and_sidecars(tmesh: TelemetryMe
     # Inbound and outbound on productpage, inbound on reviews, the gateway: each HCM a span, each a
     # child of the one before (the trace is connected, not only sharing an id).
     spans = tmesh.otlp.wait_for_spans(complete, f"one connected trace {trace_id} from edge, productpage and reviews")
-    assert roots(spans)[0].service == "edge", [(s.service, s.name, s.parent_span_id) for s in spans]
-    assert len({s.service for s in spans if s.service == "productpage"}) == 1
-    assert sum(1 for s in spans if s.service == "productpage") >= 2  # inbound and outbound
+    shown = [(s.service, s.name, s.span_id, s.parent_span_id) for s in spans]
+    assert roots(spans)[0].service == "edge", shown
+    by_id = {s.span_id: s for s in spans}
+
+    def hops(span: Span) -> list[str]:
+        """The services from ``span`` up to the root, each once, nearest first."""
+        out: list[str] = []
+        while span is not None:
+            if not out or out[-1] != span.service:
+                out.append(span.service)
+            span = by_id.get(span.parent_span_id)  # type: ignore[assignment]
+        return out
+
+    # reviews' spans descend from productpage's, which descend from the gateway's.
+    assert {tuple(hops(s)) for s in spans if s.service == "reviews"} == {("reviews", "productpage", "edge")}, shown
+    assert sum(1 for s in spans if s.service == "productpage") >= 2, shown  # inbound and outbound
 
 
 def _access_log_lines(envoy: EnvoyProcess) -> list[dict[str, Any]]:
@@ -304,8 +315,6 @@ def test_a_rejected_revision_is_a_failed_trace(tmesh: TelemetryMesh) -> None:
 def test_the_dashboards_envoy_metrics_exist_in_a_real_scrape(tmesh: TelemetryMesh) -> None:
     """The Grafana dashboard (deploy/grafana) queries Envoy metrics by name: each must be in what a
     sidecar's and the gateway's stats listener serve."""
-    from tests.integration.test_compose_mesh import dashboard_metric_names
-
     wait_for(lambda: tmesh.get("/dashboard")[0] == 200, "the gateway answers", 30)
     served: set[str] = set()  # sample names as Prometheus stores them (the exposition's, no _total added)
     for address in ("127.0.0.1", "127.0.0.2", "127.0.0.3"):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import MODES, EnvoyFactory, MeshFile
+from tests.support.envoy import EnvoyFactory
+from tests.support.meshes import ADS, MeshFile
 from tests.support.procs import free_port
 from tests.support.traffic import SteadyTraffic, http_request
 from tests.support.upstream import Upstreams
@@ -104,7 +105,7 @@ def scene(mesh_file: MeshFile, xdsd: Callable[..., XdsdProcess], envoy_factory: 
     app = ups.addresses["app"]
     mesh_file.write(mesh(listen, app, "r0"))
     proc = xdsd()
-    envoy_factory(proc, "edge-1", "edge", mode=MODES[0])
+    envoy_factory(proc, "edge-1", "edge", mode=ADS)
     proc.wait_for(lambda: http_request(f"http://127.0.0.1:{listen}/r0/x").status == 200, "the gateway to route", 30)
     return proc, listen, app
 

@@ -12,11 +12,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
+from tests.support.meshes import Mode
 from tests.support.procs import Proc, free_port
+
+if TYPE_CHECKING:
+    from tests.support.xdsd_proc import XdsdProcess
 
 T = TypeVar("T")
 
@@ -174,6 +178,75 @@ class EnvoyProcess:
                  interval: float = 0.05) -> T:
         """``Proc.wait_for``: fails at once if this Envoy died, with its log tail in the error."""
         return self.proc.wait_for(check, what, timeout, interval)
+
+
+class EnvoyFactory:
+    """Starts Envoys for a test, each in its own work dir under ``workdir``; ``stop_all()`` stops them.
+
+    ``factory(xdsd, node_id, cluster, mode=..., ...)`` bootstraps one against a running xdsd the way
+    ``xdsd bootstrap`` does; ``factory.from_bootstrap(name, bootstrap)`` runs any bootstrap."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.started: list[EnvoyProcess] = []
+
+    def __call__(
+        self,
+        xdsd: XdsdProcess,
+        node_id: str,
+        cluster: str,
+        *,
+        ads: bool = True,
+        delta: bool = False,
+        mode: Mode | None = None,
+        wait_live: bool = True,
+        timeout: float = 60.0,
+        token: str | None = "",
+        admin_port: int | None = None,
+        inbound_address: str | None = None,
+        app_address: str | None = None,
+        **bootstrap_options: Any,
+    ) -> EnvoyProcess:
+        """Envoy for (node_id, cluster) against ``xdsd``. ``mode`` overrides ads/delta.
+        ``token``: "" mints a valid one for (node_id, cluster); None sends none; else sent as given.
+        Extra keyword arguments go to BootstrapOptions (e.g. xds_tls_ca, zone, authz_http_port)."""
+        from xdsd.bootstrap import BootstrapOptions, render
+
+        if mode is not None:
+            ads, delta = mode.ads, mode.delta
+        own_tls = {"xds_tls_ca", "xds_tls_ca_pem", "xds_plaintext"} & bootstrap_options.keys()
+        tls = {} if own_tls else xdsd.bootstrap_tls()
+        opts = BootstrapOptions(
+            node_id=node_id,
+            cluster=cluster,
+            xds_host="127.0.0.1",
+            xds_port=xdsd.xds_port,
+            admin_port=admin_port or free_port(),
+            ads=ads,
+            delta=delta,
+            token=xdsd.token(node_id, cluster) if token == "" else token,
+            inbound_address=inbound_address,
+            app_address=app_address,
+            **tls,
+            **bootstrap_options,
+        )
+        return self.from_bootstrap(node_id, render(opts), wait_live=wait_live, timeout=timeout)
+
+    def from_bootstrap(self, name: str, bootstrap: dict[str, Any], *, wait_live: bool = True,
+                       timeout: float = 60.0) -> EnvoyProcess:
+        workdir = self.workdir / f"envoy-{name}"
+        n = 1
+        while workdir.exists():  # the same node twice in one test: a work dir each
+            n += 1
+            workdir = self.workdir / f"envoy-{name}-{n}"
+        workdir.mkdir(parents=True)
+        envoy = EnvoyProcess(name, bootstrap, workdir)
+        self.started.append(envoy)
+        return envoy.start(wait_live, timeout)
+
+    def stop_all(self) -> None:
+        for envoy in reversed(self.started):
+            envoy.stop()
 
 
 def static_proxy_bootstrap(

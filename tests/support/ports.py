@@ -41,6 +41,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free port found on {host}")
 
 
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_on(*hosts: str) -> int:
+    """A port free on every one of ``hosts`` (the mesh port of several loopback "machines", a stats
+    port each node binds on its own address), never returned before by this process."""
+    if not hosts:
+        raise ValueError("free_port_on needs at least one host")
+    for host in hosts:
+        _check_host(host)
+    for _ in range(200):
+        port = free_port(hosts[0])
+        if all(_bindable(h, port) for h in hosts[1:]):
+            return port
+    raise RuntimeError(f"no port free on all of {hosts}")
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """``n`` distinct free ports on ``host``."""
     return [free_port(host) for _ in range(n)]

@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from tests.support.ports import free_port, free_ports, port_open, wait_port_open
+from tests.support.ports import free_port, free_port_on, free_ports, port_open, wait_port_open
 
-__all__ = ["Proc", "ProcessExited", "free_port", "free_ports", "port_open", "stop_all", "wait_for", "wait_port_open"]
+__all__ = ["Proc", "ProcessExited", "free_port", "free_port_on", "free_ports", "port_open", "stop_all", "wait_for", "wait_port_open"]
 
 T = TypeVar("T")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import tempfile
 import urllib.error
@@ -68,6 +69,13 @@ class XdsdProcess:
         from xdsd.auth.tokens import OPERATOR
 
         return mint(self.state_dir, "", "", kind=OPERATOR, ttl=ttl)[0]
+
+    def cli(self, *args: str, admin: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        """``xdsd <args>`` as an operator on this host runs it: with this xdsd's state dir (so it can
+        mint what it needs) and, unless ``admin=False``, its admin address."""
+        where = ["--admin-address", f"127.0.0.1:{self.admin_port}"] if admin else []
+        return subprocess.run([sys.executable, "-m", "xdsd", *args, *where, "--state-dir", str(self.state_dir)],
+                              capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
     @property
     def plaintext(self) -> bool:

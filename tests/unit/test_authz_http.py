@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
+from tests.support.authz_http import MESH, PP, check, read_response
 from xdsd.authz.http import (
     MAX_HEAD,
     AuthzHttpProtocol,
@@ -21,46 +22,7 @@ from xdsd.generators.listeners import ext_authz_filter, policy_headers
 from xdsd.generators.node import NodeGroup
 from xdsd.model import load_mesh
 
-MESH = """
-mesh: {trust_domain: td}
-services:
-  reviews: {}
-  productpage: {}
-gateways:
-  edge: {listen: {address: 0.0.0.0, port: 8080}, routes: [{prefix: /, service: reviews}]}
-authorization:
-  reviews:
-    default: deny
-    rules:
-      - {name: pp-read, allow: {from: [productpage], methods: [GET, HEAD], paths: ["/reviews/*"]}}
-      - {name: no-admin, deny: {paths: [/admin]}}
-      - {name: tenant, allow: {headers: {X-Tenant: a}}}
-      - {name: probe, dry_run: true, deny: {paths: [/reviews/probe]}}
-  edge:
-    rules:
-      - {name: open, allow: {paths: ["/*"]}}
-"""
 _servers: list[AuthzHttpServer] = []  # the fixture's server, for tests that look inside
-PP = "By=spiffe://td/service/reviews;Hash=abc;URI=spiffe://td/service/productpage"
-
-
-def check(path: str, method: str = "GET", xfcc: str | None = PP, extra: str = "") -> bytes:
-    service, _, rest = path.partition("/")
-    head = f"{method} /_xdsd/authz/{service}//{rest} HTTP/1.1\r\nhost: xdsd-authz\r\ncontent-length: 0\r\n"
-    if xfcc is not None:
-        head += f"x-forwarded-client-cert: {xfcc}\r\n"
-    return (head + extra + "\r\n").encode()
-
-
-async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split(" ")[1])
-    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
-    body = b"" if head_only else await reader.readexactly(int(headers["content-length"]))
-    return status, headers, body
-
-
 @pytest_asyncio.fixture
 async def server() -> AsyncIterator[tuple[int, list[tuple[str, str, str]]]]:
     seen: list[tuple[str, str, str]] = []
@@ -241,39 +203,46 @@ async def test_slow_heads_idle_connections_and_too_many_are_closed(monkeypatch: 
 
     monkeypatch.setattr(http_mod, "SWEEP_INTERVAL", 0.05)
     monkeypatch.setattr(http_mod, "HEAD_TIMEOUT", 0.3)
-    monkeypatch.setattr(http_mod, "IDLE_TIMEOUT", 0.6)
+    monkeypatch.setattr(http_mod, "IDLE_TIMEOUT", 2.0)
     monkeypatch.setattr(http_mod, "MAX_CONNECTIONS", 3)
     authz = AuthorizationServicer()
     authz.set_mesh(load_mesh(MESH))
     srv = await start_http_authz(authz, "127.0.0.1", 0)
     try:
-        loop = asyncio.get_running_loop()
         slow_r, slow_w = await asyncio.open_connection("127.0.0.1", srv.port)
         idle_r, idle_w = await asyncio.open_connection("127.0.0.1", srv.port)
         busy_r, busy_w = await asyncio.open_connection("127.0.0.1", srv.port)
         for w, r in ((idle_w, idle_r), (busy_w, busy_r)):
             w.write(check("reviews/reviews/1"))
             assert (await read_response(r))[0] == 200
-        # A head trickled byte by byte never completes: closed after HEAD_TIMEOUT despite the activity.
-        t0 = loop.time()
-        for byte in b"GET /_xdsd/authz/reviews//x HTTP/1.1\r\nx-a: b":
-            slow_w.write(bytes([byte]))
-            await asyncio.sleep(0.01)
+        # A head trickled byte by byte (a byte every 10 ms: never idle) would take 20 s to complete:
+        # the connection is closed long before that, at HEAD_TIMEOUT, despite the activity.
+        head = b"GET /_xdsd/authz/reviews//x HTTP/1.1\r\nx-a: " + b"b" * 2000
+        sent = 0
+        for byte in head:
             if slow_r.at_eof():
                 break
+            slow_w.write(bytes([byte]))
+            sent += 1
+            await asyncio.sleep(0.01)
         assert await asyncio.wait_for(slow_r.read(), 5) == b""
-        assert loop.time() - t0 < 0.3 + 0.5
+        assert sent < len(head), "the slow head was never cut off"
         # Full of connections that checked just now: one more is refused at once (a connection that
         # sent nothing yet, or idle for ACTIVE_SECONDS, would have been shed for it instead).
+        for w, r in ((idle_w, idle_r), (busy_w, busy_r)):
+            w.write(check("reviews/reviews/1"))
+            assert (await read_response(r))[0] == 200
         third_r, third_w = await asyncio.open_connection("127.0.0.1", srv.port)
         third_w.write(check("reviews/reviews/1"))
         assert (await read_response(third_r))[0] == 200
         extra_r, extra_w = await asyncio.open_connection("127.0.0.1", srv.port)
         assert await asyncio.wait_for(extra_r.read(), 5) == b""
         # A connection that keeps checking stays open past IDLE_TIMEOUT; an idle one is closed.
-        for _ in range(8):
+        for _ in range(100):  # bounded: IDLE_TIMEOUT is 2 s, these rounds take at least 10 s
             busy_w.write(check("reviews/reviews/1"))
             assert (await read_response(busy_r))[0] == 200
+            if idle_r.at_eof():
+                break
             await asyncio.sleep(0.1)
         assert await asyncio.wait_for(idle_r.read(), 5) == b""
         busy_w.write(check("reviews/reviews/1"))

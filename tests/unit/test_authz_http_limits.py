@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
 import xdsd.authz.http as http_mod
-from tests.unit.test_authz_http import MESH, PP, check, read_response
+from tests.support.authz_http import MESH, PP, check, read_response
 from xdsd.auth.access import Access
 from xdsd.auth.tokens import TokenSigner
 from xdsd.authz.http import AuthzHttpServer, start_http_authz
@@ -82,6 +82,15 @@ def raised_fd_limit() -> Iterator[None]:
 
 async def connect(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0)), T)
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Polls ``check`` until true, for at most T (the server takes connections on its own time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + T
+    while not check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
 
 
 async def closed(reader: asyncio.StreamReader) -> bool:
@@ -190,9 +199,8 @@ async def test_thousands_of_idle_sockets_do_not_keep_a_node_out(server: AuthzHtt
                 idle.append(await connect(server.port, f"127.0.0.{2 + i % 5}"))
             table = server.table
             assert table is not None
-            await asyncio.sleep(0.2)
+            await until(lambda: table.shed_count >= 4100 + 1 - http_mod.MAX_CONNECTIONS, "the oldest idle ones shed")
             assert len(table) <= http_mod.MAX_CONNECTIONS
-            assert table.shed_count >= 4100 + 1 - http_mod.MAX_CONNECTIONS
             # A restarted sidecar: a new connection, its first check.
             new_r, new_w = await connect(server.port)
             new_w.write(signed("reviews/reviews/1"))
@@ -219,7 +227,7 @@ async def test_a_source_over_its_limit_sheds_its_own_connections_only(server: Au
                 idle.append(await connect(server.port, "127.0.0.2"))
             table = server.table
             assert table is not None
-            await asyncio.sleep(0.2)
+            await until(lambda: table.shed_count >= 100, "the busy source's oldest connections shed")
             assert table.unauthenticated("127.0.0.2") == limit
             assert table.unauthenticated("127.0.0.3") == 1
             assert await closed(idle[0][0])

@@ -235,16 +235,6 @@ def test_readme_traffic_policy_example_is_valid() -> None:
     assert generate(mesh, NodeGroup("edge", zone="zone-a"))
 
 
-def test_bootstrap_zone_sets_the_node_locality() -> None:
-    from xdsd.bootstrap import BootstrapOptions, render
-    from xdsd.cli import build_parser
-
-    assert render(BootstrapOptions("n1", "edge", zone="zone-a", xds_plaintext=True))["node"]["locality"] == {"zone": "zone-a"}
-    assert "locality" not in render(BootstrapOptions("n1", "edge", xds_plaintext=True))["node"]
-    args = build_parser().parse_args(["bootstrap", "--node-id", "n1", "--cluster", "edge", "--zone", "zone-b"])
-    assert args.zone == "zone-b"
-
-
 def test_retry_budget_validation() -> None:
     from xdsd.errors import MeshError
     from xdsd.model import load_mesh

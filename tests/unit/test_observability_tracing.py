@@ -98,7 +98,11 @@ def test_push_spans_settle_on_the_event_loop(traced: tuple[Tracing, InMemorySpan
         await asyncio.sleep(0.05)
         assert not [x for x in exporter.get_finished_spans() if x.name == "xdsd.acks"]  # still waiting for the ACK
         tracing.ack(s, typeurls.LISTENER, "v", 0.01)
-        await asyncio.sleep(0.05)
+        for _ in range(500):  # the settle timer runs on this loop: give it turns, bounded (5 s)
+            tracing.provider.force_flush()
+            if any(x.name == "xdsd.acks" for x in exporter.get_finished_spans()):
+                break
+            await asyncio.sleep(0.01)
 
     asyncio.run(run())
     tracing.provider.force_flush()

@@ -62,7 +62,6 @@ async def test_every_registered_method_and_route_has_an_access_rule(tmp_path: Pa
     from xdsd.admin.http import make_app
     from xdsd.app import App
     from xdsd.registry.api import http_routes
-
     from xdsd.settings import ServeSettings
 
     app = App(ServeSettings.from_args(_serve_args(tmp_path)))  # type: ignore[arg-type]

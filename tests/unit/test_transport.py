@@ -800,10 +800,9 @@ async def test_deadline_exceeded_cancels_the_handler() -> None:
         return b"late"
 
     async with serving({"Sleep": _unary(sleepy), **ECHO}) as running, channel(running) as ch:
-        started = time.monotonic()
+        # Bounded at T, far below the handler's 60 s: the deadline ended the call, not the handler.
         err = await rpc_error(ch.unary_unary(path("Sleep"))(b"", timeout=0.2))
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - started < 5
         await bounded(state.ended.wait())
         assert state.cancelled.is_set()
         await until(lambda: not any(c.calls for c in running.server.connections), "the call to be forgotten")
@@ -1203,13 +1202,12 @@ async def test_stop_with_grace_ends_open_streams_and_refuses_new_connections() -
             await bounded(call.write(b"hi"))
             assert await bounded(call.read()) == b"hi"
             grace = 1.0
-            started = time.monotonic()
             stopper = asyncio.create_task(server.stop(grace))
-            # The client sees its stream end (an error status) within grace and a bit.
+            # The client sees its stream end (an error status); the stream would go on forever
+            # otherwise, so the bounded read is the check.
             with contextlib.suppress(grpc.aio.AioRpcError):
                 while await bounded(call.read(), grace + 5) is not grpc.aio.EOF:
                     pass
-            assert time.monotonic() - started < grace + 5
             assert await bounded(call.code(), 5) != grpc.StatusCode.OK
             await bounded(stopper, grace + 5)
             await bounded(state.ended.wait())
@@ -1242,9 +1240,8 @@ async def test_stop_with_grace_lets_a_call_finish() -> None:
         async with channel(Running(server, port)) as ch:
             call = ch.unary_unary(path("Finishing"))(b"")
             await bounded(state.started.wait())
-            started = time.monotonic()
-            await bounded(server.stop(10.0), 15)
-            assert time.monotonic() - started < 5  # returned when the call ended, not after 10 s
+            # Returned when the call ended: waiting out the 60 s grace would exceed the bound.
+            await bounded(server.stop(60.0), 30)
             assert await bounded(call) == b"finished"
     finally:
         await server.stop(0)
@@ -1304,9 +1301,7 @@ async def test_stop_zero_cuts_calls_at_once() -> None:
             call = ch.stream_stream(path("F"))()
             await bounded(call.write(b"a"))
             assert await bounded(call.read()) == b"a"
-            started = time.monotonic()
-            await bounded(server.stop(0))
-            assert time.monotonic() - started < 3
+            await bounded(server.stop(0))  # the stream would never end by itself
             await bounded(state.ended.wait())
             err = await rpc_error(call.read())
             assert err.code() != grpc.StatusCode.OK
@@ -1326,9 +1321,7 @@ async def test_stop_closes_idle_connections_at_once() -> None:
         async with channel(Running(server, port)) as ch:
             assert await bounded(ch.unary_unary(path("Echo"))(b"x")) == b"x"
             await until(lambda: len(server.connections) == 2, "both connections")
-            started = time.monotonic()
-            await bounded(server.stop(30.0))
-            assert time.monotonic() - started < 5
+            await bounded(server.stop(60.0))  # at most T: the idle connections did not hold it for 60 s
             await bounded(_read_until_eof(reader))
             writer.close()
             assert not server.connections
@@ -2027,9 +2020,7 @@ async def test_stop_ends_even_with_handlers_that_ignore_cancellation_or_fail_whe
             client.request(path("S"), end=False)
             client.request(path("F"), end=False)
             await until(lambda s=server: sum(len(c.calls) for c in s.connections) == 2, "both calls")
-            started = time.monotonic()
-            await bounded(server.stop(grace))
-            assert time.monotonic() - started < grace + 3
+            await bounded(server.stop(grace))  # the stubborn handler alone would hold it forever
             assert not server.connections
             await until(lambda: "failing" in ended, "the failing handler to end")
         finally:

@@ -13,7 +13,7 @@ import gc
 import inspect
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -163,12 +163,18 @@ class Flooder:
             queued += size
         return queued
 
-    async def run(self, seconds: float) -> None:
-        """Send for ``seconds`` (or until everything is sent, refused or the connection ends)."""
+    async def run(self, seconds: float, until: Callable[[], bool] | None = None) -> None:
+        """Send for ``seconds`` and then, if ``until`` is given, until it holds (at most 30 s more);
+        or until everything is sent, refused or the connection ends."""
         assert self.reader is not None and self.writer is not None
-        deadline = time.monotonic() + seconds
+        start = time.monotonic()
+
+        def going() -> bool:
+            elapsed = time.monotonic() - start
+            return elapsed < seconds or (until is not None and not until() and elapsed < seconds + 30)
+
         try:
-            while time.monotonic() < deadline and not self.closed:
+            while going() and not self.closed:
                 queued = self._send()
                 out = self.h2.data_to_send()
                 if out:
@@ -290,7 +296,8 @@ async def test_unauthenticated_streams_sending_huge_messages_make_the_server_hol
 
         sampler, goods = asyncio.create_task(sample()), asyncio.create_task(good_client())
         try:
-            await bounded(asyncio.gather(*(f.run(4.0) for f in flooders)), 30)
+            # The flood goes on (4 s at least) until the good client has had 5 calls answered.
+            await bounded(asyncio.gather(*(f.run(4.0, until=lambda: good >= 5) for f in flooders)), 60)
             assert not goods.done()
         finally:
             sampler.cancel()

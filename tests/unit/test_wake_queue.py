@@ -1,11 +1,35 @@
-"""The wake queue sizes its batches so that one loop iteration of woken passes stays short."""
+"""The wake queue sizes its batches so that one loop iteration of woken passes stays short.
+
+Time here is a clock the test advances (a pass "costs" what it adds to it), so batch sizes are exact
+and no load on the machine can change them."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import pytest
+
+from xdsd.server import stream as stream_module
 from xdsd.server.stream import WakeQueue
+
+
+class FakeClock:
+    """``perf_counter`` for the code under test: moves only when a fake pass or build says so. In
+    place of a module's ``time``, everything else is the real ``time``'s."""
+
+    def __init__(self) -> None:
+        self.now = 1024.0  # with the costs below (multiples of 1/2048 s), every sum is exact
+
+    def __call__(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 class _Fake:
@@ -13,29 +37,44 @@ class _Fake:
         self.wake = asyncio.Event()
 
 
-async def _pass(stream: _Fake, cost: float) -> None:
-    await stream.wake.wait()
-    time.sleep(cost)  # noqa: ASYNC251 - the pass holds the loop, as building and sending a response does
-
-
-async def _run(queue: WakeQueue, n: int, cost: float) -> None:
+async def _run(queue: WakeQueue, clock: FakeClock, n: int, cost: float) -> list[int]:
+    """Wakes ``n`` streams whose pass costs ``cost`` seconds; returns how many ran per iteration."""
     streams = [_Fake() for _ in range(n)]
-    tasks = [asyncio.create_task(_pass(s, cost)) for s in streams]
+    per_iteration: list[int] = []
+    iteration = [0]
+
+    async def one_pass(s: _Fake) -> None:
+        await s.wake.wait()
+        clock.now += cost  # the pass holds the loop, as building and sending a response does
+        per_iteration[iteration[0]] += 1
+
+    tasks = [asyncio.create_task(one_pass(s)) for s in streams]
     await asyncio.sleep(0)
     for s in streams:
         queue.add(s)  # type: ignore[arg-type]
+    while not all(t.done() for t in tasks):
+        per_iteration.append(0)
+        await asyncio.sleep(0)
+        iteration[0] += 1
     await asyncio.gather(*tasks)
+    return [n for n in per_iteration if n]
 
 
 def test_heavy_passes_get_smaller_batches_and_light_ones_the_full_batch() -> None:
     async def main() -> None:
-        queue = WakeQueue()
-        await _run(queue, 300, 0.0005)  # 64 passes of 0.5 ms: 32 ms iterations
-        assert queue.batch < 32
-        heavy = queue.batch
-        await _run(queue, 2000, 0.0)
-        assert queue.batch > heavy
-        assert queue.batch >= WakeQueue.BATCH // 2  # noise on a busy machine may keep it below the top
+        clock = FakeClock()
+        queue = WakeQueue(clock=clock)
+        # 64 passes of 1/2048 s (~0.5 ms): a 31 ms iteration, four times the target: the next batch
+        # is 16, whose 7.8 ms iterations are on target, so it stays.
+        batches = await _run(queue, clock, 300, 1 / 2048)
+        assert batches[:3] == [64, 16, 16] and queue.batch == 16
+        assert sum(batches) == 300
+        # Free passes: the batch doubles back to the full 64.
+        batches = await _run(queue, clock, 2000, 0.0)
+        assert batches[:3] == [16, 32, 64] and queue.batch == WakeQueue.BATCH
+        # Very heavy passes never get less than MIN_BATCH.
+        await _run(queue, clock, 200, 1 / 8)
+        assert queue.batch == WakeQueue.MIN_BATCH
 
     asyncio.run(main())
 
@@ -74,7 +113,8 @@ def test_snapshot_building_has_a_budget_per_loop_iteration() -> None:
     asyncio.run(main())
 
 
-def test_first_nodes_of_many_groups_have_their_snapshots_built_across_iterations() -> None:
+def test_first_nodes_of_many_groups_have_their_snapshots_built_across_iterations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from envoy.service.discovery.v3 import discovery_pb2
 
     from xdsd import typeurls
@@ -88,18 +128,21 @@ def test_first_nodes_of_many_groups_have_their_snapshots_built_across_iterations
     text = "services:\n" + "".join(
         f"  {s}:\n    sidecar: {{inbound: {{port: 15006}}, app_port: 9080, upstreams: {{{services[(i + 1) % 40]}: 9081}}}}\n"
         for i, s in enumerate(services))
+    clock = FakeClock()
+    # The stream times each build with perf_counter: on the fake clock, a build costs what it adds.
+    monkeypatch.setattr(stream_module, "time", clock)
 
     async def main() -> None:
         cache = SnapshotCache(generate)
         cache.update(load_mesh(text))
-        queue = WakeQueue()
+        queue = WakeQueue(clock=clock)
         built_per_iteration: list[int] = []
         real = cache.snapshot
 
         def counting(group):  # type: ignore[no-untyped-def]
             if cache.current(group) is None:
                 built_per_iteration[-1] += 1
-                time.sleep(0.002)  # a build that costs its share of the budget
+                clock.now += 0.0025  # a build that costs more than half the budget
             return real(group)
 
         cache.snapshot = counting  # type: ignore[method-assign]
@@ -121,6 +164,9 @@ def test_first_nodes_of_many_groups_have_their_snapshots_built_across_iterations
             if len(answered) == len(streams):
                 break
         assert len(answered) == len(streams)  # every first node got its clusters
-        assert max(built_per_iteration) <= 3  # 2 ms each against a 4 ms budget (the last may overrun)
+        # 2.5 ms each against a 4 ms budget: the second build overruns it, so two per iteration,
+        # 40 groups in 20 iterations.
+        builds = [n for n in built_per_iteration if n]
+        assert builds == [2] * 20, builds
 
     asyncio.run(main())
