@@ -249,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["yaml", "json"], default="yaml")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="where the token key is (same default as `xdsd serve`)")
-    p.add_argument("--token", help="a node token minted earlier (`xdsd token`); default: mint one now")
-    p.add_argument("--no-token", action="store_true", help="omit the token (only for `serve --auth off`)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="a node token minted earlier (`xdsd token`); default: mint one now")
+    token.add_argument("--no-token", action="store_true", help="omit the token (only for `serve --auth off`)")
     p.add_argument("--ttl", type=_ttl, default=365 * 86400.0, metavar="D",
                    help="lifetime of the minted token: 365d, 12h, 30m, 90s (default 365d)")
     p.add_argument("--xds-tls-ca", metavar="PEM",
@@ -325,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="KEY=VALUE")
     p.add_argument("--instance-id", help="default ADDRESS:PORT")
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT")
-    p.add_argument("--token", help="a node token for the service (`xdsd token`); default: mint one")
-    p.add_argument("--no-token", action="store_true", help="send no token (only for `serve --auth off`)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="a node token for the service (`xdsd token`); default: mint one")
+    token.add_argument("--no-token", action="store_true", help="send no token (only for `serve --auth off`)")
     p.add_argument("--token-ttl", dest="ttl_token", type=_ttl, default=365 * 86400.0, metavar="D",
                    help="lifetime of the token minted when --token is not given (default 365d)")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")

@@ -27,6 +27,7 @@ from xdsd.registry.registry import Registry
 from xdsd.rollout import Fleet, Rollout, choose_canaries
 from xdsd.sources.file import FileSource, parse_bytes
 from xdsd.sources.history import History, write_atomically
+from xdsd.sources.intern import intern
 from xdsd.sources.removal import Removal, removal
 from xdsd.sources.writes import Outcome
 
@@ -141,6 +142,7 @@ class Controller:
         self.identities = identities
         self.registry = registry
         self.file_mesh: Mesh | None = None
+        self._file_changed: frozenset[str] | None = None  # of the revision being loaded (sources.intern)
         # Registrations arrive one by one (a fleet restarting registers hundreds in a second):
         # changes within this window become one revision.
         self.registry_debounce = registry_debounce
@@ -171,6 +173,7 @@ class Controller:
                     mesh = self.held.mesh  # `xdsd apply --allow-removal` of the content being held
                 else:
                     return False
+            mesh, self._file_changed = intern(self.file_mesh, mesh)
             removed = removal(self.file_mesh, mesh)
             if removed.exceeds(self.max_removal) and not allow_removal:
                 self._hold(mesh, removed)
@@ -249,14 +252,19 @@ class Controller:
         log.info("config revision %d applied: %s", self.cache.revision, self.status.summary)
 
     def _serve(self, file_mesh: Mesh, trace: AnyRevisionTrace = NULL_REVISION) -> None:
+        # A new file revision that changed only some services' endpoints (sources.intern), or new
+        # registrations: the cache may patch the last snapshots (what the changed services feed)
+        # instead of walking every service for every group.
+        file_changed = self._file_changed if file_mesh is not self.file_mesh else None
+        self._file_changed = None
         endpoints_changed = None
         if self.registry is not None:
-            mesh = self._merger.merge(file_mesh, self.registry.list())
-            # Same file, new registrations: the cache may patch the last snapshots (what the
-            # changed services feed) instead of walking every service for every group.
+            mesh = self._merger.merge(file_mesh, self.registry.list(), file_changed)
             endpoints_changed = self._merger.endpoints_changed
         else:
             mesh = file_mesh
+            if file_changed is not None and self.file_mesh is not None:
+                endpoints_changed = (self.file_mesh, file_changed)
         canary = None
         rollout = self.rollout if self.rollout is not None and self.rollout.active else None
         if rollout is not None:

@@ -11,6 +11,10 @@ import time
 from collections.abc import Callable
 
 TICK = 0.005
+# While the process uses less CPU than this share of the wall clock, the probe sleeps this long
+# between samples instead of TICK: an idle control plane does not wake 200 times a second.
+IDLE_CPU_SHARE = 0.01
+IDLE_TICK = 1.0
 
 
 class LoopMonitor:
@@ -46,11 +50,19 @@ class LoopMonitor:
             gc.callbacks.remove(self._on_gc)
 
     async def _run(self, stop: asyncio.Event, clock: Callable[[], float]) -> None:
+        """Samples every TICK while the process is busy; when it has been (nearly) idle since the
+        last sample, every IDLE_TICK (a stall needs work: the first busy second is sampled coarsely,
+        the rest finely)."""
+        tick = self._tick
+        cpu = time.process_time()
         while not stop.is_set():
             start = clock()
-            await asyncio.sleep(self._tick)
-            stall = max(0.0, clock() - start - self._tick)
+            await asyncio.sleep(tick)
+            elapsed = clock() - start
+            stall = max(0.0, elapsed - tick)
             if stall > self.max_stall:
                 self.max_stall = stall
             if self._observe is not None:
                 self._observe(stall)
+            used, cpu = time.process_time() - cpu, time.process_time()
+            tick = IDLE_TICK if used < IDLE_CPU_SHARE * elapsed else self._tick

@@ -49,7 +49,10 @@ class Merger:
         # the mesh settings are the very same objects. None after a new file mesh.
         self.endpoints_changed: tuple[Mesh, frozenset[str]] | None = None
 
-    def merge(self, mesh: Mesh, instances: Iterable[Instance]) -> Mesh:
+    def merge(self, mesh: Mesh, instances: Iterable[Instance], file_changed: frozenset[str] | None = None) -> Mesh:
+        """The file's ``mesh`` with the live ``instances``. ``file_changed``: ``mesh`` is a new file
+        revision that differs from the last one merged only in these services' endpoints (the
+        rest the very same objects: ``sources.intern``); the result is then a patchable change too."""
         by_service: dict[str, list[Instance]] = {}
         for inst in instances:
             if inst.service in mesh.services:  # a service dropped from the file takes its instances along
@@ -69,7 +72,10 @@ class Merger:
                 services[name] = merged.merged
             result = mesh.model_copy(update={"services": services})
         same_file = self._file is mesh and self._out is not None
-        self.endpoints_changed = (self._out, frozenset(changed)) if same_file and self._out is not None else None
+        if self._out is not None and (same_file or file_changed is not None):
+            self.endpoints_changed = (self._out, frozenset(changed | (file_changed or frozenset())))
+        else:
+            self.endpoints_changed = None
         self._file, self._out = mesh, result
         return result
 

@@ -178,8 +178,11 @@ class Registry:
         """Expire registrations whose heartbeats lapsed, within ``every`` of their TTL; and save."""
         while not stop.is_set():
             self.sweep()
+            # Nothing registered and nothing to save: nothing can lapse before the next registration,
+            # which is served at once; sweep again within a second.
+            idle = not self._instances and not self._dirty
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+                await asyncio.wait_for(stop.wait(), max(every, 1.0) if idle else every)
 
     def next_expiry(self) -> float | None:
         return min((i.expires_at for i in self._instances.values()), default=None)
