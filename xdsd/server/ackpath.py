@@ -69,7 +69,10 @@ def subscription_block(data: bytes, req: discovery_pb2.DiscoveryRequest) -> byte
         parsed = discovery_pb2.DiscoveryRequest.FromString(block)
     except Exception:  # noqa: BLE001 - not a field boundary: no fast path for this type
         return None
+    # The whole request parsed as ``req`` and is head + block + tail, with only version and node in
+    # the head and only nonce and error in the tail: a block of names and type alone holds exactly
+    # ``req``'s names, in order (a repeated field is the concatenation of its elements).
     if ({f.number for f, _ in parsed.ListFields()} <= BLOCK_FIELDS and parsed.type_url == req.type_url
-            and parsed.resource_names == req.resource_names):
+            and len(parsed.resource_names) == len(req.resource_names)):
         return block
     return None

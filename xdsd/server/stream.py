@@ -279,16 +279,16 @@ class Stream:
         self._wake()
 
     def _check_names(self, type_url: str, names: list[str], total: int) -> None:
-        """Bounds on what a stream may subscribe to (ProtocolError -> INVALID_ARGUMENT)."""
+        """Bounds on what a stream may subscribe to (ProtocolError -> INVALID_ARGUMENT). Before the
+        node's snapshot exists, every name counts as one xdsd does not serve."""
         if total > MAX_NAMES:
             raise ProtocolError(f"resource_names: at most {MAX_NAMES} names per type on a stream, got {total}")
-        held = self.snapshot.get(type_url).resources if self.snapshot is not None else None
-        unknown = 0
-        for name in names:
-            if len(name) > MAX_NAME_LENGTH:
-                raise ProtocolError(f"resource_names: a name longer than {MAX_NAME_LENGTH} characters")
-            if held is not None and name not in held and name != "*":
-                unknown += 1
+        if names and max(map(len, names)) > MAX_NAME_LENGTH:
+            raise ProtocolError(f"resource_names: a name longer than {MAX_NAME_LENGTH} characters")
+        if len(names) <= MAX_UNKNOWN_NAMES:
+            return
+        held = self.snapshot.get(type_url).resources if self.snapshot is not None else {}
+        unknown = len(set(names).difference(held.keys(), ("*",)))
         if unknown > MAX_UNKNOWN_NAMES:
             raise ProtocolError(f"resource_names: {unknown} names that xdsd does not serve "
                                 f"(at most {MAX_UNKNOWN_NAMES} may be asked for ahead of time)")

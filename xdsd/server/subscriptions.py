@@ -84,9 +84,12 @@ class TypeState:
         """The resources of ``ts`` this client is subscribed to."""
         if self.wildcard:
             return ts.resources  # explicitly named resources are a subset of everything
+        resources = ts.resources
+        if len(self.names) > 4 * len(resources):  # many names ahead of time: intersect at C speed
+            return {name: resources[name] for name in self.names.intersection(resources.keys())}
         chosen: dict[str, Resource] = {}
         for name in self.names:
-            res = ts.resources.get(name)
+            res = resources.get(name)
             if res is not None:
                 chosen[name] = res
         return chosen

@@ -111,13 +111,26 @@ class DeliveryBudget:
         self.rate = rate
         self.tokens = float(burst)
         self._at = 0.0  # loop time of the last refill
+        self._refilled = False  # refilled in this loop iteration already
         self._timer: asyncio.TimerHandle | None = None
         self._queues: dict[Connection, deque[tuple[Call, asyncio.Future[None]]]] = {}
 
     def _refill(self) -> None:
-        now = asyncio.get_running_loop().time()
+        """At most once per loop iteration: the loop's clock moves on while the handlers of the
+        messages handed out in this iteration run, and that time must not pay for more messages
+        in the same iteration (else a handful of requests that are costly to handle would all be
+        handled back to back)."""
+        if self._refilled:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         self.tokens = min(float(self.burst), self.tokens + (now - self._at) * self.rate)
         self._at = now
+        self._refilled = True
+        loop.call_soon(self._next_iteration)
+
+    def _next_iteration(self) -> None:
+        self._refilled = False
 
     def take(self, call: Call, size: int) -> bool:
         """May ``call`` hand out its next message (``size`` bytes) now? Charged if so."""
