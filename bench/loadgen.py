@@ -5,20 +5,24 @@ token), subscribes like an Envoy sidecar does — CDS and LDS wildcard, then EDS
 it received and RDS for the route names its listeners carry, SDS for its own certificate and the
 trust bundle — and ACKs every response. State of the world or delta.
 
-Streams are raw HTTP/2 gRPC clients (bench.h2grpc, on the ``h2`` library), not grpc.aio channels:
-the benchmark machine has 2 cores, and with grpc.aio's per-message overhead one fan-out to 1,000
-streams cost this process ~190 ms of CPU, taken from the xdsd process being measured; with h2 it is
-~90 ms. Their receive windows are large (16 MiB; Envoy's default is 256 MiB) and they send no pings
-of their own, so xdsd sees an ACK per response and little else; grpc.aio's client also sent ~3
-WINDOW_UPDATEs and ~0.8 PINGs per response, which xdsd had to handle (its CPU per change was higher
-for that).
+Two kinds of client (``LoadGenerator(..., client=)``):
+  h2    bench.h2grpc, a minimal gRPC client on the ``h2`` library: receive windows of 16 MiB, no
+        pings of its own, so xdsd sees an ACK per response and little else. Cheap for this process
+        (~90 ms of CPU per 1,000-stream fan-out), so it measures xdsd rather than the generator.
+  grpc  grpc.aio channels (grpc-core, bench.grpcclient), one per stream: what proxyless gRPC and
+        Envoy's google_grpc run, with grpc-core's HTTP/2 habits (BDP PINGs, WINDOW_UPDATEs as it
+        reads, ...). It costs this process more (~190 ms of CPU per 1,000-stream fan-out), so
+        bench.xds reports the generator's CPU beside xdsd's.
+Workers may be pinned to CPUs (``cpus=``), so that xdsd keeps a core of its own.
 
 The driver (bench.xds) talks to workers over a pipe:
     ("connect", specs)        open streams; answers per-stream seconds until CDS+EDS+LDS+RDS were ACKed
     ("since", t0, timeout)    answers, per stream, seconds from t0 to the ACK of the first EDS response after t0
     ("bytes",)                bytes received per type, summed over this worker's streams (then reset)
     ("close",)                close all streams and exit
-Times are ``time.monotonic()``, which is one clock for every process on the machine.
+Times are ``time.monotonic()``, which is one clock for every process on the machine. An ACK's time
+is when it was handed to the client library (h2: the transport; grpc: the call's request queue),
+right after the response was parsed.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import resource
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -40,6 +46,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from bench.h2grpc import CANCELLED, H2GrpcError, H2Stream, open_stream
 
+CLIENTS = ("h2", "grpc")
+
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
@@ -47,6 +55,7 @@ RDS = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 SDS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 READY_TYPES = frozenset({CDS, EDS, LDS, RDS})
 ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -223,8 +232,9 @@ def _acked(st: StreamState, type_url: str) -> None:
 
 
 class Worker:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, client: str = "h2") -> None:
         self.target = target
+        self.client = client
         self.streams: list[StreamState] = []
         self.tasks: list[asyncio.Task[None]] = []
         host, _, port = target.rpartition(":")
@@ -233,10 +243,15 @@ class Worker:
     async def _run_stream(self, st: StreamState) -> None:
         metadata = (("x-xdsd-token", st.spec.token),) if st.spec.token else ()
         kind = _Delta if st.spec.delta else _Sotw
-        call: H2Stream | None = None
+        call: Any = None
         try:
             # Its own TCP connection, like a separate Envoy.
-            call = await open_stream(self.host, self.port, kind.method, metadata)
+            if self.client == "grpc":
+                from bench.grpcclient import open_grpc_stream
+
+                call = await open_grpc_stream(self.host, self.port, kind.method, metadata)
+            else:
+                call = await open_stream(self.host, self.port, kind.method, metadata)
             await kind(st, call).run()
         except H2GrpcError as exc:
             if exc.code != CANCELLED:
@@ -294,8 +309,8 @@ class Worker:
         await asyncio.gather(*self.tasks, return_exceptions=True)  # each closes its connection
 
 
-async def _serve(conn: Connection, target: str) -> None:
-    worker = Worker(target)
+async def _serve(conn: Connection, target: str, client: str) -> None:
+    worker = Worker(target, client)
     loop = asyncio.get_running_loop()
     while True:
         cmd = await loop.run_in_executor(None, conn.recv)
@@ -321,26 +336,35 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _main(conn: Connection, target: str) -> None:
+def _main(conn: Connection, target: str, client: str = "h2", cpus: frozenset[int] | None = None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before any thread (grpc's) starts: they inherit it
     raise_fd_limit()
+    if client == "grpc":  # grpc.aio runs on asyncio's own loop
+        asyncio.run(_serve(conn, target, client))
+        return
     try:
         import uvloop
 
-        uvloop.run(_serve(conn, target))
+        uvloop.run(_serve(conn, target, client))
     except ImportError:  # pragma: no cover
-        asyncio.run(_serve(conn, target))
+        asyncio.run(_serve(conn, target, client))
 
 
 class LoadGenerator:
-    """``processes`` workers; streams are dealt to them round robin."""
+    """``processes`` workers of one ``client`` kind ("h2" or "grpc"), pinned to ``cpus`` if given;
+    streams are dealt to them round robin."""
 
-    def __init__(self, target: str, processes: int) -> None:
+    def __init__(self, target: str, processes: int, client: str = "h2", cpus: frozenset[int] | None = None) -> None:
+        if client not in CLIENTS:
+            raise ValueError(f"client must be one of {CLIENTS}")
         ctx = mp.get_context("spawn")
+        self.client = client
         self.conns: list[Connection] = []
         self.procs = []
         for _ in range(processes):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_main, args=(child, target), daemon=True)
+            p = ctx.Process(target=_main, args=(child, target, client, cpus), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -365,6 +389,19 @@ class LoadGenerator:
             for t, v in part.items():
                 total[t] += v
         return dict(total)
+
+    def cpu(self) -> float:
+        """CPU seconds the workers have used (every thread, from /proc)."""
+        total = 0.0
+        for p in self.procs:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / _TICKS
+        return total
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

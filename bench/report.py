@@ -1,4 +1,7 @@
-"""Rewrites BENCHMARKS.md from the JSON results in bench/results/."""
+"""Rewrites BENCHMARKS.md from the JSON results in bench/results/.
+
+Sections it does not write (``## Hostile clients``, written by bench.hostile's author) are kept as
+they are, after the generated ones."""
 
 from __future__ import annotations
 
@@ -7,8 +10,12 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench/results"
+CLIENT_NAMES = {"h2": "h2 (bench.h2grpc)", "grpc": "grpc-core (grpc.aio)"}
+CHANGE_NAMES = {"registration": "registration", "file": "file edit (rename)"}
 
 
 def machine() -> str:
@@ -25,36 +32,102 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, Envoy {envoy}"
 
 
-def authz_section(r: dict) -> str:  # type: ignore[type-arg]
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _ms(x: dict[str, Any], key: str) -> str:
+    return f"{x[key]:,.0f}" if key in x else "–"
+
+
+def _us(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+# -- ext_authz -------------------------------------------------------------------------------
+
+AUTHZ_VARIANTS = (("none", "no authorization"), ("ext_authz", "xdsd ext_authz, gRPC (Envoy's client, token by upstream filters)"),
+                  ("ext_authz_metadata", "xdsd ext_authz, gRPC (Envoy's client, token as initial metadata)"),
+                  ("ext_authz_google", "xdsd ext_authz, gRPC (google_grpc: grpc-core in Envoy)"),
+                  ("ext_authz_http", "xdsd ext_authz, HTTP (`--authz-http-port`)"), ("rbac", "Envoy RBAC (in-process)"))
+
+
+def _spread(s: dict[str, list[float]], key: str) -> str:
+    lo, mid, hi = s[key]
+    return f"{lo:,.0f} / {mid:,.0f} / {hi:,.0f}"
+
+
+def authz_section(r: dict[str, Any]) -> str:
     e = r["envoy"]
+    runs = r.get("runs", 3)
     rows = []
-    variants = (("none", "no authorization"), ("ext_authz", "xdsd ext_authz, gRPC"),
-                ("ext_authz_http", "xdsd ext_authz, HTTP (`--authz-http-port`)"), ("rbac", "Envoy RBAC (in-process)"))
-    for variant, label in variants:
+    for variant, label in AUTHZ_VARIANTS:
         if variant not in e:
             continue
+        x = e[variant]
         for conc in ("c1", "c8"):
-            x = e[variant][conc]
-            rows.append(f"| {label} | {conc[1:]} | {x['rps']:,.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['non_2xx']:.0f} |")
+            y = x[conc]
+            cpu = (f"{y['xdsd_cpu_us']:.0f} | {y['envoy_cpu_us']:.0f}" if "xdsd_cpu_us" in y else "– | –")
+            rows.append(f"| {label} | {conc[1:]} | {y['rps']:,.0f} | {y['p50_us']:.0f} | {y['p99_us']:.0f} | "
+                        f"{y['non_2xx']:.0f} | {cpu} |")
+    spread_rows = []
+    for variant, label in AUTHZ_VARIANTS:
+        x = e.get(variant, {})
+        if "c1_spread" not in x:
+            continue
+        sp = x["c1_spread"]
+        busy = x.get("busy_spread")
+        spread_rows.append(f"| {label} | {_spread(sp, 'p50_us')} | {_spread(sp, 'p99_us')} | "
+                           + (f"{_spread(busy, 'p50_us')} | {_spread(busy, 'p99_us')} |" if busy else "– | – |"))
     s = r["servicer_alone"]
     c1 = e["ext_authz"]["c1"]
     h1 = e.get("ext_authz_http", {}).get("c1")
     http_row = [] if h1 is None else [
         f"| end to end with ext_authz over HTTP, 1 connection ({h1['rps']:,.0f} rps) | p50 {h1['p50_us']:.0f} µs, "
         f"p99 {h1['p99_us']:.0f} µs | p50 ≤ 300 µs, p99 ≤ 1 ms at 2,000 rps |"]
-    return "\n".join([
-        "## ext_authz (issue 6)",
+    lines = [
+        "## ext_authz (issues 6 and 19)",
         "",
         f"Command: `.venv/bin/python -m bench.authz --seconds {r.get('seconds', 10)}` (Envoy `--concurrency 1`, `wrk -t1`, closed loop:",
         "with one connection each request waits for the previous one, so requests/s = 1 / latency; xdsd serves",
-        "both transports from one process). The HTTP transport is what `xdsd bootstrap --authz-http-port` sets up;",
-        "it meets the targets at more than twice the asked rate. gRPC stays for Envoys bootstrapped without it.",
-        "One-connection rows are the median of three runs by p99 (the others are in bench/results/authz.json).",
+        "both transports from one process). The HTTP transport is what `xdsd bootstrap --authz-http-port` sets up.",
+        f"One-connection rows are the median of {runs} runs by p99; the spread table shows all of them. CPU",
+        "columns: xdsd's and Envoy's CPU per request over the run (from /proc).",
         "",
-        "| filter | connections | requests/s | p50 µs | p99 µs | non-2xx |",
-        "|---|---|---|---|---|---|",
+        "| filter | connections | requests/s | p50 µs | p99 µs | non-2xx | xdsd CPU µs/req | Envoy CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
+    ]
+    if spread_rows:
+        lines += [
+            f"Spread over the {runs} one-connection runs (min / median / max, µs); \"busy\": the same runs with a",
+            "CPU-bound process on every core (`--busy`), when measured:",
+            "",
+            "| filter | p50 | p99 | busy p50 | busy p99 |",
+            "|---|---|---|---|---|",
+            *spread_rows,
+            "",
+        ]
+    diag = [(v, label, e[v]) for v, label in AUTHZ_VARIANTS if "diagnose" in e.get(v, {}) or "frames" in e.get(v, {})]
+    if diag:
+        lines += ["Per request, under one connection (`--diagnose`): xdsd's syscalls (strace -c -f), its busiest",
+                  "functions (py-spy, share of xdsd's samples) and the HTTP/2 frames per gRPC check (bench.h2tap):", "",
+                  "| filter | xdsd syscalls per request | xdsd's top functions | frames per check (client → xdsd; xdsd → client) |",
+                  "|---|---|---|---|"]
+        for _v, label, x in diag:
+            d = x.get("diagnose", {})
+            sys_calls = ", ".join(f"{k} {v:g}" for k, v in list(d.get("strace", {}).get("per_request", {}).items())[:6])
+            top = ", ".join(f"{k.split(' (')[0]} {v:g}%" for k, v in d.get("profile", {}).get("self", [])[:5])
+            f = x.get("frames", {}).get("per_check", {})
+            c2s = ", ".join(f"{k[4:]} {v:g}" for k, v in f.items() if k.startswith("c2s ") and "bytes" not in k
+                            and "increment" not in k and k != "c2s frames")
+            s2c = ", ".join(f"{k[4:]} {v:g}" for k, v in f.items() if k.startswith("s2c ") and "bytes" not in k
+                            and "increment" not in k and k != "s2c frames")
+            lines.append(f"| {label} | {sys_calls or '–'} | {top or '–'} | {c2s or '–'}; {s2c or '–'} |")
+        lines.append("")
+    lines += [
         "| measure | result | target |",
         "|---|---|---|",
         *http_row,
@@ -69,61 +142,149 @@ def authz_section(r: dict) -> str:  # type: ignore[type-arg]
             f"| HTTP check server alone, 16 keep-alive connections | {r['http_alone']['rps']:,.0f} rps, "
             f"p50 {r['http_alone']['p50_us']:.0f} µs, p99 {r['http_alone']['p99_us']:.0f} µs | |"]),
         "",
-    ])
+    ]
+    return "\n".join(lines)
 
 
-def _ms(x: dict, key: str) -> str:  # type: ignore[type-arg]
-    return f"{x[key]:,.0f}" if key in x else "–"
+# -- xDS -------------------------------------------------------------------------------------
 
 
-def xds_section(r: dict) -> str:  # type: ignore[type-arg]
+def _target(kind: str, n: int) -> str:
+    if kind == "storm":
+        return "≤ 1,000 ms" if n == 1000 else ""
+    return {1000: "p99 ≤ 150 ms", 5000: "p99 ≤ 400 ms"}.get(n, "")
+
+
+def _met(kind: str, n: int, x: dict[str, Any]) -> str:
+    if "p99" not in x:
+        return " ✗ (streams missing)" if _target(kind, n) else ""
+    limit = {("storm", 1000): 1000.0, ("fanout", 1000): 150.0, ("fanout", 5000): 400.0}.get((kind, n))
+    if limit is None:
+        return ""
+    ok = x["p99"] <= limit and not x.get("missing")
+    return " ✓" if ok else " ✗"
+
+
+def fleet_table(rows: list[dict[str, Any]], gateway: bool = False) -> list[str]:
+    out = [
+        "| scenario | client | streams | p50 | p99 | max | xdsd CPU s | generator CPU s | xdsd CPU per stream ms | "
+        "peak RSS MB | longest stall ms | target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    role = " (gateways holding all 100 clusters)" if gateway else ""
+    for n in sorted({r["n"] for r in rows}):
+        group = [r for r in rows if r["n"] == n]
+        for r in group:
+            s = r["storm"]
+            miss = f" ({s['missing']:,} never configured)" if s.get("missing") else ""
+            out.append(f"| reconnect storm{role}: CDS, EDS, LDS, RDS ACKed | {CLIENT_NAMES[r['client']]} | {n:,}{miss} | "
+                       f"{_ms(s, 'p50')} | {_ms(s, 'p99')} | {_ms(s, 'max')} | {s['cpu_s']:.2f} | {s['gen_cpu_s']:.2f} | "
+                       f"{s['cpu_s'] * 1000 / n:.2f} | {s['peak_rss_mb']:.0f} | {s['loop_stall_ms']:.0f} | "
+                       f"{_target('storm', n)}{_met('storm', n, s)} |")
+        for kind in ("registration", "file"):
+            for r in group:
+                f = r["fanout"].get(kind)
+                if f is None:
+                    continue
+                out.append(f"| fan-out{role}: one endpoint by {CHANGE_NAMES[kind]}, every stream ACKed ({f['changes']} changes) | "
+                           f"{CLIENT_NAMES[r['client']]} | {n:,} | {_ms(f, 'p50')} | {_ms(f, 'p99')} | {_ms(f, 'max')} | "
+                           f"{f['cpu_s_per_change']:.3f} per change | {f['gen_cpu_s_per_change']:.3f} per change | "
+                           f"{f['cpu_ms_per_stream']:.3f} | {f['peak_rss_mb']:.0f} | {f['loop_stall_ms']:.0f} | "
+                           f"{_target('fanout', n)}{_met('fanout', n, f)} |")
+    return out
+
+
+def envoy_table(x: dict[str, Any]) -> list[str]:
+    out = ["| change | Envoys | p50 | p99 | max | xdsd CPU s per change | xdsd CPU ms per Envoy | poller CPU s | "
+           "Envoys + apps CPU s | poll round ms | longest stall ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("registration", "file"):
+        y = x.get(kind)
+        if not y:
+            continue
+        out.append(f"| {CHANGE_NAMES[kind]} | {x['envoys']} | {_ms(y, 'p50')} | {_ms(y, 'p99')} | {_ms(y, 'max')} | "
+                   f"{y['cpu_s_per_change']:.3f} | {y['cpu_ms_per_envoy']:.2f} | {y['poller_cpu_s_per_change']:.3f} | "
+                   f"{y['envoys_cpu_s_per_change']:.3f} | {y.get('round_ms') or 0:.1f} | {y['loop_stall_ms']:.0f} |")
+    return out
+
+
+def idle_table(x: dict[str, Any]) -> list[str]:
+    out = [f"| xdsd serve, quiet for {x['seconds']:.0f} s | xdsd CPU s per 10 s | load generator CPU s per 10 s | target |",
+           "|---|---|---|---|"]
+    labels = (("no_proxies", "no proxies (after start-up)", "≤ 0.02"),
+              ("streams_h2", f"{x['streams']:,} idle streams, h2", ""),
+              ("streams_grpc", f"{x['streams']:,} idle streams, grpc-core", ""),
+              ("no_proxies_after", "no proxies again (after the streams left)", "≤ 0.02"))
+    for key, label, target in labels:
+        y = x.get(key)
+        if y is None:
+            continue
+        gen = f"{y['gen_cpu_s'] * 10 / x['seconds']:.3f}" if "gen_cpu_s" in y else ""
+        met = (" ✓" if round(y["per_10s"], 3) <= 0.02 else " ✗") if target else ""
+        out.append(f"| {label} | {y['per_10s']:.3f} | {gen} | {target}{met} |")
+    return out
+
+
+def xds_section(r: dict[str, Any]) -> str:
     mode = r.get("mode", "quick")
     cmd = ".venv/bin/python -m bench.xds" + (" --full" if mode == "full" else "")
+    pinned = r.get("pinned")
     lines = [
-        "## xDS fan-out, convergence, memory, reconnect storms (issue 8)" + (" — full mode" if mode == "full" else ""),
+        "## xDS fan-out, convergence, memory, reconnect storms (issues 8 and 19)" + (" — full mode" if mode == "full" else ""),
         "",
-        f"Command: `{cmd}` ({mode} mode; `make bench` runs the quick one). xdsd runs as `xdsd serve`",
-        "(`--auth required`, real tokens); the streams come from `bench/loadgen.py` worker processes on the",
-        "same 2-core machine (each stream its own HTTP/2 connection, half state of the world, half delta;",
-        "each subscribes like a sidecar: CDS+LDS wildcard, EDS/RDS for what it received, SDS, and ACKs).",
-        "Mesh: 100 services x 10 endpoints, every sidecar calls the changed service plus 4 others",
-        "(`bench/meshgen.py`). A change is a registration over the HTTP API; the clock starts before",
-        "the request, so the registration debounce (10 ms) is included. Times in ms.",
+        f"Command: `{cmd}` ({mode} mode; `make bench` runs the quick one). xdsd runs as `xdsd serve --xds-plaintext`",
+        "(`--auth required`, real tokens)" + (f", pinned to core {pinned['xdsd'][0]}; everything else (the load generator, this"
+                                               " driver, Envoys) on the other core" if pinned else "") + ".",
+        "The streams come from `bench/loadgen.py` worker processes, each stream its own HTTP/2 connection, half state",
+        "of the world, half delta; each subscribes like a sidecar (CDS+LDS wildcard, EDS/RDS for what it received, SDS)",
+        "and ACKs. Two clients: **h2** is `bench/h2grpc.py` (a minimal client: an ACK per response and nothing else);",
+        "**grpc-core** is a `grpc.aio` channel per stream with grpc-core's defaults, what proxyless gRPC and Envoy's",
+        "`google_grpc` run. Mesh: 100 services x 10 endpoints, every sidecar calls the changed service plus 4 others",
+        "(`bench/meshgen.py`). A change adds one endpoint to that service, by a registration over the HTTP API or by an",
+        "edit of the mesh file (written beside it, renamed into place); the clock starts before the request or the",
+        "rename, so the debounce is included. Times in ms. \"generator CPU\" is the load generator's: where it is",
+        "close to the wall time, the figure is bounded by the generator, not xdsd.",
         "",
-        "| scenario | streams | p50 | p99 | max | xdsd CPU s | peak RSS MB | longest loop stall ms | target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *fleet_table(r.get("storm", [])),
     ]
-    for f in r.get("fleet", []):
-        s, fo = f["storm"], f["fanout"]
-        n = f"{f['n']:,}" + (f" ({s['missing']:,} never configured: load-generator streams failed, see the JSON)"
-                             if s.get("missing") else "")
-        lines.append(f"| reconnect storm: all of CDS, EDS, LDS, RDS ACKed | {n} | {_ms(s, 'p50')} | {_ms(s, 'p99')} | "
-                     f"{_ms(s, 'max')} | {s['cpu_s']:.2f} | {s['peak_rss_mb']:.0f} | {s['loop_stall_ms']:.0f} | "
-                     f"{'≤ 3,000 ms for 1,000' if f['n'] == 1000 else ''} |")
-        lines.append(f"| fan-out: one endpoint change, every stream ACKed ({fo['changes']} changes) | {f['n']:,} | "
-                     f"{_ms(fo, 'p50')} | {_ms(fo, 'p99')} | {_ms(fo, 'max')} | {fo['cpu_s_per_change']:.3f} per change | "
-                     f"{fo['peak_rss_mb']:.0f} | {fo['loop_stall_ms']:.0f} | {'p99 ≤ 150 ms for 1,000' if f['n'] == 1000 else ''} |")
+    if r.get("gateway"):
+        lines += ["", "The same with every stream a gateway that routes to all 100 services (one node group holding every",
+                  "cluster; issue 19's setup):", "", *fleet_table(r["gateway"], gateway=True)]
     if "large" in r:
         x = r["large"]
-        lines.append(f"| 10,000-endpoint service, one endpoint changed | {x['streams']} | {_ms(x, 'p50')} | {_ms(x, 'p99')} | "
-                     f"{_ms(x, 'max')} | {x['cpu_s_per_change']:.3f} per change | {x['peak_rss_mb']:.0f} | {x['loop_stall_ms']:.0f} | |")
-    if "envoys" in r:
+        lines += ["", "| scenario | streams | p50 | p99 | max | xdsd CPU s | generator CPU s | peak RSS MB | longest stall ms |",
+                  "|---|---|---|---|---|---|---|---|---|",
+                  f"| 10,000-endpoint service, one endpoint registered (h2) | {x['streams']} | {_ms(x, 'p50')} | {_ms(x, 'p99')} | "
+                  f"{_ms(x, 'max')} | {x['cpu_s_per_change']:.3f} per change | {x.get('gen_cpu_s_per_change', 0):.3f} per change | "
+                  f"{x['peak_rss_mb']:.0f} | {x['loop_stall_ms']:.0f} |"]
+    if "envoys" in r and "registration" in r["envoys"]:
         x = r["envoys"]
-        lines.append(f"| {x['envoys']} real Envoys: change until every one routes to the new endpoint | {x['envoys']} | "
-                     f"{_ms(x, 'p50')} | {_ms(x, 'p99')} | {_ms(x, 'max')} | {x['cpu_s_per_change']:.3f} per change | | "
-                     f"{x['loop_stall_ms']:.0f} | |")
+        lines += ["", f"Real Envoys: {x['envoys']} gateways (`--concurrency 1`, each its own node group and listener) route `/`",
+                  "to service `target`; a change moves it to another instance (register the new, deregister the old; or",
+                  "rewrite its endpoints in the file) and the time is until every Envoy answers from the new instance. Each",
+                  "Envoy is polled over a keep-alive connection as fast as it answers; one round over all of them takes",
+                  f"\"poll round\" ms (the resolution). Envoys started in {x.get('start_s', 0):.0f} s.", "",
+                  *envoy_table(x)]
+    if "idle" in r:
+        lines += ["", *idle_table(r["idle"])]
     lines += ["", "| measure | result | target |", "|---|---|---|"]
-    for f in r.get("fleet", []):
+    storm = r.get("storm", [])
+    for f in storm:
+        if f["client"] != "h2":
+            continue
         m = f["memory"]
         lines.append(f"| RSS per idle stream, {m['streams']:,} streams ({m['rss_before_mb']:.0f} → {m['rss_after_mb']:.0f} MB, "
                      f"the config of every role they hold included) | {m['per_stream_kib']:.0f} KiB | "
                      f"{'≤ 64 KiB' if m['streams'] >= 1000 else '(one stream per role here: the roles config dominates)'} |")
-    fleet = r.get("fleet", [])
-    if len(fleet) >= 2:
-        a, b = fleet[0]["memory"], fleet[-1]["memory"]
+    h2 = [f["memory"] for f in storm if f["client"] == "h2"]
+    if len(h2) >= 2:
+        a, b = h2[0], h2[-1]
         slope = (b["rss_after_mb"] - a["rss_after_mb"]) * 1024 / (b["streams"] - a["streams"])
         lines.append(f"| RSS per additional idle stream, {a['streams']:,} → {b['streams']:,} streams (every role's "
                      f"config already built, so this is the stream alone) | {slope:.0f} KiB | ≤ 64 KiB |")
+    for f in storm:
+        if f["client"] == "grpc":
+            m = f["memory"]
+            lines.append(f"| RSS per idle stream, {m['streams']:,} grpc-core streams | {m['per_stream_kib']:.0f} KiB | |")
     if "large" in r:
         x = r["large"]
         lines.append(f"| 10,000-endpoint service: new snapshot ready (generate + serialize, `xdsd_snapshot_build_seconds`) | "
@@ -139,16 +300,73 @@ def xds_section(r: dict) -> str:  # type: ignore[type-arg]
         lines.append(f"| {d['clusters']:,} clusters: xdsd CPU per endpoint change (snapshot build) | "
                      f"{d['cpu_ms_per_endpoint_change']:.0f} ms ({d['build_ms']:.0f} ms) | flat as clusters grow |")
     lines += ["", f"Whole run: {r.get('seconds', 0):.0f} s.", ""]
-    if mode == "full":
-        lines += [
-            "At 5,000 streams the load generator (four processes) and xdsd share two cores; the storm and",
-            "fan-out figures there measure that sharing as much as xdsd (no target is set for 5,000). With",
-            "grpcio on both sides the same run took 85 s for the storm and a fifth of the client streams",
-            "failed inside grpcio; every stream is configured now.",
-            "",
-        ]
-        return "\n".join(lines)
-    lines += [
+    if mode != "full":
+        lines += HISTORY
+    if "frames" in r:
+        lines += frames_section(r["frames"])
+    if "profile" in r and "h2" in r["profile"]:
+        lines += profile_section(r["profile"])
+    return "\n".join(lines)
+
+
+def _frames_cell(x: dict[str, float], direction: str) -> str:
+    skip = ("bytes", "increment", "frames", "values")
+    parts = [f"{k[4:]} {v:g}" for k, v in x.items() if k.startswith(direction + " ") and not any(s in k for s in skip)
+             and k[4:] not in ("PING", "SETTINGS", "WINDOW_UPDATE")]
+    total = x.get(f"{direction} frames", 0)
+    return f"**{total:g}**: " + ", ".join(parts) if parts else "0"
+
+
+def frames_section(f: dict[str, Any]) -> list[str]:
+    lines = ["### HTTP/2 frames per stream, by client (bench.h2tap)", "",
+             f"{f['streams']} streams of each client kind through a frame-counting proxy; per stream per change ({f['changes']}",
+             "changes of each kind), per stream at connect, and per stream per minute while idle. PING/WINDOW_UPDATE",
+             "detail: \"request\"/\"ACK\", \"connection\"/\"stream\".", "",
+             "| client | when | client → xdsd frames | xdsd → client frames |", "|---|---|---|---|"]
+    for client, label in (("h2", "h2 (bench.h2grpc)"), ("grpc", "grpc-core (grpc.aio)"), ("envoy", "Envoy (envoy_grpc)")):
+        row = f.get(client)
+        if not row:
+            continue
+        for when in ("connect", "registration", "file", "idle_per_minute"):
+            x = row.get(when)
+            if x is None:
+                continue
+            lines.append(f"| {label} | {when.replace('_', ' ')} | {_frames_cell(x, 'c2s')} | {_frames_cell(x, 's2c')} |")
+    ex = f.get("grpc", {}).get("examples", {})
+    if ex:
+        settings = ex.get("c2s first SETTINGS", {})
+        lines += ["", "grpc-core's SETTINGS: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + "; its request headers: "
+                  + ", ".join(k for k, _ in ex.get("c2s HEADERS #1", []))]
+    lines.append("")
+    return lines
+
+
+def profile_section(p: dict[str, Any]) -> list[str]:
+    lines = ["### Where xdsd's CPU goes (py-spy, cProfile)", "",
+             f"py-spy (`--nonblocking`, {p['rate']} Hz) on xdsd while {p['changes']} changes of each kind fan out to "
+             f"{p['streams']:,} streams; shares of the samples in which xdsd was busy. Call counts per pushed stream",
+             "come from cProfile with xdsd in-process (`bench/inproc.py`; counts are exact, its times are not).", ""]
+    for client in ("h2", "grpc"):
+        r = p.get(client)
+        if not r:
+            continue
+        for kind in ("registration", "file"):
+            x = r.get(kind)
+            if not x:
+                continue
+            pk = ", ".join(f"{k} {v:g}%" for k, v in x["packages_self"][:7])
+            top = ", ".join(f"`{k}` {v:g}%" for k, v in x["self"][:10])
+            lines += [f"- **{CLIENT_NAMES[client]}, {CHANGE_NAMES[kind]}** ({x['cpu_s_per_change'] * 1000:.0f} ms of xdsd CPU per "
+                      f"change): by package {pk}; top functions (own time) {top}."]
+        counts = r.get("counts", {}).get("per_pushed_stream", {})
+        if counts:
+            lines.append(f"- **{CLIENT_NAMES[client]}**, calls per pushed stream: " +
+                         ", ".join(f"`{k.split(' (')[0]}` {v:g}" for k, v in list(counts.items())[:14]) + ".")
+    lines.append("")
+    return lines
+
+
+HISTORY = [
         "How the numbers were made good (see the commits for before/after):",
         "- Generation runs once per revision for all groups: per-service resources are memoized by object",
         "  identity (`xdsd/generators/memo.py`), each message is serialized once (`cache.snapshot.Encoder`),",
@@ -185,21 +403,90 @@ def xds_section(r: dict) -> str:  # type: ignore[type-arg]
         "- `xdsd serve --xds-transport grpcio` keeps grpcio's server; with it the figures above are the",
         "  older ones (see git history of this file).",
         "",
-    ]
+
+]
+
+
+# -- soak ---------------------------------------------------------------------------------------
+
+
+def soak_section(plain: dict[str, Any] | None, traced: dict[str, Any] | None) -> str:
+    base = plain or traced
+    assert base is not None
+    lines = ["## Memory under churn (issue 19)", "",
+             f"Command: `.venv/bin/python -m bench.soak --minutes {base['seconds'] / 60:.0f}` (and `--tracemalloc`). "
+             f"{base['streams']} ADS streams (h2) on a",
+             f"50-service mesh; {base['rate']:.0f} registrations a second (TTL {base['ttl']}, instance ids cycling through "
+             f"{base['ids']:,}) and half as many heartbeats; xdsd's RSS every 5 s, the slope fitted over the second half.", "",
+             "| run | registrations | live at the end | RSS start → end MB | slope, second half | slope, whole run | xdsd CPU s |",
+             "|---|---|---|---|---|---|---|"]
+    for label, x in (("xdsd serve", plain), ("in-process with tracemalloc", traced)):
+        if not x:
+            continue
+        c = x["churn"]
+        lines.append(f"| {label}, {x['seconds'] / 60:.0f} min | {c['registrations']:,} ({c.get('errors', 0)} errors) | "
+                     f"{c.get('live_at_end', '?')} | {x['rss_start_mb']:.0f} → {x['rss_end_mb']:.0f} | "
+                     f"{x['slope_mb_per_minute']:.2f} MB/min, {x['slope_kib_per_registration']:.2f} KiB/registration | "
+                     f"{x['slope_kib_per_registration_whole_run']:.2f} KiB/registration | {x['cpu_s']:.1f} |")
+    if plain:
+        pts = plain["samples"]
+        step = max(1, len(pts) // 12)
+        lines += ["", "RSS over the plain run (s: MB): " + ", ".join(f"{s['t']:.0f}: {s['rss_mb']:.1f}" for s in pts[::step]) + "."]
+    if traced and "growth" in traced:
+        g = traced["growth_after_collect"]
+        regs = traced.get("registrations_between_snapshots", 0)
+        lines += ["", f"Allocation sites that grew between the tracemalloc snapshots ({regs:,} registrations apart; after a "
+                  "full `gc.collect()` in both), by line:", "",
+                  "| KiB | blocks | where |", "|---|---|---|"]
+        for row in g["by_line"][:12]:
+            lines.append(f"| {row['size_diff_kib']:+,.1f} | {row['count_diff']:+,} | `{row['at'].replace(str(ROOT) + '/', '')}` |")
+        gc = traced.get("gc", [])
+        if len(gc) == 2:
+            lines += ["", "Unreachable cycles left for the collector at each snapshot (`gc.collect()` found): "
+                      f"{gc[0]['collected']:,} then {gc[1]['collected']:,} objects; tracked objects "
+                      f"{gc[0]['objects']:,} → {gc[1]['objects']:,}."]
+    lines.append("")
     return "\n".join(lines)
 
 
+# -- the file -------------------------------------------------------------------------------------
+
+GENERATED = ("## ext_authz", "## xDS fan-out", "## Memory under churn")
+
+
+def kept_sections(text: str) -> list[str]:
+    """Sections of the current BENCHMARKS.md that this script does not write (kept in their order)."""
+    out: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            if current is not None:
+                out.append("\n".join(current).rstrip() + "\n")
+            current = None if line.startswith(GENERATED) else [line]
+        elif current is not None:
+            current.append(line)
+    if current is not None:
+        out.append("\n".join(current).rstrip() + "\n")
+    return out
+
+
 def main() -> None:
+    target = ROOT / "BENCHMARKS.md"
+    kept = kept_sections(target.read_text()) if target.exists() else []
     parts = ["# Benchmarks", "", f"Machine: {machine()}.", "",
-             "Figures are rewritten by the benchmark commands below; each section names its command.", ""]
-    authz = ROOT / "bench/results/authz.json"
-    if authz.exists():
-        parts.append(authz_section(json.loads(authz.read_text())))
+             "Figures are rewritten by the benchmark commands below (`python -m bench.report`); each section names its command.", ""]
+    authz = _load("authz.json")
+    if authz:
+        parts.append(authz_section(authz))
     for name in ("xds.json", "xds-full.json"):
-        xds = ROOT / "bench/results" / name
-        if xds.exists():
-            parts.append(xds_section(json.loads(xds.read_text())))
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+        xds = _load(name)
+        if xds and "storm" in xds:
+            parts.append(xds_section(xds))
+    plain, traced = _load("soak.json"), _load("soak-tracemalloc.json")
+    if plain or traced:
+        parts.append(soak_section(plain, traced))
+    parts += kept
+    target.write_text("\n".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,29 @@
-"""xDS benchmarks against a real ``xdsd serve`` process (issue 8).
+"""xDS benchmarks against a real ``xdsd serve`` process (issues 8 and 19).
 
-    .venv/bin/python -m bench.xds [--full] [--out bench/results/xds.json]
+    .venv/bin/python -m bench.xds [--full] [--only SCENARIO ...] [--out bench/results/xds.json]
 
-Scenarios (each reports p50/p99/max, xdsd's CPU seconds, peak RSS and its longest event-loop stall):
-  storm      N sidecar streams connect at once; time until each has CDS, EDS, LDS, RDS ACKed
-  fanout     one endpoint registered; time until every stream has ACKed the new assignment
-             (the registration debounce is included: the clock starts before the HTTP request)
-  memory     RSS per idle connected stream
+xdsd runs on one core (core 0) and everything else -- this driver, the load generator's workers,
+Envoys, py-spy, the frame tap -- on the other (``--no-pin`` leaves scheduling to the kernel).
+
+Scenarios (each reports p50/p99/max, xdsd's CPU seconds, the load generator's CPU seconds, peak RSS
+and xdsd's longest event-loop stall):
+  storm      for each client kind (h2: bench.h2grpc; grpc: grpc.aio channels, grpc-core) and N
+             streams: a reconnect storm (time until each stream has CDS, EDS, LDS, RDS ACKed), then
+             one-endpoint changes of both kinds -- a registration over the HTTP API, and an edit of
+             the mesh file (written beside it and renamed into place) -- each fanned out to every
+             stream (time until every stream has ACKed the new assignment; the clock starts before
+             the request or the rename, so the debounce is included); idle RSS per stream
+  gateway    (full) the same with every stream a gateway holding every cluster (issue 19's setup)
+  idle       xdsd's CPU over a quiet window with no proxies, and with N idle streams of each kind
   large      one endpoint change in a 10,000-endpoint service, 200 subscribed streams
   delta      bytes for a one-endpoint and a one-cluster change, delta vs state of the world,
              for a gateway that holds every cluster, as the mesh grows
-  envoys     20 real Envoys: time from a change until every one routes to the new endpoint
+  envoys     real Envoys (20; --full: 150): time from a change until every one routes to the new endpoint
+  frames     (full) the HTTP/2 frames each client kind (and Envoy) exchanges with xdsd per change, at
+             connect and while idle, through bench.h2tap
+  profile    (full) py-spy samples of xdsd during fan-outs to 1,000 streams of each kind and while
+             1,000 streams idle; cProfile call counts per pushed stream (bench.inproc)
+  soak       (full) bench.soak: registrations and heartbeats at a steady rate with streams connected
 Streams come from bench.loadgen worker processes (their own HTTP/2 connection each); half the
 streams speak state of the world, half delta. Tokens are real (``--auth required``).
 """
@@ -21,30 +34,53 @@ import argparse
 import asyncio
 import json
 import os
+import pstats
+import resource
+import signal
 import statistics
+import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import yaml
 
 from bench import meshgen
-from bench.loadgen import CDS, EDS, LoadGenerator, StreamSpec
-from tests.support.envoy import EnvoyProcess
+from bench.envoys import FastUpstreams, Fleet, envoy_pids, gateway_envoys, gateway_mesh
+from bench.h2tap import FrameTap, per
+from bench.loadgen import CDS, CLIENTS, EDS, LoadGenerator, StreamSpec
+from bench.profiling import PySpy, pin, split_cpus
 from tests.support.procs import free_port
-from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
-from xdsd.bootstrap import BootstrapOptions, render
 from xdsd.generators.tls import bundle_secret_name
 
 ROOT = Path(__file__).resolve().parents[1]
 _TICKS = os.sysconf("SC_CLK_TCK")
+CHANGES = ("registration", "file")
+# xdsd's CPUs and everyone else's (set by main(); None: not pinned).
+XDSD_CPUS: frozenset[int] | None = None
+OTHER_CPUS: frozenset[int] | None = None
 
 
 # -- measuring the xdsd process ----------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of a process, from /proc; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def self_cpu() -> float:
+    """This process's CPU seconds (the driver: HTTP calls, file writes, Envoy pollers)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 class Probe:
@@ -54,8 +90,7 @@ class Probe:
         self.pid = pid
 
     def cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return proc_cpu(self.pid)
 
     def _status(self, key: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -77,26 +112,44 @@ class Probe:
 
 
 class Target:
-    """``xdsd serve`` on free ports with a generated mesh, plus the measurements around it."""
+    """``xdsd serve`` on free ports with a generated mesh, plus the measurements around it.
 
-    def __init__(self, mesh: dict[str, Any], workdir: Path) -> None:
+    ``cpus``: pin xdsd (every thread) there once it runs. ``instruments``: run it under
+    bench.inproc with these flags (tracemalloc, cProfile), snapshots in ``workdir/inproc``."""
+
+    def __init__(self, mesh: dict[str, Any], workdir: Path, cpus: frozenset[int] | None = None,
+                 instruments: list[str] | None = None, extra_args: list[str] | None = None) -> None:
         self.mesh = mesh
         path = workdir / "mesh.yaml"
         path.write_text(yaml.safe_dump(mesh, sort_keys=False))
         self.path = path
+        self.cpus = cpus
         # Plaintext on loopback: the load generator's streams speak h2c (TLS would measure the handshakes).
-        self.xdsd = XdsdProcess(path, workdir, log_level="warning", extra_args=["--drain-time", "0.2", "--xds-plaintext"])
+        self.xdsd = XdsdProcess(path, workdir, log_level="warning",
+                                extra_args=["--drain-time", "0.2", "--xds-plaintext", *(extra_args or [])])
+        self.snapshots = workdir / "inproc"
+        if instruments is not None:
+            cmd = self.xdsd.proc.cmd
+            assert cmd[1:3] == ["-m", "xdsd"], cmd
+            self.xdsd.proc.cmd = [cmd[0], "-m", "bench.inproc", "--snapshots", str(self.snapshots), *instruments,
+                                  *cmd[3:]]
         self.trust_domain = mesh.get("mesh", {}).get("trust_domain", "mesh.local")
+        self.changes = 0  # endpoints added so far (each change adds a new one)
 
     def __enter__(self) -> Target:
         self.xdsd.start(timeout=300)
         pid = self.xdsd.proc.pid
         assert pid is not None
         self.probe = Probe(pid)
+        pin(pid, self.cpus)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.xdsd.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.probe.pid
 
     @property
     def target(self) -> str:
@@ -132,6 +185,26 @@ class Target:
     def deregister(self, service: str, instance_id: str) -> None:
         self.post("/v1/deregister", {"service": service, "instance_id": instance_id}, service)
 
+    def write_mesh(self) -> None:
+        """The mesh file replaced atomically: written beside it, then renamed into place."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(self.mesh, sort_keys=False))
+        os.replace(tmp, self.path)
+
+    def change(self, kind: str, service: str) -> None:
+        """One new endpoint of ``service``: registered (``registration``) or added to the mesh file (``file``)."""
+        k = self.changes
+        self.changes += 1
+        address = f"10.{200 + k // 62500 % 50}.{k // 250 % 250}.{k % 250 + 1}"
+        if kind == "registration":
+            self.register(service, address, meshgen.INBOUND_PORT, f"bench-{k}")
+        elif kind == "file":
+            self.mesh["services"][service].setdefault("endpoints", []).append(
+                {"address": address, "port": meshgen.INBOUND_PORT})
+            self.write_mesh()
+        else:
+            raise ValueError(kind)
+
     def specs(self, n: int, clusters: list[str], delta_share: float = 0.5, tag: str = "") -> list[StreamSpec]:
         out = []
         signer_state = self.xdsd  # tokens are minted with xdsd's own key, from its state dir
@@ -150,8 +223,10 @@ def summary(values: list[float | None], scale: float = 1000.0) -> dict[str, Any]
     got = sorted(v * scale for v in values if v is not None)
     if not got:
         return {"n": 0, "missing": len(values)}
+
     def pct(p: float) -> float:
         return got[min(len(got) - 1, int(round(p / 100 * (len(got) - 1))))]
+
     return {"n": len(got), "missing": len(values) - len(got), "p50": pct(50), "p99": pct(99), "max": got[-1],
             "mean": statistics.fmean(got)}
 
@@ -160,62 +235,127 @@ def _processes(n: int) -> int:
     return max(1, min(4, (n + 999) // 1000))
 
 
-# -- scenarios ------------------------------------------------------------------------------
-
-
-def storm_fanout_memory(n: int, workdir: Path, changes: int = 5) -> dict[str, Any]:
-    """Reconnect storm of ``n`` sidecars, then ``changes`` one-endpoint changes fanned out to all."""
-    mesh = meshgen.mesh(100, 10, upstreams=5)
-    clients = meshgen.client_services(mesh)
-    hot = meshgen.service_name(0)
-    with Target(mesh, workdir) as t, LoadGenerator(t.target, _processes(n)) as lg:
-        specs = t.specs(n, clients)
-        time.sleep(0.5)
-        t.loop_stall()
-        rss0, cpu0 = t.probe.rss(), t.probe.cpu()
-        t.probe.reset_peak()
-        ready, errors = lg.connect(specs, timeout=300)
-        storm = {**summary(ready), "cpu_s": t.probe.cpu() - cpu0, "peak_rss_mb": t.probe.peak() / 2**20,
-                 "loop_stall_ms": t.loop_stall() * 1000, "errors": errors[:5]}
-        time.sleep(1.0)  # settle: idle streams
-        rss1 = t.probe.rss()
-        memory = {"streams": n, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
-                  "per_stream_kib": (rss1 - rss0) / n / 1024}
-        lat: list[float | None] = []
-        cpu1 = t.probe.cpu()
-        t.probe.reset_peak()
-        for k in range(changes):
-            t0 = time.monotonic()
-            t.register(hot, f"10.200.0.{k + 1}", meshgen.INBOUND_PORT, f"bench-{k}")
-            got, errs = lg.since(t0, timeout=60)
-            lat.extend(got)
-            errors += errs
-        fanout = {**summary(lat), "changes": changes, "cpu_s_per_change": (t.probe.cpu() - cpu1) / changes,
-                  "peak_rss_mb": t.probe.peak() / 2**20, "loop_stall_ms": t.loop_stall() * 1000,
-                  "build_ms": _mean_ms(t, "xdsd_snapshot_build_seconds")}
-    return {"n": n, "storm": storm, "fanout": fanout, "memory": memory}
-
-
 def _mean_ms(t: Target, histogram: str) -> float:
     total, count = t.metric_sum_count(histogram)
     return total / count * 1000 if count else 0.0
 
 
+# -- scenarios ------------------------------------------------------------------------------
+
+
+def fleet_mesh(role: str) -> tuple[dict[str, Any], list[str]]:
+    """100 services x 10 endpoints; the node clusters the streams take (sidecars that call the hot
+    service, or one gateway ``edge`` that routes to every service and so holds every cluster)."""
+    mesh = meshgen.mesh(100, 10, upstreams=5)
+    if role == "gateway":
+        mesh["gateways"] = {"edge": {"listen": {"address": "127.0.0.1", "port": free_port()},
+                                     "routes": [{"prefix": f"/{n}", "service": n} for n in mesh["services"]]}}
+        return mesh, ["edge"]
+    return mesh, meshgen.client_services(mesh)
+
+
+def fanout(t: Target, lg: LoadGenerator, kind: str, changes: int, n: int, settle: float = 0.3) -> dict[str, Any]:
+    """``changes`` one-endpoint changes of ``kind`` to the hot service, each waited for on every
+    stream; CPU of xdsd and of the load generator per change (``settle`` s after each change is
+    counted too: xdsd handles the last ACKs after the clients sent them)."""
+    hot = meshgen.service_name(0)
+    t.loop_stall()
+    t.probe.reset_peak()
+    build0 = t.metric_sum_count("xdsd_snapshot_build_seconds")
+    cpu0, gen0 = t.probe.cpu(), lg.cpu()
+    lat: list[float | None] = []
+    errors: list[str] = []
+    for _ in range(changes):
+        t0 = time.monotonic()
+        t.change(kind, hot)
+        got, errs = lg.since(t0, timeout=60)
+        lat.extend(got)
+        errors += errs
+        time.sleep(settle)
+    cpu, gen = (t.probe.cpu() - cpu0) / changes, (lg.cpu() - gen0) / changes
+    build1 = t.metric_sum_count("xdsd_snapshot_build_seconds")
+    return {**summary(lat), "changes": changes, "cpu_s_per_change": cpu, "gen_cpu_s_per_change": gen,
+            "cpu_ms_per_stream": cpu * 1000 / n, "peak_rss_mb": t.probe.peak() / 2**20,
+            "loop_stall_ms": t.loop_stall() * 1000,
+            "build_ms": (build1[0] - build0[0]) / max(1.0, build1[1] - build0[1]) * 1000,
+            "errors": sorted(set(errors))[:5]}
+
+
+def fleet(n: int, client: str, workdir: Path, changes: int = 5, role: str = "sidecar",
+          kinds: tuple[str, ...] = CHANGES) -> dict[str, Any]:
+    """Reconnect storm of ``n`` streams of one client kind, then ``changes`` one-endpoint changes of
+    each kind fanned out to all of them."""
+    mesh, clusters = fleet_mesh(role)
+    with Target(mesh, workdir, XDSD_CPUS) as t, LoadGenerator(t.target, _processes(n), client, OTHER_CPUS) as lg:
+        specs = t.specs(n, clusters)
+        time.sleep(0.5)
+        t.loop_stall()
+        rss0, cpu0, gen0 = t.probe.rss(), t.probe.cpu(), lg.cpu()
+        t.probe.reset_peak()
+        ready, errors = lg.connect(specs, timeout=300)
+        storm = {**summary(ready), "cpu_s": t.probe.cpu() - cpu0, "gen_cpu_s": lg.cpu() - gen0,
+                 "peak_rss_mb": t.probe.peak() / 2**20, "loop_stall_ms": t.loop_stall() * 1000,
+                 "errors": errors[:5]}
+        time.sleep(1.0)  # settle: idle streams
+        rss1 = t.probe.rss()
+        memory = {"streams": n, "rss_before_mb": rss0 / 2**20, "rss_after_mb": rss1 / 2**20,
+                  "per_stream_kib": (rss1 - rss0) / n / 1024}
+        out = {"n": n, "client": client, "role": role, "storm": storm, "memory": memory, "fanout": {}}
+        for kind in kinds:
+            out["fanout"][kind] = fanout(t, lg, kind, changes, n)
+    return out
+
+
+def idle(workdir: Path, seconds: float = 10.0, streams: int = 1000, spy: bool = False) -> dict[str, Any]:
+    """xdsd's CPU over ``seconds`` of quiet: with no proxies; with ``streams`` idle streams of each
+    client kind (and the generator's CPU meanwhile); and with none again after they left."""
+    mesh, clusters = fleet_mesh("sidecar")
+    out: dict[str, Any] = {"seconds": seconds, "streams": streams}
+    with Target(mesh, workdir, XDSD_CPUS) as t:
+        time.sleep(3.0)  # start-up work done
+
+        def window(key: str, lg: LoadGenerator | None = None) -> None:
+            c0, g0 = t.probe.cpu(), lg.cpu() if lg else 0.0
+            profile = None
+            if spy and PySpy.available():
+                profile = PySpy(t.pid, workdir / f"idle-{key}.txt", rate=100)
+            time.sleep(seconds)
+            if profile is not None:
+                profile.stop()
+            row = {"cpu_s": t.probe.cpu() - c0, "per_10s": (t.probe.cpu() - c0) * 10 / seconds}
+            if lg is not None:
+                row["gen_cpu_s"] = lg.cpu() - g0
+            if profile is not None:
+                row["profile"] = profile.summary(12)
+            out[key] = row
+
+        window("no_proxies")
+        for client in CLIENTS:
+            with LoadGenerator(t.target, _processes(streams), client, OTHER_CPUS) as lg:
+                ready, errors = lg.connect(t.specs(streams, clusters, tag=f"-idle-{client}"), timeout=300)
+                out[f"connected_{client}"] = sum(r is not None for r in ready)
+                time.sleep(3.0)
+                window(f"streams_{client}", lg)
+            time.sleep(2.0)
+        window("no_proxies_after")
+    return out
+
+
 def large_cluster(workdir: Path, endpoints: int = 10_000, streams: int = 200, changes: int = 5) -> dict[str, Any]:
     mesh = meshgen.mesh(1, endpoints, upstreams=1)
     hot = meshgen.service_name(0)
-    with Target(mesh, workdir) as t, LoadGenerator(t.target, 1) as lg:
+    with Target(mesh, workdir, XDSD_CPUS) as t, LoadGenerator(t.target, 1, "h2", OTHER_CPUS) as lg:
         ready, errors = lg.connect(t.specs(streams, ["client"]), timeout=300)
         time.sleep(0.5)
         t.loop_stall()
         before = t.metric_sum_count("xdsd_snapshot_build_seconds")
         lg.take_bytes()
-        cpu0 = t.probe.cpu()
+        cpu0, gen0 = t.probe.cpu(), lg.cpu()
         t.probe.reset_peak()
         lat: list[float | None] = []
-        for k in range(changes):
+        for _ in range(changes):
             t0 = time.monotonic()
-            t.register(hot, f"10.200.0.{k + 1}", meshgen.INBOUND_PORT, f"bench-{k}")
+            t.change("registration", hot)
             got, errs = lg.since(t0, timeout=60)
             lat.extend(got)
             errors += errs
@@ -225,7 +365,8 @@ def large_cluster(workdir: Path, endpoints: int = 10_000, streams: int = 200, ch
             "endpoints": endpoints, "streams": streams, "connected": sum(r is not None for r in ready),
             **summary(lat), "changes": changes,
             "build_ms": (after[0] - before[0]) / max(1.0, after[1] - before[1]) * 1000,
-            "cpu_s_per_change": (t.probe.cpu() - cpu0) / changes, "peak_rss_mb": t.probe.peak() / 2**20,
+            "cpu_s_per_change": (t.probe.cpu() - cpu0) / changes, "gen_cpu_s_per_change": (lg.cpu() - gen0) / changes,
+            "peak_rss_mb": t.probe.peak() / 2**20,
             "loop_stall_ms": t.loop_stall() * 1000, "eds_bytes_per_stream_per_change": eds_bytes / streams / changes,
             "errors": errors[:5],
         }
@@ -245,7 +386,8 @@ def delta_efficiency(workdir: Path, sizes: list[int], changes: int = 20) -> list
         hot = meshgen.service_name(0)
         sub = workdir / f"delta-{size}"
         sub.mkdir()
-        with Target(mesh, sub) as t, LoadGenerator(t.target, 1) as sotw, LoadGenerator(t.target, 1) as delta:
+        with Target(mesh, sub, XDSD_CPUS) as t, LoadGenerator(t.target, 1, "h2", OTHER_CPUS) as sotw, \
+                LoadGenerator(t.target, 1, "h2", OTHER_CPUS) as delta:
             _, errors = sotw.connect(t.specs(1, ["edge"], delta_share=0.0, tag="-sotw"), timeout=300)
             errors += delta.connect(t.specs(1, ["edge"], delta_share=1.0, tag="-delta"), timeout=300)[1]
             time.sleep(0.5)
@@ -257,7 +399,7 @@ def delta_efficiency(workdir: Path, sizes: list[int], changes: int = 20) -> list
             for k in range(changes):
                 c0 = t.probe.cpu()
                 t0 = time.monotonic()
-                t.register(hot, f"10.200.0.{k + 1}", meshgen.INBOUND_PORT, f"bench-{k}")
+                t.change("registration", hot)
                 sotw.since(t0, timeout=60)
                 delta.since(t0, timeout=60)
                 cpu.append(t.probe.cpu() - c0)
@@ -267,8 +409,8 @@ def delta_efficiency(workdir: Path, sizes: list[int], changes: int = 20) -> list
             build1 = t.metric_sum_count("xdsd_snapshot_build_seconds")
             sotw.take_bytes()
             delta.take_bytes()
-            mesh["services"][hot]["connect_timeout"] = "2s"
-            t.path.write_text(yaml.safe_dump(mesh, sort_keys=False))
+            t.mesh["services"][hot]["connect_timeout"] = "2s"
+            t.write_mesh()
             cluster_change = {"sotw": _wait_bytes(sotw, CDS), "delta": _wait_bytes(delta, CDS)}
             out.append({
                 "clusters": size,
@@ -294,111 +436,307 @@ def _wait_bytes(lg: LoadGenerator, type_url: str, timeout: float = 120.0) -> flo
     return total
 
 
-def real_envoys(workdir: Path, count: int = 20, changes: int = 5) -> dict[str, Any]:
-    """``count`` Envoys (gateways, each on its own port) route to service ``target``; each change
-    swaps the serving instance, and every Envoy is polled until it answers from the new one."""
+def real_envoys(workdir: Path, count: int = 20, changes: int = 5, kinds: tuple[str, ...] = CHANGES) -> dict[str, Any]:
+    """``count`` Envoys (gateways ``--concurrency 1``, each its own listener and node group) route
+    to service ``target``; each change moves ``target`` to the other instance -- by registering
+    the new one and deregistering the old, or by rewriting its endpoints in the mesh file -- and
+    every Envoy is polled until it answers from the new one."""
     ports = [free_port() for _ in range(count)]
-    ups = Upstreams({"blue": "127.0.0.2", "green": "127.0.0.3"}, workdir / "apps").start()
-    mesh = {"services": {"target": {}},
-            "gateways": {f"gw-{i:02d}": {"listen": {"address": "127.0.0.1", "port": p},
-                                          "routes": [{"prefix": "/", "service": "target"}]}
-                         for i, p in enumerate(ports)}}
-    envoys: list[EnvoyProcess] = []
-    (workdir / "envoys").mkdir(exist_ok=True)
+    ups = FastUpstreams({"blue": "127.0.0.2", "green": "127.0.0.3"})
+    out: dict[str, Any] = {"envoys": count}
     try:
-        with Target(mesh, workdir) as t:
+        with Target(gateway_mesh(ports), workdir, XDSD_CPUS) as t:
             host, port = ups.address("blue")
             t.register("target", host, port, "blue")
-            for i in range(count):
-                name = f"gw-{i:02d}"
-                opts = BootstrapOptions(node_id=f"{name}-1", cluster=name, xds_host="127.0.0.1",
-                                        xds_port=t.xdsd.xds_port, admin_port=free_port(),
-                                        token=t.xdsd.token(f"{name}-1", name), xds_plaintext=True)
-                envoys.append(EnvoyProcess(f"{name}-1", render(opts), workdir / "envoys").start(wait_live=False))
-            for e in envoys:
-                e.wait_live(120)
-            urls = [f"http://127.0.0.1:{p}/x" for p in ports]
-            asyncio.run(_until_all(urls, "blue", 120.0))
-            t.loop_stall()
-            cpu0 = t.probe.cpu()
-            lat: list[float | None] = []
-            current = "blue"
-            for _ in range(changes):
-                new = "green" if current == "blue" else "blue"
-                host, port = ups.address(new)
-                t0 = time.monotonic()
-                t.register("target", host, port, new)
-                t.deregister("target", current)
-                lat.extend(asyncio.run(_until_all(urls, new, 30.0, t0)))
-                current = new
-                time.sleep(0.5)  # the drained instance is gone (drain time 0.2 s)
-            return {"envoys": count, **summary(lat), "changes": changes,
-                    "cpu_s_per_change": (t.probe.cpu() - cpu0) / changes, "loop_stall_ms": t.loop_stall() * 1000}
+            started = time.monotonic()
+            with gateway_envoys(count, t.xdsd.xds_port, t.xdsd.token, workdir):
+                out["start_s"] = time.monotonic() - started
+                fleet = Fleet(ports)
+                state = {"current": "blue"}
+
+                async def run() -> None:
+                    try:
+                        await fleet.until_all("blue", 300.0)
+                        for kind in kinds:
+                            out[kind] = await _envoy_changes(t, fleet, ups, kind, changes, state, count)
+                    finally:
+                        fleet.close()
+
+                asyncio.run(run())
     finally:
-        for e in envoys:
-            e.stop()
         ups.stop()
+    return out
 
 
-async def _until_all(urls: list[str], app: str, timeout: float, t0: float | None = None) -> list[float | None]:
-    start = time.monotonic() if t0 is None else t0
-    deadline = start + timeout
+async def _envoy_changes(t: Target, fleet: Fleet, ups: FastUpstreams, kind: str, changes: int,
+                         state: dict[str, Any], count: int) -> dict[str, Any]:
+    """``changes`` moves of ``target`` by ``kind``; the first file change (untimed) first moves the
+    registered instance into the mesh file."""
+    if kind == "file" and not t.mesh["services"]["target"].get("endpoints"):
+        host, port = ups.address(state["current"])
+        t.mesh["services"]["target"]["endpoints"] = [{"address": host, "port": port}]
+        t.write_mesh()
+        await asyncio.sleep(1.0)
+        t.deregister("target", state["current"])
+        await asyncio.sleep(1.0)
+    t.loop_stall()
+    envoys = envoy_pids()
+    cpu0, drv0 = t.probe.cpu(), self_cpu()
+    env0 = sum(proc_cpu(p) for p in envoys) + proc_cpu(ups.pid or 0)
+    lat: list[float | None] = []
+    rounds: list[float] = []
+    for _ in range(changes):
+        current = state["current"]
+        new = "green" if current == "blue" else "blue"
+        host, port = ups.address(new)
+        t0 = time.monotonic()
+        if kind == "registration":
+            t.register("target", host, port, new)
+            t.deregister("target", current)
+        else:
+            t.mesh["services"]["target"]["endpoints"] = [{"address": host, "port": port}]
+            t.write_mesh()
+        lat.extend(await fleet.until_all(new, 60.0, t0))
+        rounds.append(fleet.round_ms)
+        state["current"] = new
+        await asyncio.sleep(0.5)  # the drained instance is gone (drain time 0.2 s)
+    env = sum(proc_cpu(p) for p in envoys) + proc_cpu(ups.pid or 0) - env0
+    cpu = (t.probe.cpu() - cpu0) / changes
+    return {**summary(lat), "changes": changes, "cpu_s_per_change": cpu, "cpu_ms_per_envoy": cpu * 1000 / count,
+            "poller_cpu_s_per_change": (self_cpu() - drv0) / changes, "envoys_cpu_s_per_change": env / changes,
+            "loop_stall_ms": t.loop_stall() * 1000, "round_ms": statistics.fmean(rounds) if rounds else None}
 
-    async def one(session: aiohttp.ClientSession, url: str) -> float | None:
-        while time.monotonic() < deadline:
-            try:
-                async with session.get(url) as resp:
-                    await resp.read()
-                    if resp.headers.get("x-app") == app:
-                        return time.monotonic() - start
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.002)
-        return None
 
-    timeout_cfg = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout_cfg) as session:
-        return list(await asyncio.gather(*(one(session, u) for u in urls)))
+def frames(workdir: Path, streams: int = 50, changes: int = 5, idle_seconds: float = 10.0,
+           envoys: int = 5) -> dict[str, Any]:
+    """The HTTP/2 frames exchanged with xdsd, through bench.h2tap: per stream at connect, per stream
+    per change (each kind), per stream per minute idle; for each client kind and for real Envoys."""
+    mesh, clusters = fleet_mesh("sidecar")
+    out: dict[str, Any] = {"streams": streams, "changes": changes, "idle_seconds": idle_seconds}
+    hot = meshgen.service_name(0)
+    with Target(mesh, workdir, XDSD_CPUS) as t:
+        for client in CLIENTS:
+            row: dict[str, Any] = {}
+            with FrameTap(t.xdsd.xds_port, cpus=OTHER_CPUS) as tap, \
+                    LoadGenerator(tap.target, 1, client, OTHER_CPUS) as lg:
+                ready, errors = lg.connect(t.specs(streams, clusters, tag=f"-frames-{client}"), timeout=120)
+                time.sleep(1.0)
+                got = tap.take()
+                row["connect"] = per(got["counts"], streams)
+                row["examples"] = got["examples"]
+                for kind in CHANGES:
+                    for _ in range(changes):
+                        t0 = time.monotonic()
+                        t.change(kind, hot)
+                        lg.since(t0, timeout=60)
+                        time.sleep(0.3)
+                    row[kind] = per(tap.take()["counts"], streams * changes)
+                time.sleep(idle_seconds)
+                row["idle_per_minute"] = per(tap.take()["counts"], streams * idle_seconds / 60)
+                row["errors"] = errors[:5]
+            out[client] = row
+    if envoys:
+        out["envoy"] = _envoy_frames(workdir / "envoy-frames", envoys, changes)
+    return out
+
+
+def _envoy_frames(workdir: Path, count: int, changes: int) -> dict[str, Any]:
+    workdir.mkdir(exist_ok=True)
+    ports = [free_port() for _ in range(count)]
+    ups = FastUpstreams({"blue": "127.0.0.2", "green": "127.0.0.3"})
+    row: dict[str, Any] = {"envoys": count}
+    try:
+        with Target(gateway_mesh(ports), workdir, XDSD_CPUS) as t, FrameTap(t.xdsd.xds_port, cpus=OTHER_CPUS) as tap:
+            host, port = ups.address("blue")
+            t.register("target", host, port, "blue")
+            with gateway_envoys(count, tap.port, t.xdsd.token, workdir):
+                fleet = Fleet(ports)
+                state = {"current": "blue"}
+
+                async def run() -> None:
+                    try:
+                        await fleet.until_all("blue", 120.0)
+                        await asyncio.sleep(1.0)
+                        got = tap.take()
+                        row["connect"] = per(got["counts"], count)
+                        row["examples"] = got["examples"]
+                        await _envoy_changes(t, fleet, ups, "registration", changes, state, count)
+                        row["registration"] = per(tap.take()["counts"], count * changes)
+                        await asyncio.sleep(10.0)
+                        row["idle_per_minute"] = per(tap.take()["counts"], count * 10.0 / 60)
+                    finally:
+                        fleet.close()
+
+                asyncio.run(run())
+    finally:
+        ups.stop()
+    return row
+
+
+def profile(workdir: Path, streams: int = 1000, changes: int = 10, rate: int = 250) -> dict[str, Any]:
+    """py-spy over xdsd while ``changes`` changes of each kind fan out to ``streams`` streams of each
+    client kind, and while they idle (10 s); then cProfile call counts per pushed stream (bench.inproc)."""
+    out: dict[str, Any] = {"streams": streams, "changes": changes, "rate": rate}
+    if not PySpy.available():
+        return {"skipped": "py-spy is not installed"}
+    mesh, clusters = fleet_mesh("sidecar")
+    hot = meshgen.service_name(0)
+    for client in CLIENTS:
+        sub = workdir / f"profile-{client}"
+        sub.mkdir()
+        row: dict[str, Any] = {}
+        with Target(mesh, sub, XDSD_CPUS) as t, \
+                LoadGenerator(t.target, _processes(streams), client, OTHER_CPUS) as lg:
+            lg.connect(t.specs(streams, clusters), timeout=300)
+            time.sleep(1.0)
+            for kind in CHANGES:
+                cpu0, gen0 = t.probe.cpu(), lg.cpu()
+                with PySpy(t.pid, sub / f"fanout-{kind}.txt", rate=rate) as spy:
+                    for _ in range(changes):
+                        t0 = time.monotonic()
+                        t.change(kind, hot)
+                        lg.since(t0, timeout=60)
+                        time.sleep(0.3)
+                row[kind] = {"cpu_s_per_change": (t.probe.cpu() - cpu0) / changes,
+                             "gen_cpu_s_per_change": (lg.cpu() - gen0) / changes, **spy.summary(30)}
+            time.sleep(1.0)
+            c0 = t.probe.cpu()
+            with PySpy(t.pid, sub / "idle.txt", rate=rate) as spy:
+                time.sleep(10.0)
+            row["idle"] = {"cpu_s": t.probe.cpu() - c0, **spy.summary(15)}
+        row["counts"] = call_counts(sub, client, streams, changes)
+        out[client] = row
+    return out
+
+
+# Functions whose call counts per pushed stream tell what a client makes xdsd do (bench.inproc).
+COUNTED = ("data_received", "_consume", "_process", "receive_data", "_receive_frame", "_receive_ping_frame",
+           "_receive_window_update_frame", "_receive_settings_frame", "_receive_data_frame", "write_out",
+           "data_to_send", "refill", "grant", "feed", "flush", "send_data", "increment_flow_control_window",
+           "read", "write", "_handle_ack", "_on_request", "ping_acknowledged", "acknowledge_received_data")
+
+
+def call_counts(workdir: Path, client: str, streams: int, changes: int) -> dict[str, Any]:
+    """xdsd run in-process under cProfile (bench.inproc) over ``changes`` registrations fanned out to
+    ``streams`` streams of ``client``: calls per pushed stream of the transport's functions, and the
+    functions with the most own time. cProfile slows everything down: the counts matter, not the times."""
+    mesh, clusters = fleet_mesh("sidecar")
+    hot = meshgen.service_name(0)
+    sub = workdir / "cprofile"
+    sub.mkdir()
+    with Target(mesh, sub, XDSD_CPUS, instruments=["--cprofile"]) as t, \
+            LoadGenerator(t.target, _processes(streams), client, OTHER_CPUS) as lg:
+        lg.connect(t.specs(streams, clusters), timeout=300)
+        time.sleep(1.0)
+        os.kill(t.pid, signal.SIGUSR2)
+        time.sleep(0.2)
+        for _ in range(changes):
+            t0 = time.monotonic()
+            t.change("registration", hot)
+            lg.since(t0, timeout=60)
+            time.sleep(0.3)
+        os.kill(t.pid, signal.SIGUSR2)
+        t.xdsd.wait_for(lambda: (t.snapshots / "cprofile.done").exists(), "cProfile stats", 60)
+    stats = pstats.Stats(str(t.snapshots / "cprofile.pstats"))
+    pushed = streams * changes
+    counts: dict[str, float] = {}
+    own: list[tuple[float, str, int]] = []
+    for (path, line, name), (_cc, ncalls, tottime, _cum, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = "/".join(Path(path).parts[-2:])
+        if name in COUNTED and ("xdsd/transport" in path or "/h2/" in path or "xdsd/server" in path):
+            key = f"{name} ({where})"
+            counts[key] = counts.get(key, 0) + ncalls / pushed
+        own.append((tottime, f"{name} ({where}:{line})", ncalls))
+    own.sort(reverse=True)
+    total = sum(x[0] for x in own) or 1.0
+    return {"per_pushed_stream": {k: round(v, 2) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])},
+            "own_time_top": [(name, round(100 * tt / total, 1), round(n / pushed, 2)) for tt, name, n in own[:30]]}
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+
+SCENARIOS = ("storm", "idle", "large", "delta", "envoys", "gateway", "frames", "profile", "soak")
+QUICK = ("storm", "idle", "large", "delta", "envoys")
 
 
 def main(argv: list[str] | None = None) -> None:
+    global XDSD_CPUS, OTHER_CPUS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--full", action="store_true", help="bigger N (5,000 streams; 10k clusters)")
-    p.add_argument("--only", action="append", help="run only these scenarios (storm, large, delta, envoys)")
+    p.add_argument("--full", action="store_true", help="bigger N (5,000 streams; 10k clusters; 150 Envoys) and "
+                                                        "the gateway, frames, profile and soak scenarios")
+    p.add_argument("--only", action="append", choices=SCENARIOS, help="run only these scenarios")
+    p.add_argument("--envoys", type=int, default=None, help="real Envoys (default 20; --full: 150)")
+    p.add_argument("--soak-minutes", type=float, default=7.0)
+    p.add_argument("--no-pin", action="store_true", help="do not pin xdsd to core 0 and the rest to the others")
     p.add_argument("--out", type=Path, default=None,
                    help="default bench/results/xds.json (quick) or xds-full.json (--full)")
     a = p.parse_args(argv)
     if a.out is None:
         a.out = ROOT / ("bench/results/xds-full.json" if a.full else "bench/results/xds.json")
-    only = set(a.only or ["storm", "large", "delta", "envoys"])
+    only = set(a.only or (SCENARIOS if a.full else QUICK))
+    if not a.no_pin:
+        XDSD_CPUS, OTHER_CPUS = split_cpus()
+        if OTHER_CPUS:
+            os.sched_setaffinity(0, OTHER_CPUS)  # this driver and everything it starts; xdsd is moved
     results: dict[str, Any] = json.loads(a.out.read_text()) if a.out.exists() and a.only else {}
+    results.pop("fleet", None)  # the layout before issue 19 (one client kind, registrations only)
     results["mode"] = "full" if a.full else "quick"
+    results["pinned"] = None if XDSD_CPUS is None else {"xdsd": sorted(XDSD_CPUS), "others": sorted(OTHER_CPUS or ())}
     started = time.monotonic()
+
+    def step(name: str, run: Callable[[Path], Any]) -> None:
+        if name not in only:
+            return
+        print(f"{name}...", flush=True)
+        t0 = time.monotonic()
+        sub = work / name
+        sub.mkdir()
+        results[name] = run(sub)
+        results.setdefault("scenario_seconds", {})[name] = time.monotonic() - t0
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=2))  # a later failure keeps what was measured
+
     with tempfile.TemporaryDirectory(prefix="xdsd-bench-") as tmp:
         work = Path(tmp)
-        if "storm" in only:
-            results["fleet"] = []
+
+        def storm(sub: Path) -> list[dict[str, Any]]:
+            rows = []
             for n in [100, 1000, 5000] if a.full else [100, 1000]:
-                sub = work / f"fleet-{n}"
-                sub.mkdir()
-                print(f"fleet of {n} streams...", flush=True)
-                results["fleet"].append(storm_fanout_memory(n, sub))
-        if "large" in only:
-            print("large cluster...", flush=True)
-            (work / "large").mkdir()
-            results["large"] = large_cluster(work / "large")
-        if "delta" in only:
-            print("delta efficiency...", flush=True)
-            results["delta"] = delta_efficiency(work, [1000, 10000] if a.full else [1000, 5000])
-        if "envoys" in only:
-            print("20 real Envoys...", flush=True)
-            (work / "envoys").mkdir()
-            results["envoys"] = real_envoys(work / "envoys")
+                for client in CLIENTS:
+                    d = sub / f"{n}-{client}"
+                    d.mkdir()
+                    print(f"  {n} {client} streams...", flush=True)
+                    rows.append(fleet(n, client, d))
+            return rows
+
+        def gateway(sub: Path) -> list[dict[str, Any]]:
+            rows = []
+            for client in CLIENTS:
+                d = sub / client
+                d.mkdir()
+                rows.append(fleet(1000, client, d, role="gateway"))
+            return rows
+
+        def soak(sub: Path) -> dict[str, Any]:
+            from bench.soak import soak as run_soak
+
+            return run_soak(sub, seconds=a.soak_minutes * 60, cpus=(XDSD_CPUS, OTHER_CPUS))
+
+        step("storm", storm)
+        step("gateway", gateway)
+        step("idle", lambda sub: idle(sub, seconds=30.0 if a.full else 10.0, spy=a.full))
+        step("large", large_cluster)
+        step("delta", lambda sub: delta_efficiency(sub, [1000, 10000] if a.full else [1000, 5000]))
+        step("envoys", lambda sub: real_envoys(sub, a.envoys or (150 if a.full else 20)))
+        step("frames", frames)
+        step("profile", profile)
+        step("soak", soak)
     results["seconds"] = time.monotonic() - started
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k not in ("profile", "frames")}, indent=2)[:20000])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
