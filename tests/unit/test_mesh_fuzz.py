@@ -241,3 +241,72 @@ def test_arbitrary_structures_are_a_mesh_or_a_mesh_error(value: Any, section: st
     except (yaml.YAMLError, ValueError):
         return
     check_contract(load_mesh, text)
+
+
+# --- the two YAML readers agree ---------------------------------------------------------------
+
+def _careful(text: str) -> Any:
+    """What the pure-Python reader makes of ``text``: its data, or its MeshError's messages."""
+    from xdsd.model import load
+
+    saved = load._HAVE_LIBYAML
+    load._HAVE_LIBYAML = False
+    try:
+        return load._load_yaml(text)
+    except MeshError as exc:
+        return ("error", [str(e) for e in exc.errors])
+    finally:
+        load._HAVE_LIBYAML = saved
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, with NaN equal to itself and int/float/bool told apart."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _damaged(edits: list[tuple[int, str]]) -> str:
+    text = BASE_TEXT
+    for at, bit in edits:
+        at %= len(text) + 1
+        text = text[:at] + bit + text[at:]
+    return text
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.text(max_size=300), st.lists(_yaml_bits, max_size=60).map("".join),
+                 _structures.map(lambda v: yaml.safe_dump({"services": v}, allow_unicode=True)),
+                 st.lists(st.tuples(st.integers(0, 10_000), _yaml_bits), min_size=1, max_size=3).map(_damaged)))
+def test_the_fast_reader_accepts_only_what_the_careful_one_reads_the_same(text: str) -> None:
+    """libyaml reads valid documents; anything it cannot read, or any document with a problem,
+    goes to the careful reader, so errors and their paths are the careful reader's. The one
+    difference allowed is syntax: libyaml, the reference parser, takes some text PyYAML refuses
+    (a tab after a token, ``{t? a: b}``); every rule of ours (tags, keys, sizes) holds on both,
+    and where both read a document they read the same data."""
+    from xdsd.model import load
+
+    if not load._HAVE_LIBYAML:
+        return
+    fast = load._load_fast(text)
+    careful = _careful(text)
+    if fast is load._SLOW:
+        return
+    if isinstance(careful, tuple) and careful and careful[0] == "error":
+        assert all(m.startswith("not valid YAML: ") for m in careful[1]), careful
+        return
+    assert _same(fast, careful), (fast, careful)
+
+
+def test_the_fast_reader_is_used_for_a_valid_mesh_and_agrees() -> None:
+    from xdsd.model import load
+
+    fast = load._load_fast(BASE_TEXT)
+    assert fast is not load._SLOW
+    assert _same(fast, _careful(BASE_TEXT))
