@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from xdsd.settings import AUTHZ_HTTP_PORT
+
 
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
@@ -169,7 +171,7 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
         inbound_address=args.inbound_address,
         app_address=args.app_address,
         zone=args.zone,
-        authz_http_port=args.authz_http_port,
+        authz_http_port=None if args.authz_grpc else args.authz_http_port,
     )
     sys.stdout.write(render_text(opts, fmt=args.format))
     return 0
@@ -222,9 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xds-transport", choices=["h2", "grpcio"], default="h2",
                    help="what serves the gRPC port: h2 on the event loop (default; half the CPU per message) "
                         "or grpcio's asyncio server")
-    p.add_argument("--authz-http-address", type=_host_port, default=None, metavar="HOST:PORT",
-                   help="also answer ext_authz checks over HTTP/1.1 here (for Envoys bootstrapped with "
-                        "--authz-http-port; faster than gRPC; TLS like xDS when --xds-tls-cert is set)")
+    authz = p.add_mutually_exclusive_group()
+    authz.add_argument("--authz-http-address", type=_host_port, default=None, metavar="HOST:PORT",
+                       help="answer ext_authz checks over HTTP/1.1 here as well as over gRPC (default: the "
+                            f"--xds-address host, port {AUTHZ_HTTP_PORT}; what `xdsd bootstrap` points "
+                            "Envoys at; TLS like xDS)")
+    authz.add_argument("--no-authz-http", action="store_true",
+                       help="answer ext_authz checks over gRPC only (Envoys bootstrapped with --authz-grpc)")
     p.add_argument("--drain-time", type=float, default=5.0, metavar="SECONDS",
                    help="how long a deregistered instance stays DRAINING before it is removed (default 5)")
     p.add_argument("--otlp-endpoint", metavar="HOST:PORT",
@@ -265,9 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app-address", metavar="IP",
                    help="sidecars: where this instance's app listens (overrides the service's app_address)")
     p.add_argument("--zone", help="node.locality.zone: prefer endpoints in this zone, fail over to the others")
-    p.add_argument("--authz-http-port", type=_port, metavar="PORT",
-                   help="ask xdsd's ext_authz over HTTP/1.1 on this port of the xDS host (xdsd serve "
-                        "--authz-http-address) instead of over gRPC: a third of the cost per check")
+    authz = p.add_mutually_exclusive_group()
+    authz.add_argument("--authz-http-port", type=_port, default=AUTHZ_HTTP_PORT, metavar="PORT",
+                       help="ask xdsd's ext_authz over HTTP/1.1 on this port of the xDS host (xdsd serve "
+                            f"--authz-http-address; default {AUTHZ_HTTP_PORT}): a fifth of xdsd's CPU per "
+                            "check of gRPC")
+    authz.add_argument("--authz-grpc", action="store_true",
+                       help="ask xdsd's ext_authz over gRPC on the xDS port instead (xdsd serve --no-authz-http)")
     p.set_defaults(func=_cmd_bootstrap)
 
     p = sub.add_parser("status", help="per-proxy sync status, like proxy-status")

@@ -19,12 +19,20 @@ def default_state_dir() -> Path:
     return Path(base) / "xdsd"
 
 
+# Where xdsd answers ext_authz over HTTP/1.1 unless told otherwise: the xDS host, this port. Envoy's
+# HTTP ext_authz client costs xdsd a fifth of the CPU of a gRPC Check (BENCHMARKS.md), so `xdsd
+# serve` listens here by default and `xdsd bootstrap` points the checks here by default.
+AUTHZ_HTTP_PORT = 18001
+
+
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
     config: Path
     xds_address: tuple[str, int] = ("0.0.0.0", 18000)
     admin_address: tuple[str, int] = ("127.0.0.1", 19000)
-    authz_http_address: tuple[str, int] | None = None
+    # ext_authz over HTTP/1.1 (None: over gRPC only); from the command line, the host follows
+    # --xds-address's unless --authz-http-address says otherwise.
+    authz_http_address: tuple[str, int] | None = ("0.0.0.0", AUTHZ_HTTP_PORT)
     state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "info"
     # Changes: the quiet period that coalesces file writes, and registrations into one revision.
@@ -63,6 +71,11 @@ class ServeSettings:
             values["max_removal"] = float(values["max_removal"]) / 100.0  # the flag is a percentage
         if "xds_tls_san" in values:
             values["xds_tls_san"] = tuple(values["xds_tls_san"])
+        if getattr(args, "no_authz_http", False):
+            values["authz_http_address"] = None  # checks over gRPC only
+        elif "authz_http_address" not in values and hasattr(args, "authz_http_address"):
+            host, port = values.get("xds_address", cls.xds_address)
+            values["authz_http_address"] = (host, AUTHZ_HTTP_PORT if port else 0)
         return cls(**values)
 
     @property

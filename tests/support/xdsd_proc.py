@@ -48,12 +48,18 @@ class XdsdProcess:
         self.admin_port = admin_port or free_port()
         self.name = name
         self.extra_args = list(extra_args or [])
+        # xdsd answers ext_authz over HTTP by default on port 18001: on a free port here, so that
+        # servers of several tests (or of one) never meet there.
+        self.authz_http_port: int | None = None
+        if not {"--authz-http-address", "--no-authz-http"} & set(self.extra_args):
+            self.authz_http_port = free_port()
+            self.extra_args += ["--authz-http-address", f"127.0.0.1:{self.authz_http_port}"]
         self.log_path = self.workdir / f"{name}.log"
         self.proc = Proc(
             name,
             [sys.executable, "-m", "xdsd", "serve", "--config", str(self.config_path),
              "--xds-address", f"127.0.0.1:{self.xds_port}", "--admin-address", f"127.0.0.1:{self.admin_port}",
-             "--log-level", log_level, "--state-dir", str(self.state_dir), *(extra_args or [])],
+             "--log-level", log_level, "--state-dir", str(self.state_dir), *self.extra_args],
             self.log_path,
             cwd=ROOT,
         )

@@ -66,16 +66,19 @@ def test_bootstrap_flags_shape_the_output(tmp_path: Path) -> None:
     node = boot["node"]
     assert (node["id"], node["cluster"], node["locality"]) == ("reviews-7", "reviews", {"zone": "zone-b"})
     assert node["metadata"] == {"xdsd.admin_address": "127.0.0.1:9911", "xdsd.inbound_address": "10.0.0.7",
-                                "xdsd.app_address": "10.0.0.8"}
+                                "xdsd.app_address": "10.0.0.8", "xdsd.authz_cluster": "xdsd_authz"}
     assert boot["admin"]["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 9911}
     dynamic = boot["dynamic_resources"]
     assert "ads_config" not in dynamic  # --no-ads: the per-type services, each its own source
     for source in (dynamic["cds_config"]["api_config_source"], dynamic["lds_config"]["api_config_source"]):
         assert source["api_type"] == "DELTA_GRPC"  # --delta
         assert _token_of(source) == "v2.given.token"  # --token: sent as given, nothing minted
-    (xds,) = boot["static_resources"]["clusters"]
+    xds, authz = boot["static_resources"]["clusters"]
     endpoint = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert (endpoint["address"], endpoint["port_value"]) == ("10.0.0.9", 18100)
+    # ext_authz over HTTP/1.1 by default: the xDS host, port 18001 (xdsd serve's default)
+    endpoint = authz["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert (authz["name"], endpoint["address"], endpoint["port_value"]) == ("xdsd_authz", "10.0.0.9", 18001)
     tls = _tls(xds)
     validation = tls["common_tls_context"]["validation_context"]
     assert validation["trusted_ca"] == {"filename": "/etc/xdsd/ca.pem"}
@@ -96,11 +99,19 @@ def test_bootstrap_without_a_token_or_tls(tmp_path: Path) -> None:
     assert ledger.issued(tmp_path) == []
 
 
+def test_bootstrap_asks_authz_over_grpc_when_told(tmp_path: Path) -> None:
+    out = xdsd("bootstrap", "--node-id", "n", "--cluster", "c", "--authz-grpc", "--no-token", "--state-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    (xds,) = yaml.safe_load(out.stdout)["static_resources"]["clusters"]  # no xdsd_authz: checks ride the xDS cluster
+    assert xds["name"] == "xds_cluster"
+
+
 @pytest.mark.parametrize("args", [
+    ["--cluster", "c", "--authz-grpc", "--authz-http-port", "18002"],
     ["--cluster", "c", "--token", "t", "--no-token"],
     ["--cluster", "c", "--format", "toml"],
     [],  # no --cluster
-], ids=["token-and-no-token", "unknown-format", "no-cluster"])
+], ids=["grpc-and-http-authz", "token-and-no-token", "unknown-format", "no-cluster"])
 def test_bootstrap_refuses_contradictions_and_gaps(args: list[str], tmp_path: Path) -> None:
     out = xdsd("bootstrap", "--node-id", "n", *args, "--state-dir", str(tmp_path))
     assert out.returncode == 2, out.stdout

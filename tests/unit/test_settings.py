@@ -21,3 +21,14 @@ def test_flags_reach_the_settings() -> None:
     s = ServeSettings.from_args(args)
     assert (s.max_removal, s.settle, s.xds_tls_san, s.xds_plaintext, s.auth_required, s.xds_address, s.history) == (
         0.2, 2.0, ("a", "10.0.0.1"), True, False, ("::", 1), 7)
+    assert s.authz_http_address == ("::", 18001)  # ext_authz over HTTP: the xDS host, port 18001
+
+
+def test_authz_over_http_is_on_unless_turned_off() -> None:
+    def authz(*flags: str) -> tuple[str, int] | None:
+        return ServeSettings.from_args(build_parser().parse_args(["serve", "--config", "m.yaml", *flags])).authz_http_address
+
+    assert authz() == ("0.0.0.0", 18001)
+    assert authz("--xds-address", "127.0.0.1:0") == ("127.0.0.1", 0)  # an ephemeral xDS port: an ephemeral one
+    assert authz("--authz-http-address", "10.0.0.1:9") == ("10.0.0.1", 9)
+    assert authz("--no-authz-http") is None
