@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> None:
 
         step("storm", storm)
         step("gateway", gateway)
-        step("idle", lambda sub: idle(sub, seconds=30.0 if a.full else 10.0, spy=a.full))
+        step("idle", lambda sub: idle(sub, seconds=30.0 if a.full else 20.0, spy=a.full))  # /proc counts 10 ms ticks
         step("large", large_cluster)
         step("delta", lambda sub: delta_efficiency(sub, [1000, 10000] if a.full else [1000, 5000]))
         step("envoys", lambda sub: real_envoys(sub, a.envoys or (150 if a.full else 20)))

@@ -74,6 +74,10 @@ _OK = grpc.StatusCode.OK
 # h2 with our limits: at most CLOSED_STREAMS closed streams remembered, the receive window held at
 # FREE_WINDOW until ``refill`` opens it (every hook on h2's internals is in compat.py).
 _H2Connection = compat.server_connection_class(max_closed_streams=CLOSED_STREAMS, receive_window=FREE_WINDOW)
+# Queued message bytes past which write_out writes at once instead of at the end of the loop
+# iteration: a handler that writes in a loop without waiting must still reach the socket, and
+# meet its backpressure (pause_writing).
+WRITE_NOW_BYTES = 64 * 1024
 
 
 class FrameError(Exception):
@@ -189,6 +193,8 @@ class Connection(asyncio.Protocol):
         self.open_since = self.loop.time()  # since when the window has been open (not shut by us)
         self.progress = self.open_since  # when request DATA last arrived
         self._writable: asyncio.Future[None] | None = None
+        self._write_soon = False  # a write of what h2 queued is scheduled for this loop iteration
+        self._queued = 0  # message bytes queued with h2 since the last write
         self._closing = False
         self._started = False  # HTTP/2 set up (on the first bytes)
         self._backlog: list[bytes] | None = None  # bytes kept while over the read budget
@@ -280,7 +286,6 @@ class Connection(asyncio.Protocol):
         log.debug("closing %s: %s", self.peer, reason)
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection(code)
-        self.write_out()
         self._close()
 
     def shed(self, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
@@ -324,8 +329,7 @@ class Connection(asyncio.Protocol):
             events = h2c.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self.write_out()  # h2 queued the GOAWAY (compat: "protocol-error-goaway")
-            self._close()
+            self._close()  # it sends the GOAWAY h2 queued (compat: "protocol-error-goaway")
             return
         calls = self.calls
         held = 0  # request bytes fed to calls (the rest of what the window took was dropped)
@@ -675,10 +679,12 @@ class Connection(asyncio.Protocol):
                 if len(chunk) <= size:
                     h2c.send_data(sid, chunk)
                     pending.popleft()
+                    self._queued += len(chunk)
                 else:
                     view = memoryview(chunk)
                     h2c.send_data(sid, view[:size])
                     pending[0] = view[size:]
+                    self._queued += size
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pending.clear()
             call.abandon()
@@ -687,6 +693,20 @@ class Connection(asyncio.Protocol):
             call.drained()
 
     def write_out(self) -> None:
+        """Send what h2 has queued: once per connection per loop iteration, after everything this
+        iteration queued for it. A socket write is a system call, and on loopback it also runs the
+        peer's TCP receive; a reconnect storm or a fan-out would otherwise pay it for every frame
+        (a response, its WINDOW_UPDATE, a PING's ACK) rather than once per connection."""
+        if self._queued >= WRITE_NOW_BYTES:
+            self.write_now()  # a handler writing in a loop may not yield to the loop before long
+        elif not self._write_soon:
+            self._write_soon = True
+            self.loop.call_soon(self.write_now)
+
+    def write_now(self) -> None:
+        """Send what h2 has queued at once (before the connection closes or bytes written around h2)."""
+        self._write_soon = False
+        self._queued = 0
         out = self.h2.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
@@ -712,7 +732,7 @@ class Connection(asyncio.Protocol):
             return
         self._closing = True
         if self._started:
-            self.write_out()
+            self.write_now()
             self.transport.write(compat.goaway(self.h2.highest_inbound_stream_id))
         if not self.calls:
             self._close()
@@ -735,4 +755,6 @@ class Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self._started:
+                self.write_now()  # what h2 queued (a response, a GOAWAY) leaves before the close
             self.transport.close()
