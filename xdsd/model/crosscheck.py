@@ -3,6 +3,7 @@ not collide. A reference to an unknown service is an error here, never an Envoy 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Any
@@ -126,6 +127,7 @@ def _check_weights(name: str, service: Service) -> list[FieldError]:
     return errors
 
 
+@functools.lru_cache(maxsize=65536)  # the same addresses come back with every reload of the file
 def _same_address(address: str) -> str:
     """One spelling per address, so that ``::1`` and ``0::1`` (or ``Host.example.`` and
     ``host.example``) count as the same when looking for duplicates."""
