@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 EMPTY_FILE = 'the file is empty; an empty mesh is written as "services: {}"'
 
 _KINDS = (
-    (inotify.IN_MOVED_TO, Kind.RENAMED),
-    (inotify.IN_CLOSE_WRITE | inotify.IN_ATTRIB, Kind.DONE),
+    (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_ATTRIB, Kind.DONE),
     (inotify.IN_MODIFY | inotify.IN_CREATE, Kind.WRITE),
     (inotify.IN_DELETE | inotify.IN_MOVED_FROM, Kind.GONE),
 )

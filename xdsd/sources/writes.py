@@ -5,9 +5,7 @@ truncate the file and then fill it while it is open; what a reader sees meanwhil
 often still valid YAML. A content is taken only once the writer has closed the file (IN_CLOSE_WRITE)
 or renamed a finished file into place (IN_MOVED_TO), and nothing has changed for the debounce
 window since. A writer that keeps the file open but stops writing is taken after a longer quiet
-period. A rename into place is complete by construction: when nothing else is pending and nothing
-was taken within the debounce window, it is taken at once (the leading edge), and a burst of
-renames still becomes at most one load per window. Pure: no I/O, the caller passes the time.
+period. Pure: no I/O, the caller passes the time.
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ from enum import Enum
 
 class Kind(Enum):
     WRITE = "write"  # IN_MODIFY, IN_CREATE: a writer is at work
-    RENAMED = "renamed"  # IN_MOVED_TO: a finished file renamed into place
-    DONE = "done"  # IN_CLOSE_WRITE, IN_ATTRIB: a writer finished (or only metadata changed)
+    DONE = "done"  # IN_CLOSE_WRITE, IN_MOVED_TO, IN_ATTRIB: a writer finished (or only metadata changed)
     GONE = "gone"  # IN_DELETE, IN_MOVED_FROM: the file is not there any more
 
 
@@ -34,11 +31,8 @@ class WriteTracker:
         self.open_quiet = open_quiet if open_quiet is not None else max(1.0, 20 * debounce)
         self._state: Kind | None = None
         self._at = 0.0
-        self._taken = float("-inf")  # when due() last returned an outcome
 
     def event(self, kind: Kind, now: float) -> None:
-        if kind is Kind.RENAMED and (self._state is not None or now - self._taken < self.debounce):
-            kind = Kind.DONE  # part of a burst: coalesced like any finished write
         self._state = kind
         self._at = now
 
@@ -46,8 +40,6 @@ class WriteTracker:
         """When ``due`` may next have something (None: nothing pending)."""
         if self._state is None:
             return None
-        if self._state is Kind.RENAMED:
-            return self._at
         return self._at + (self.open_quiet if self._state is Kind.WRITE else self.debounce)
 
     def due(self, now: float) -> Outcome | None:
@@ -55,5 +47,4 @@ class WriteTracker:
         if deadline is None or now < deadline:
             return None
         state, self._state = self._state, None
-        self._taken = now
         return Outcome.DELETED if state is Kind.GONE else Outcome.LOAD
