@@ -1878,9 +1878,9 @@ async def test_one_read_of_many_small_frames_is_handled_in_slices_across_loop_it
             slices: list[tuple[int, int]] = []
             process = conn._process
 
-            def recording(data: bytes) -> None:
+            def recording(data: bytes, control: list[int] | None = None) -> None:
                 slices.append((len(data), ticks))
-                process(data)
+                process(data, control)
 
             conn._process = recording  # type: ignore[method-assign]
             pings = 20_000
@@ -1894,6 +1894,43 @@ async def test_one_read_of_many_small_frames_is_handled_in_slices_across_loop_it
             assert len({tick for _, tick in slices}) > 1, "every slice in one loop iteration"
         finally:
             ticking.cancel()
+            client.close()
+
+
+async def test_pings_and_window_updates_are_handled_by_the_connection_itself() -> None:
+    """PING and WINDOW_UPDATE frames (grpc-core sends three to four per response it receives) skip
+    h2's frame machinery: each PING is answered with its own data, and a response held by flow
+    control goes out once the client's WINDOW_UPDATEs open the windows."""
+    big = b"y" * 200_000
+    async with serving({**ECHO, "Big": _unary(lambda request, context: big)}) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("Echo"), body=frame(b"x"))
+            assert (await client.response(sid)).status == 0
+            (conn,) = running.server.connections
+            applied: list[int] = []
+            control = conn._control
+
+            def counting(data: bytes, at: list[int]) -> tuple[bytes, bool]:
+                rest, windows = control(data, at)
+                applied.append(len(data) - len(rest))
+                return rest, windows
+
+            conn._control = counting  # type: ignore[method-assign]
+            for payload in (b"abcdefgh", b"12345678"):
+                client.h2.ping(payload)
+            client.flush()
+            acks: list[bytes] = []
+            while len(acks) < 2:
+                data = await bounded(client.reader.read(1 << 16))
+                assert data, "the server closed the connection"
+                acks += [e.ping_data for e in client.h2.receive_data(data) if isinstance(e, h2.events.PingAckReceived)]
+            assert acks == [b"abcdefgh", b"12345678"]
+            sid = client.request(path("Big"), body=frame(b"x"))  # 200 KB through a 65,535-byte window
+            response = await client.response(sid)
+            assert response.status == 0 and response.data == frame(big)
+            assert sum(applied) >= 2 * 17 + 13, "the PINGs and WINDOW_UPDATEs went through h2"
+        finally:
             client.close()
 
 

@@ -395,3 +395,45 @@ def test_a_protocol_error_leaves_a_goaway_to_send() -> None:
         pair.server.receive_data(data_on_stream_zero)
     (goaway,) = [f for f in frames(pair.server.data_to_send()) if isinstance(f, GoAwayFrame)]
     assert goaway.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+
+
+@hook("control-frames")
+def test_window_updates_applied_directly_match_h2s_own() -> None:
+    """``compat.window_update`` changes the same windows h2 reads when it sends, as h2 itself does
+    for the frame; and leaves to h2 every frame it must judge."""
+
+    def opened() -> Pair:
+        pair = Pair()
+        pair.handshake()
+        assert not compat.control_ready(pair.server), "ready before the client's first request"
+        pair.client.send_headers(1, REQUEST)
+        pair.to_server()
+        pair.server.send_headers(1, RESPONSE)
+        assert compat.control_ready(pair.server)
+        return pair
+
+    direct, stock = opened(), opened()
+    for sid, increment in ((1, 1000), (0, 5000), (1, 1)):
+        assert compat.window_update(direct.server, sid, increment)
+        stock.client.increment_flow_control_window(increment, stream_id=sid or None)
+        stock.to_server()
+        assert direct.server.local_flow_control_window(1) == stock.server.local_flow_control_window(1)
+        assert direct.server.outbound_flow_control_window == stock.server.outbound_flow_control_window
+    window = direct.server.local_flow_control_window(1)
+    while window:  # the whole window can be sent, no more
+        size = min(window, direct.server.max_outbound_frame_size)
+        direct.server.send_data(1, b"x" * size)
+        window -= size
+    assert direct.server.local_flow_control_window(1) == 0
+
+    pair = opened()
+    before = (pair.server.outbound_flow_control_window, pair.server.local_flow_control_window(1))
+    assert not compat.window_update(pair.server, 1, 0)  # h2 answers PROTOCOL_ERROR
+    assert not compat.window_update(pair.server, 0, 2**31)  # past 2^31-1: FLOW_CONTROL_ERROR
+    assert not compat.window_update(pair.server, 1, 2**31 - 1)
+    assert not compat.window_update(pair.server, 3, 10)  # no such stream
+    pair.server.end_stream(1)
+    pair.client.end_stream(1)
+    pair.to_server()  # stream 1 closed
+    assert not compat.window_update(pair.server, 1, 10)
+    assert (pair.server.outbound_flow_control_window, 65_535) == (before[0], 65_535)

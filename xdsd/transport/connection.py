@@ -78,6 +78,8 @@ _H2Connection = compat.server_connection_class(max_closed_streams=CLOSED_STREAMS
 # iteration: a handler that writes in a loop without waiting must still reach the socket, and
 # meet its backpressure (pause_writing).
 WRITE_NOW_BYTES = 64 * 1024
+# A PING frame's header with the ACK flag, on stream 0 (RFC 9113 §6.7); the 8 bytes of opaque data follow.
+_PING_ACK = b"\x00\x00\x08\x06\x01\x00\x00\x00\x00"
 
 
 class FrameError(Exception):
@@ -93,11 +95,14 @@ class FrameWalk:
     frame over ``max_frame`` bytes or a header block over ``max_block`` fails as soon as its frame
     header arrives; ``cut`` also says where a slice of a read ends."""
 
-    __slots__ = ("max_frame", "max_block", "_skip", "_head", "_block")
+    __slots__ = ("max_frame", "max_block", "control", "_skip", "_head", "_block")
 
     def __init__(self, max_frame: int, max_block: int) -> None:
         self.max_frame = max_frame
         self.max_block = max_block
+        # Where WINDOW_UPDATE and PING frames (outside a header block) that ``cut`` walked begin,
+        # when the whole frame is in ``data``: the connection handles those itself.
+        self.control: list[int] = []
         self._skip = 24  # the client's connection preface (RFC 9113 §3.4); h2 checks its bytes
         self._head = b""  # a frame header split across reads
         self._block = 0  # bytes of the header block (HEADERS + CONTINUATION) being received
@@ -120,7 +125,8 @@ class FrameWalk:
             if end - pos < need:
                 self._head += data[pos:]
                 return end
-            header = self._head + data[pos:pos + need] if self._head else data[pos:pos + 9]
+            split = bool(self._head)
+            header = self._head + data[pos:pos + need] if split else data[pos:pos + 9]
             self._head = b""
             pos += need
             length = int.from_bytes(header[:3], "big")
@@ -132,6 +138,8 @@ class FrameWalk:
                 if block > self.max_block:
                     raise FrameError(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, f"a header block of {block}+ bytes")
                 self._block = 0 if header[4] & 0x4 else block  # END_HEADERS
+            elif (kind == 0x8 or kind == 0x6) and not split and not self._block and pos + length <= end:
+                self.control.append(pos - 9)  # WINDOW_UPDATE, PING
             self._skip = length
             frames -= 1
 
@@ -195,6 +203,7 @@ class Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._write_soon = False  # a write of what h2 queued is scheduled for this loop iteration
         self._queued = 0  # message bytes queued with h2 since the last write
+        self._acks: list[bytes] = []  # PING ACK frames to send (see _control)
         self._closing = False
         self._started = False  # HTTP/2 set up (on the first bytes)
         self._backlog: list[bytes] | None = None  # bytes kept while over the read budget
@@ -260,7 +269,12 @@ class Connection(asyncio.Protocol):
                 self._fail(exc.code, str(exc))
                 return
             started = perf_counter()
-            self._process(data[start:cut] if start or cut < end else data)
+            control = self._frames.control
+            if control:
+                self._frames.control = []
+                if start:
+                    control = [at - start for at in control]
+            self._process(data[start:cut] if start or cut < end else data, control)
             budget.charge(perf_counter() - started)
             start = cut
             if self.transport is None or self.transport.is_closing():
@@ -320,11 +334,56 @@ class Connection(asyncio.Protocol):
         else:
             transport.resume_reading()
 
-    def _process(self, data: bytes) -> None:
+    def _control(self, data: bytes, at: list[int]) -> tuple[bytes, bool]:
+        """Apply the WINDOW_UPDATE and PING frames that begin at offsets ``at`` of ``data`` (RFC 9113
+        §6.9, §6.7) without h2's frame machinery, and return the rest of ``data`` for h2 (and whether
+        the connection's window opened). A frame h2 must judge (a bad length or increment, a stream
+        not open, a PING's ACK, a PING on a stream) is left in the rest."""
+        h2c = self.h2
+        calls = self.calls
+        kept: list[bytes] = []
+        pos = 0
+        windows = False
+        for start in at:
+            length = int.from_bytes(data[start:start + 3], "big")
+            kind = data[start + 3]
+            sid = int.from_bytes(data[start + 5:start + 9], "big") & 0x7FFFFFFF
+            payload = data[start + 9:start + 9 + length]
+            if kind == 0x8:
+                if length != 4 or not compat.window_update(h2c, sid, int.from_bytes(payload, "big") & 0x7FFFFFFF):
+                    continue
+                if sid == 0:
+                    windows = True
+                else:
+                    call = calls.get(sid)
+                    if call is not None:
+                        call.window_opened()
+            else:
+                if length != 8 or sid or data[start + 4] & 0x1:
+                    continue
+                self._acks.append(_PING_ACK + payload)
+            kept.append(data[pos:start])
+            pos = start + 9 + length
+        if pos == 0:
+            return data, windows
+        kept.append(data[pos:])
+        if self._acks:
+            self.write_out()
+        return b"".join(kept), windows
+
+    def _process(self, data: bytes, control: list[int] | None = None) -> None:
         if not self._started:
             self._start()
         h2c = self.h2
         window = h2c.inbound_flow_control_window
+        windows = False  # the connection's window or every stream's opened: flush every call, once
+        if control and compat.control_ready(h2c):
+            data, windows = self._control(data, control)
+            if not data:
+                if windows:
+                    for call in list(self.calls.values()):
+                        call.window_opened()
+                return
         try:
             events = h2c.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -334,7 +393,6 @@ class Connection(asyncio.Protocol):
         calls = self.calls
         held = 0  # request bytes fed to calls (the rest of what the window took was dropped)
         fed: dict[Call, None] = {}
-        windows = False  # the connection's window or every stream's opened: flush every call, once
         for event in events:
             kind = type(event)
             if kind is _Data:
@@ -708,6 +766,9 @@ class Connection(asyncio.Protocol):
         self._write_soon = False
         self._queued = 0
         out = self.h2.data_to_send()
+        if self._acks:
+            out += b"".join(self._acks)
+            self._acks.clear()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out)
 
