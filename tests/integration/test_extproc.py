@@ -1,0 +1,119 @@
+"""External processing with real Envoys: processors named in the mesh (built-in and from a module of
+this test tree) run by xdsd as Envoy's ext_proc service, on gateway routes and on a sidecar's
+inbound side."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from tests.support.envoy import EnvoyFactory
+from tests.support.meshes import ADS, MeshFile
+from tests.support.procs import free_port
+from tests.support.traffic import Client
+from tests.support.upstream import Upstreams
+from tests.support.xdsd_proc import XdsdProcess
+
+USER = "tests.integration.extproc_processors"
+
+
+def gateway_mesh(host: str, port: int, edge: int) -> str:
+    return f"""
+services:
+  web: {{endpoints: [{{address: {host}, port: {port}}}]}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: {edge}}}
+    routes:
+      - prefix: /headers
+        service: web
+        processing:
+          processor: set-headers
+          phases: [request_headers, response_headers]
+          args:
+            request: {{set: {{x-added: "{{method}} {{path}} {{header.x-word}}"}}, remove: [x-drop]}}
+            response: {{set: {{x-resp: "yes"}}}}
+      - prefix: /redact
+        service: web
+        processing:
+          processor: json-redact
+          phases: [response_body]
+          args: {{drop: [headers.x-secret], mask: [method]}}
+      - prefix: /schema
+        service: web
+        processing:
+          processor: json-schema
+          phases: [request_headers, request_body]
+          args:
+            schema: {{type: object, required: [name], properties: {{name: {{type: string}}}}}}
+      - {{prefix: /user, service: web, processing: {{processor: "{USER}:shout", args: {{greeting: hi}}}}}}
+      - {{prefix: /closed, service: web, processing: {{processor: "{USER}:boom", failure: closed}}}}
+      - {{prefix: /open, service: web, processing: {{processor: "{USER}:boom", failure: open}}}}
+      - {{prefix: /slow, service: web, processing: {{processor: "{USER}:slow", timeout: 300ms}}}}
+      - {{prefix: /, service: web}}
+"""
+
+
+def test_gateway_routes_run_their_processors(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+) -> None:
+    ups = upstreams({"web": "127.0.0.2"})
+    host, port = ups.address("web")
+    edge = free_port()
+    mesh_file.write(gateway_mesh(host, port, edge))
+    server = xdsd()
+    envoy = envoy_factory(server, "edge-1", "edge", mode=ADS)
+    client = Client(f"http://127.0.0.1:{edge}/")
+    envoy.wait_for(lambda: client.get("/x").status == 200, "gateway serves", 30)
+
+    # set-headers: the upstream sees the added header and not the removed one; the client the response's.
+    r = client.request("GET", "/headers/a?q=1", headers={"x-word": "hello", "x-drop": "secret"})
+    assert r.status == 200, r.body
+    seen = r.json()["headers"]
+    assert seen["x-added"] == "GET /headers/a?q=1 hello"
+    assert "x-drop" not in seen
+    assert r.headers.get("x-resp") == "yes"
+
+    # json-redact: the upstream's JSON answer loses a field and has another masked.
+    r = client.request("GET", "/redact/1", headers={"x-secret": "s3cr3t", "x-kept": "k"})
+    assert r.status == 200, r.body
+    body = r.json()
+    assert "x-secret" not in body["headers"] and body["headers"]["x-kept"] == "k"
+    assert body["method"] == "***"
+    assert int(r.headers.get("content-length", len(r.body))) == len(r.body)  # Envoy may send it chunked
+
+    # json-schema: a bad body is refused with 400 and the validation message; a good one passes.
+    bad = client.request("POST", "/schema", headers={"content-type": "application/json"}, body=b'{"name": 5}')
+    assert bad.status == 400
+    assert bad.json()["error"] == "5 is not of type 'string'" and bad.json()["path"] == "$.name"
+    assert client.request("POST", "/schema", body=b"not json").status == 400
+    good = client.request("POST", "/schema", headers={"content-type": "application/json"}, body=b'{"name": "x"}')
+    assert good.status == 200 and good.json()["method"] == "POST"
+
+    # A user processor from a module of the test tree, with its args.
+    seen = client.request("GET", "/user", headers={"x-word": "quiet"}).json()["headers"]
+    assert seen["x-shouted"] == "QUIET" and seen["x-greeting"] == "hi"
+
+    # A processor that raises: closed -> 5xx; open -> the request passes untouched.
+    closed = client.request("GET", "/closed", headers={"x-word": "w"})
+    assert closed.status == 500 and b"processor" in closed.body
+    opened = client.request("GET", "/open/1", headers={"x-word": "w"})
+    assert opened.status == 200 and opened.json()["path"] == "/open/1" and opened.json()["headers"]["x-word"] == "w"
+
+    # A slow processor is cut at its timeout (closed: 504).
+    slow = client.request("GET", "/slow")
+    assert slow.status == 504, slow.body
+
+    # Counted per processor, and the ext_proc filters are in the gateway's listener.
+    metrics = server.metrics_text()
+    assert f'xdsd_processor_errors_total{{processor="{USER}:boom"}} 2.0' in metrics
+    assert f'xdsd_processor_timeouts_total{{processor="{USER}:slow"}} 1.0' in metrics
+    assert 'xdsd_processor_calls_total{phase="request_body",processor="json-schema"}' in metrics
+    dump = json.dumps(envoy.config_dump("dynamic_listeners"))
+    assert dump.count("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor") == 7
+    # The control plane kept serving xDS meanwhile (the loop was never held by a processor).
+    loop = server.admin_get_json("/debug/loop")
+    assert loop is not None

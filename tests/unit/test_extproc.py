@@ -1,0 +1,193 @@
+"""The ext_proc servicer in process (real processors, real worker threads, no Envoy), the worker
+pool's timeout, and the Envoy config generated for ``processing:``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from xdsd import typeurls
+from xdsd.extproc.runner import Runner
+from xdsd.extproc.servicer import ProcessingServicer
+from xdsd.generators import generate
+from xdsd.model import load_mesh
+from xdsd.model.processing import PROCESSING_METADATA
+from xdsd.node import NodeGroup
+
+USER = "tests.integration.extproc_processors"
+
+MESH = f"""
+services:
+  web:
+    endpoints: [{{address: 127.0.0.2, port: 15006}}]
+    sidecar: {{inbound: {{address: 127.0.0.2, port: 15006}}, app_port: 9080}}
+    processing: {{processor: "{USER}:caller"}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: 10000}}
+    routes:
+      - {{prefix: /closed, service: web, processing: {{processor: "{USER}:boom"}}}}
+      - {{prefix: /open, service: web, processing: {{processor: "{USER}:boom", failure: open}}}}
+      - {{prefix: /slow, service: web, processing: {{processor: "{USER}:slow", timeout: 50ms}}}}
+      - prefix: /redact
+        service: web
+        processing: {{processor: json-redact, phases: [response_headers, response_body], args: {{drop: [a]}}}}
+      - {{prefix: /, service: web}}
+"""
+
+
+class Context:
+    def __init__(self, key: str) -> None:
+        self.metadata = ((PROCESSING_METADATA, key),)
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+
+
+async def _requests(*messages: ep.ProcessingRequest) -> AsyncIterator[ep.ProcessingRequest]:
+    for m in messages:
+        yield m
+
+
+def _headers(**headers: str) -> ep.HttpHeaders:
+    out = ep.HttpHeaders()
+    for k, v in headers.items():
+        out.headers.headers.add(key=k.replace("_", "-"), raw_value=v.encode())
+    return out
+
+
+async def _run(servicer: ProcessingServicer, key: str, *messages: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
+    return [r async for r in servicer.Process(_requests(*messages), Context(key))]  # type: ignore[arg-type]
+
+
+def _servicer() -> tuple[ProcessingServicer, list[tuple[str, str, str, float]], dict[str, str]]:
+    seen: list[tuple[str, str, str, float]] = []
+    servicer = ProcessingServicer(Runner(2), observer=lambda *a: seen.append(a))
+    mesh = load_mesh(MESH)
+    servicer.set_mesh(mesh)
+    keys = {path: key for key, step in servicer._steps.items() for path in [step.path]}
+    return servicer, seen, keys
+
+
+async def test_failure_modes_timeouts_and_mutations() -> None:
+    servicer, seen, keys = _servicer()
+    try:
+        req = ep.ProcessingRequest(request_headers=_headers(_path="/closed"))
+        [closed] = await _run(servicer, keys["gateways.edge.routes[0].processing"], req)
+        assert closed.immediate_response.status.code == 500
+        [opened] = await _run(servicer, keys["gateways.edge.routes[1].processing"], req)
+        assert opened.WhichOneof("response") == "request_headers" and not opened.request_headers.HasField("response")
+        start = time.monotonic()
+        [slow] = await _run(servicer, keys["gateways.edge.routes[2].processing"], req)
+        assert slow.immediate_response.status.code == 504
+        assert time.monotonic() - start < 1.5  # answered at the timeout, not when the processor ends
+        body = b'{"a": 1, "b": 2}'
+        headers, replaced = await _run(
+            servicer, keys["gateways.edge.routes[3].processing"],
+            ep.ProcessingRequest(response_headers=_headers(content_type="application/json")),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=True)))
+        assert headers.WhichOneof("response") == "response_headers"
+        common = replaced.response_body.response
+        assert common.body_mutation.body == b'{"b":2}'
+        assert [(h.header.key, h.header.raw_value) for h in common.header_mutation.set_headers] == [
+            ("content-length", b"7")]
+        outcomes = [(p, ph, o) for p, ph, o, _ in seen]
+        assert outcomes == [(f"{USER}:boom", "request_headers", "error"), (f"{USER}:boom", "request_headers", "error"),
+                            (f"{USER}:slow", "request_headers", "timeout"),
+                            ("json-redact", "response_headers", "ok"), ("json-redact", "response_body", "ok")]
+    finally:
+        servicer.close()
+
+
+async def test_the_caller_comes_from_the_verified_xfcc_on_a_sidecar_and_unknown_steps_are_refused() -> None:
+    servicer, _, keys = _servicer()
+    try:
+        xfcc = 'By=spiffe://td/service/web;Hash=ab;URI=spiffe://td/service/pp'
+        [r] = await _run(servicer, keys["services.web.processing"],
+                         ep.ProcessingRequest(request_headers=_headers(x_forwarded_client_cert=xfcc)))
+        [option] = r.request_headers.response.header_mutation.set_headers
+        assert (option.header.key, option.header.raw_value) == ("x-caller", b"spiffe://td/service/pp")
+        assert option.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        context = Context("gateways.edge.routes[9].processing#0")
+        assert [r async for r in servicer.Process(_requests(), context)] == []  # type: ignore[arg-type]
+        assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.NOT_FOUND
+    finally:
+        servicer.close()
+
+
+async def test_a_timed_out_processor_thread_is_interrupted() -> None:
+    runner = Runner(1)
+    stopped = threading.Event()
+
+    def busy() -> None:
+        try:
+            while True:
+                sum(range(100))
+        finally:
+            stopped.set()
+
+    try:
+        outcome = await runner.run(busy, 0.05)
+        assert outcome.kind == "timeout"
+        assert await asyncio.to_thread(stopped.wait, 10)
+        ok = await runner.run(lambda: 42, 5)  # the worker is free again
+        assert (ok.kind, ok.value) == ("ok", 42)
+    finally:
+        runner.close()
+
+
+def _filters(listener: Any) -> list[Any]:
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    return list(hcm.http_filters)
+
+
+@pytest.mark.parametrize("group", [NodeGroup("edge"), NodeGroup("web")])
+def test_generated_ext_proc_filters_point_at_xdsd_with_the_steps_mode(group: NodeGroup) -> None:
+    mesh = load_mesh(MESH)
+    out = generate(mesh, group)
+    listener = next(m for m in out[typeurls.LISTENER] if m.name in ("edge", "inbound|15006"))
+    filters = [f for f in _filters(listener) if f.typed_config.type_url.endswith("ExternalProcessor")]
+    names = [f.name for f in _filters(listener)]
+    Mode = processing_mode_pb2.ProcessingMode
+    if group.cluster == "web":
+        assert names.index("envoy.filters.http.ext_proc") == names.index("envoy.filters.http.ext_authz") + 1
+        assert [f.disabled for f in filters] == [False]
+    else:
+        assert [f.name for f in filters] == [f"envoy.filters.http.ext_proc.routes[{i}]" for i in range(4)]
+        assert all(f.disabled for f in filters)
+        [rc] = out[typeurls.ROUTE]
+        enabled = [list(r.typed_per_filter_config) for r in rc.virtual_hosts[0].routes]
+        assert enabled[:4] == [[f"envoy.filters.http.ext_proc.routes[{i}]"] for i in range(4)] and enabled[4] == []
+    configs = []
+    for f in filters:
+        config = ext_proc_pb2.ExternalProcessor()
+        f.typed_config.Unpack(config)
+        configs.append(config)
+        assert config.grpc_service.envoy_grpc.cluster_name == group.xds_cluster
+        assert config.grpc_service.initial_metadata[0].key == PROCESSING_METADATA
+    if group.cluster == "edge":
+        closed, opened, slow, redact = configs
+        assert not closed.failure_mode_allow and opened.failure_mode_allow
+        assert slow.message_timeout.ToMilliseconds() == 300  # 50 ms + the grace for xdsd's own answer
+        assert redact.processing_mode.request_header_mode == Mode.SKIP
+        assert redact.processing_mode.response_header_mode == Mode.SEND
+        assert redact.processing_mode.response_body_mode == Mode.BUFFERED
+        assert redact.processing_mode.request_body_mode == Mode.NONE
+        assert closed.grpc_service.initial_metadata[0].value.startswith("gateways.edge.routes[0].processing#")
