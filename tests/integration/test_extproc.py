@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from tests.support.envoy import EnvoyFactory
 from tests.support.meshes import ADS, MeshFile
+from tests.support.ports import free_port_on
 from tests.support.procs import free_port
 from tests.support.traffic import Client
 from tests.support.upstream import Upstreams
@@ -117,3 +118,42 @@ def test_gateway_routes_run_their_processors(
     # The control plane kept serving xDS meanwhile (the loop was never held by a processor).
     loop = server.admin_get_json("/debug/loop")
     assert loop is not None
+
+
+def test_a_service_step_runs_on_its_sidecars_inbound_side_with_the_callers_identity(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+) -> None:
+    """edge gateway -> (mTLS) -> web's sidecar: web's step sees the gateway's verified SPIFFE ID."""
+    ups = upstreams({"web": "127.0.0.3"})
+    host, app_port = ups.address("web")
+    inbound, edge = free_port_on(host), free_port()
+    text = f"""
+mesh: {{trust_domain: example.org}}
+services:
+  web:
+    sidecar: {{inbound: {{address: {host}, port: {inbound}}}, app_address: {host}, app_port: {app_port}}}
+    processing:
+      processor: set-headers
+      args: {{request: {{set: {{x-caller: "{{caller}}"}}, remove: [x-forwarded-client-cert]}}}}
+gateways:
+  edge: {{listen: {{address: 127.0.0.1, port: {edge}}}, routes: [{{prefix: /, service: web}}]}}
+"""
+    mesh_file.write(text)
+    server = xdsd()
+    envoy_factory(server, "web-1", "web", mode=ADS)
+    gateway = envoy_factory(server, "edge-1", "edge", mode=ADS)
+    client = Client(f"http://127.0.0.1:{edge}/")
+    gateway.wait_for(lambda: client.get("/x").status == 200, "gateway -> web sidecar serves", 30)
+    seen = client.request("GET", "/x", headers={"x-caller": "forged"}).json()["headers"]
+    assert seen["x-caller"] == "spiffe://example.org/gateway/edge"
+    assert "x-forwarded-client-cert" not in seen
+    assert 'xdsd_processor_calls_total{phase="request_headers",processor="set-headers"}' in server.metrics_text()
+
+    # An invalid edit (a processor that cannot be imported) is refused by field path; the step keeps working.
+    mesh_file.write(text.replace("processor: set-headers", "processor: 'no_such_module:f'"))
+    server.wait_for(lambda: "services.web.processing.processor: cannot import 'no_such_module'"
+                    in server.admin_get("/debug/config"), "the edit is refused", 30)
+    assert client.request("GET", "/y").json()["headers"]["x-caller"] == "spiffe://example.org/gateway/edge"
