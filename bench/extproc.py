@@ -126,17 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--pool", choices=["threads", "processes"], default="threads",
+                    help="xdsd serve --processor-pool")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-extproc-"))
     ups = Upstreams({"web": "127.0.0.2"}, work / "upstream").start()
     server = envoys = None
-    results: dict[str, Any] = {"rate": args.rate, "seconds": args.seconds, "variants": {}}
+    results: dict[str, Any] = {"rate": args.rate, "seconds": args.seconds, "pool": args.pool, "variants": {}}
     try:
         host, port = ups.address("web")
         edge = free_port()
         (work / "mesh.yaml").write_text(mesh(host, port, edge))
-        server = XdsdProcess(work / "mesh.yaml", work / "xdsd", log_level="info")
+        server = XdsdProcess(work / "mesh.yaml", work / "xdsd", log_level="info",
+                             extra_args=["--processor-pool", args.pool])
         (work / "xdsd").mkdir(exist_ok=True)
         server.start()
         envoys = EnvoyFactory(work)

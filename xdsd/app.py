@@ -31,6 +31,7 @@ from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
+from xdsd.extproc.runner import make_runner
 from xdsd.extproc.servicer import ProcessingServicer
 from xdsd.generators import MeshGenerator
 from xdsd.generators.roles import UNKNOWN, role_of
@@ -100,7 +101,7 @@ class App:
             access=self.access)
         # ext_proc: the mesh's Python processors, in worker threads (xdsd/extproc).
         self.processing = ProcessingServicer(
-            observer=ProcessingMetrics(self.metrics.registry).observe, access=self.access,
+            make_runner(s.processor_pool), observer=ProcessingMetrics(self.metrics.registry).observe, access=self.access,
             span=self.tracing.processing_span if self.tracing.enabled else None)  # type: ignore[union-attr]
         self.registry = Registry(LocalStore(s.state_dir), drain_seconds=s.drain_time,
                                  max_per_service=s.max_instances_per_service, max_per_token=s.max_instances_per_service)
@@ -200,6 +201,7 @@ class App:
         """Load the config before any port opens (nothing is served before a valid config), open the
         ports, start the background work."""
         self.controller.reload()
+        await self.processing.ready()  # ext_proc worker processes, when the mesh has processing steps
         _tune_gc()
         self._grpc, bound = await self._start_grpc()
         await self._start_admin()

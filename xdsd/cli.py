@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--authz-http-address", type=_host_port, default=None, metavar="HOST:PORT",
                    help="also answer ext_authz checks over HTTP/1.1 here (for Envoys bootstrapped with "
                         "--authz-http-port; faster than gRPC; TLS like xDS when --xds-tls-cert is set)")
+    p.add_argument("--processor-pool", choices=["threads", "processes"], default="threads",
+                   help="where the mesh's ext_proc processors run: 4 worker threads of xdsd (default; least "
+                        "latency) or 2 worker processes (CPU-heavy processors off xdsd's GIL; a timed-out call "
+                        "is ended by SIGALRM, even in a sleep)")
     p.add_argument("--drain-time", type=float, default=5.0, metavar="SECONDS",
                    help="how long a deregistered instance stays DRAINING before it is removed (default 5)")
     p.add_argument("--otlp-endpoint", metavar="HOST:PORT",

@@ -4,6 +4,7 @@ pool's timeout, and the Envoy config generated for ``processing:``."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_m
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from xdsd import typeurls
-from xdsd.extproc.runner import Runner
+from xdsd.extproc.runner import ProcessRunner, ThreadRunner
 from xdsd.extproc.servicer import ProcessingServicer
 from xdsd.generators import generate
 from xdsd.model import load_mesh
@@ -73,17 +74,21 @@ async def _run(servicer: ProcessingServicer, key: str, *messages: ep.ProcessingR
     return [r async for r in servicer.Process(_requests(*messages), Context(key))]  # type: ignore[arg-type]
 
 
-def _servicer() -> tuple[ProcessingServicer, list[tuple[str, str, str, float]], dict[str, str]]:
+def _servicer(pool: str = "threads") -> tuple[ProcessingServicer, list[tuple[str, str, str, float]], dict[str, str]]:
     seen: list[tuple[str, str, str, float]] = []
-    servicer = ProcessingServicer(Runner(2), observer=lambda *a: seen.append(a))
+    runner = ProcessRunner(2) if pool == "processes" else ThreadRunner(2)
+    servicer = ProcessingServicer(runner, observer=lambda *a: seen.append(a))
     mesh = load_mesh(MESH)
     servicer.set_mesh(mesh)
+    if isinstance(runner, ProcessRunner):
+        concurrent.futures.wait(runner.start(), timeout=60)
     keys = {path: key for key, step in servicer._steps.items() for path in [step.path]}
     return servicer, seen, keys
 
 
-async def test_failure_modes_timeouts_and_mutations() -> None:
-    servicer, seen, keys = _servicer()
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+async def test_failure_modes_timeouts_and_mutations(pool: str) -> None:
+    servicer, seen, keys = _servicer(pool)
     try:
         req = ep.ProcessingRequest(request_headers=_headers(_path="/closed"))
         [closed] = await _run(servicer, keys["gateways.edge.routes[0].processing"], req)
@@ -112,8 +117,9 @@ async def test_failure_modes_timeouts_and_mutations() -> None:
         servicer.close()
 
 
-async def test_the_caller_comes_from_the_verified_xfcc_on_a_sidecar_and_unknown_steps_are_refused() -> None:
-    servicer, _, keys = _servicer()
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+async def test_the_caller_comes_from_the_verified_xfcc_on_a_sidecar_and_unknown_steps_are_refused(pool: str) -> None:
+    servicer, _, keys = _servicer(pool)
     try:
         xfcc = 'By=spiffe://td/service/web;Hash=ab;URI=spiffe://td/service/pp'
         [r] = await _run(servicer, keys["services.web.processing"],
@@ -129,7 +135,7 @@ async def test_the_caller_comes_from_the_verified_xfcc_on_a_sidecar_and_unknown_
 
 
 async def test_a_timed_out_processor_thread_is_interrupted() -> None:
-    runner = Runner(1)
+    runner = ThreadRunner(1)
     stopped = threading.Event()
 
     def busy() -> None:
