@@ -197,3 +197,46 @@ def test_generated_ext_proc_filters_point_at_xdsd_with_the_steps_mode(group: Nod
         assert redact.processing_mode.response_body_mode == Mode.BUFFERED
         assert redact.processing_mode.request_body_mode == Mode.NONE
         assert closed.grpc_service.initial_metadata[0].value.startswith("gateways.edge.routes[0].processing#")
+
+
+class _Span:
+    def __init__(self, spans: list[dict[str, Any]], metadata: Any) -> None:
+        self.attributes: dict[str, Any] = {"parent": dict(metadata).get("traceparent")}
+        spans.append(self.attributes)
+
+    def set_attributes(self, attributes: dict[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def end(self) -> None:
+        self.attributes["ended"] = True
+
+
+async def test_each_processed_phase_is_a_span_in_the_requests_trace() -> None:
+    spans: list[dict[str, Any]] = []
+    servicer = ProcessingServicer(ThreadRunner(1), span=lambda md: _Span(spans, md))
+    servicer.set_mesh(load_mesh(MESH))
+    key = next(k for k, step in servicer._steps.items() if step.path == "gateways.edge.routes[3].processing")
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    context = Context(key)
+    context.metadata += (("traceparent", parent),)
+    try:
+        requests = _requests(ep.ProcessingRequest(response_headers=_headers(content_type="application/json")),
+                             ep.ProcessingRequest(response_body=ep.HttpBody(body=b'{"a": 1}', end_of_stream=True)))
+        assert len([r async for r in servicer.Process(requests, context)]) == 2  # type: ignore[arg-type]
+    finally:
+        servicer.close()
+    assert [(s["parent"], s["xdsd.processing.phase"], s["xdsd.processing.outcome"], s["ended"]) for s in spans] == [
+        (parent, "response_headers", "ok", True), (parent, "response_body", "ok", True)]
+    assert spans[0]["xdsd.processing.processor"] == "json-redact"
+
+
+def test_streamed_bodies_and_skipped_phases_in_the_processing_mode() -> None:
+    from xdsd.generators.processing import processing_mode
+    from xdsd.model.processing import Processing
+
+    mode = processing_mode(Processing(processor="set-headers", phases=["request_body", "response_headers"],
+                                      body="streamed"))
+    m = processing_mode_pb2.ProcessingMode
+    assert (mode.request_header_mode, mode.request_body_mode) == (m.SKIP, m.STREAMED)
+    assert (mode.response_header_mode, mode.response_body_mode) == (m.SEND, m.NONE)
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (m.SKIP, m.SKIP)
