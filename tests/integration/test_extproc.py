@@ -11,6 +11,7 @@ import pytest
 
 from tests.support.envoy import EnvoyFactory
 from tests.support.meshes import ADS, MeshFile
+from tests.support.otlp import OtlpReceiver, Span
 from tests.support.ports import free_port_on
 from tests.support.procs import free_port
 from tests.support.traffic import Client
@@ -161,3 +162,46 @@ gateways:
     server.wait_for(lambda: "services.web.processing.processor: cannot import 'no_such_module'"
                     in server.admin_get("/debug/config"), "the edit is refused", 30)
     assert client.request("GET", "/y").json()["headers"]["x-caller"] == "spiffe://example.org/gateway/edge"
+
+
+def test_each_processed_phase_is_a_span_in_the_requests_trace(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+) -> None:
+    with OtlpReceiver() as otlp:
+        ups = upstreams({"web": "127.0.0.2"})
+        host, port = ups.address("web")
+        edge = free_port()
+        mesh_file.write(f"""
+telemetry: {{tracing: {{collector: "{otlp.endpoint}", sampling: 100}}}}
+services:
+  web: {{endpoints: [{{address: {host}, port: {port}}}]}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: {edge}}}
+    routes:
+      - prefix: /
+        service: web
+        processing:
+          processor: set-headers
+          phases: [request_headers, response_headers]
+          args: {{request: {{set: {{x-a: "1"}}}}, response: {{set: {{x-b: "2"}}}}}}
+""")
+        server = xdsd(extra_args=["--otlp-endpoint", otlp.endpoint])
+        envoy = envoy_factory(server, "edge-1", "edge", mode=ADS)
+        client = Client(f"http://127.0.0.1:{edge}/")
+        envoy.wait_for(lambda: client.get("/x").status == 200, "gateway serves", 30)
+        r = client.request("GET", "/traced")
+        assert r.status == 200 and r.headers.get("x-b") == "2"
+        trace_id = r.json()["headers"]["traceparent"].split("-")[1]
+
+        def processed(spans: list[Span]) -> list[Span] | None:
+            mine = [s for s in spans if s.trace_id == trace_id and s.name == "xdsd.processing"]
+            return mine if len(mine) >= 2 else None
+
+        spans = otlp.wait_for_spans(processed, "xdsd.processing spans in the request's trace")
+        assert sorted(s.attributes["xdsd.processing.phase"] for s in spans) == ["request_headers", "response_headers"]
+        assert {s.attributes["xdsd.processing.outcome"] for s in spans} == {"ok"}
+        assert all(s.service == "xdsd" and s.parent_span_id for s in spans)  # children of Envoy's gRPC spans
