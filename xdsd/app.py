@@ -120,7 +120,8 @@ class App:
     def _on_mesh(self, mesh: Mesh) -> None:
         """The extension services follow the mesh revision that drives xDS."""
         self.authz.set_mesh(mesh)
-        self.processing.set_mesh(mesh)
+        rollout = self.controller.rollout  # canaries run the candidate's processing steps meanwhile
+        self.processing.set_mesh(mesh, *([rollout.candidate] if rollout is not None and rollout.active else []))
 
     # -- the ports -----------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ pool's timeout, and the Envoy config generated for ``processing:``."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -80,8 +79,6 @@ def _servicer(pool: str = "threads") -> tuple[ProcessingServicer, list[tuple[str
     servicer = ProcessingServicer(runner, observer=lambda *a: seen.append(a))
     mesh = load_mesh(MESH)
     servicer.set_mesh(mesh)
-    if isinstance(runner, ProcessRunner):
-        concurrent.futures.wait(runner.start(), timeout=60)
     keys = {path: key for key, step in servicer._steps.items() for path in [step.path]}
     return servicer, seen, keys
 
@@ -89,6 +86,7 @@ def _servicer(pool: str = "threads") -> tuple[ProcessingServicer, list[tuple[str
 @pytest.mark.parametrize("pool", ["threads", "processes"])
 async def test_failure_modes_timeouts_and_mutations(pool: str) -> None:
     servicer, seen, keys = _servicer(pool)
+    await servicer.ready()  # worker processes spawned
     try:
         req = ep.ProcessingRequest(request_headers=_headers(_path="/closed"))
         [closed] = await _run(servicer, keys["gateways.edge.routes[0].processing"], req)
@@ -120,6 +118,7 @@ async def test_failure_modes_timeouts_and_mutations(pool: str) -> None:
 @pytest.mark.parametrize("pool", ["threads", "processes"])
 async def test_the_caller_comes_from_the_verified_xfcc_on_a_sidecar_and_unknown_steps_are_refused(pool: str) -> None:
     servicer, _, keys = _servicer(pool)
+    await servicer.ready()
     try:
         xfcc = 'By=spiffe://td/service/web;Hash=ab;URI=spiffe://td/service/pp'
         [r] = await _run(servicer, keys["services.web.processing"],
@@ -240,3 +239,15 @@ def test_streamed_bodies_and_skipped_phases_in_the_processing_mode() -> None:
     assert (mode.request_header_mode, mode.request_body_mode) == (m.SKIP, m.STREAMED)
     assert (mode.response_header_mode, mode.response_body_mode) == (m.SEND, m.NONE)
     assert (mode.request_trailer_mode, mode.response_trailer_mode) == (m.SKIP, m.SKIP)
+
+
+def test_steps_of_a_rollouts_candidate_are_served_beside_the_current_ones() -> None:
+    servicer = ProcessingServicer(ThreadRunner(1))
+    current = load_mesh(MESH)
+    candidate = load_mesh(MESH.replace("timeout: 50ms", "timeout: 60ms"))
+    servicer.set_mesh(current, candidate)
+    paths = sorted(step.path for step in servicer._steps.values())
+    assert paths.count("gateways.edge.routes[2].processing") == 2  # both versions of the changed step
+    assert len(paths) == 6
+    servicer.set_mesh(candidate)  # promoted: the previous revision's steps stay for streams in flight
+    assert len(servicer._steps) == 5 and len(servicer._previous) == 6

@@ -110,6 +110,8 @@ class ProcessRunner:
     def start(self) -> list[Future[Any]]:
         """Spawn the workers now (a mesh with processing steps), not on the first request. A spawn
         takes a second or more; requests that come meanwhile wait for it before their timeout starts."""
+        if self._pool is not None:  # already running
+            return []
         pool = self._executor()
         self._warming = [pool.submit(time.sleep, 0.01) for _ in range(self.workers)]
         return self._warming

@@ -63,24 +63,27 @@ class ProcessingServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         self._steps: dict[str, Step] = {}
         self._previous: dict[str, Step] = {}  # streams opened under the last revision finish on it
 
-    def set_mesh(self, mesh: Mesh) -> None:
-        """Build the mesh's processing steps (each processor once; unchanged steps are kept)."""
+    def set_mesh(self, mesh: Mesh, *also: Mesh) -> None:
+        """Build the mesh's processing steps (each processor once; unchanged steps are kept).
+        ``also``: meshes some nodes are served at the same time (a staged rollout's candidate)."""
         steps: dict[str, Step] = {}
-        for owner, path, spec in processing_steps(mesh):
-            key = spec.key(path)
-            old = self._steps.get(key) or self._previous.get(key)
-            if old is not None:
-                steps[key] = old
-                continue
-            try:
-                run = build(spec.processor, spec.args)
-            except ProcessorError as exc:  # validated already; only a module changed on disk gets here
-                log.error("%s: processor %r: %s", path, spec.processor, exc)
-                continue
-            service = mesh.services.get(owner)
-            worker = StepSpec(key, spec.processor, spec.args, identity=service is not None and service.sidecar is not None,
-                              buffered=spec.body_mode == "buffered")
-            steps[key] = Step(owner, path, spec, run, worker)
+        for served in (mesh, *also):
+            for owner, path, spec in processing_steps(served):
+                key = spec.key(path)
+                old = steps.get(key) or self._steps.get(key) or self._previous.get(key)
+                if old is not None:
+                    steps[key] = old
+                    continue
+                try:
+                    run = build(spec.processor, spec.args)
+                except ProcessorError as exc:  # validated already; only a module changed on disk gets here
+                    log.error("%s: processor %r: %s", path, spec.processor, exc)
+                    continue
+                service = served.services.get(owner)
+                worker = StepSpec(key, spec.processor, spec.args,
+                                  identity=service is not None and service.sidecar is not None,
+                                  buffered=spec.body_mode == "buffered")
+                steps[key] = Step(owner, path, spec, run, worker)
         self._previous, self._steps = self._steps, steps
         if steps and isinstance(self.runner, ProcessRunner):
             self.runner.start()
