@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from xdsd.processing import Message, Mutate, Respond, Result
@@ -36,3 +37,14 @@ USER_CONSTANT = "not a processor"
 
 class NotAProcessor:
     """A class that does not subclass xdsd.processing.Processor (refused by the loader)."""
+
+
+def sleepy(message: Message) -> Result:
+    """Blocks in a C call (time.sleep) for 5 s."""
+    time.sleep(5)
+    return Respond(418, "should never be seen\n")
+
+
+def die(message: Message) -> Result:
+    """Ends the process it runs in (only ever run in a worker process)."""
+    os._exit(3)

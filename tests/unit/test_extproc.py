@@ -251,3 +251,30 @@ def test_steps_of_a_rollouts_candidate_are_served_beside_the_current_ones() -> N
     assert len(paths) == 6
     servicer.set_mesh(candidate)  # promoted: the previous revision's steps stay for streams in flight
     assert len(servicer._steps) == 5 and len(servicer._previous) == 6
+
+
+async def test_worker_processes_end_a_sleeping_call_at_its_deadline_and_replace_a_dead_worker() -> None:
+    from xdsd.extproc.phase import StepSpec, StreamState
+
+    runner = ProcessRunner(1)
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/"))
+
+    def spec(name: str) -> StepSpec:
+        return StepSpec(name, f"{USER}:{name}", {}, identity=False, buffered=False)
+
+    async def call(name: str, timeout: float) -> str:
+        outcome = await runner.phase(lambda m: None, spec(name), StreamState(), "request_headers", request, timeout)
+        return outcome.kind
+
+    try:
+        runner.start()
+        await runner.ready()
+        assert await call("sleepy", 0.2) == "timeout"
+        start = time.monotonic()
+        assert await call("shout", 3.0) == "ok"  # the one worker was not held for the rest of the sleep
+        assert time.monotonic() - start < 3.0
+        assert await call("die", 3.0) == "error"
+        await runner.ready()  # a new pool, spawned
+        assert await call("shout", 10.0) == "ok"
+    finally:
+        runner.close()
