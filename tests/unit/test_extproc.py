@@ -7,6 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -278,3 +279,29 @@ async def test_worker_processes_end_a_sleeping_call_at_its_deadline_and_replace_
         assert await call("shout", 10.0) == "ok"
     finally:
         runner.close()
+
+
+async def test_only_nodes_of_the_steps_gateway_or_service_may_run_it(tmp_path: Path) -> None:
+    from xdsd.auth.access import Access
+    from xdsd.auth.tokens import TOKEN_HEADER
+
+    access = Access.from_state_dir(tmp_path)
+    assert access.signer is not None
+    servicer = ProcessingServicer(ThreadRunner(1), access=access)
+    servicer.set_mesh(load_mesh(MESH))
+    key = next(k for k, step in servicer._steps.items() if step.path == "gateways.edge.routes[1].processing")
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/"))
+
+    async def run(token: str | None) -> tuple[grpc.StatusCode | None, int]:
+        context = Context(key)
+        if token is not None:
+            context.metadata += ((TOKEN_HEADER, token),)
+        answers = [r async for r in servicer.Process(_requests(request), context)]  # type: ignore[arg-type]
+        return (context.aborted[0] if context.aborted else None), len(answers)
+
+    try:
+        assert await run(access.signer.issue("edge-1", "edge")) == (None, 1)
+        assert await run(access.signer.issue("web-1", "web")) == (grpc.StatusCode.PERMISSION_DENIED, 0)
+        assert await run(None) == (grpc.StatusCode.UNAUTHENTICATED, 0)
+    finally:
+        servicer.close()
