@@ -124,6 +124,13 @@ def test_gateway_routes_run_their_processors(
     plain = client.request("GET", "/plain", headers={"x-drop": "kept"}).json()["headers"]
     assert plain["x-drop"] == "kept" and "x-added" not in plain
 
+    # With xdsd gone, Envoy applies the same failure modes itself: closed refuses, open passes.
+    server.stop()
+    envoy.wait_for(lambda: client.request("GET", "/closed").status >= 500, "closed fails without xdsd", 30)
+    passed = client.request("GET", "/open/2", headers={"x-word": "w"})
+    assert passed.status == 200 and passed.json()["path"] == "/open/2"
+    assert client.request("GET", "/plain").status == 200
+
 
 def test_a_service_step_runs_on_its_sidecars_inbound_side_with_the_callers_identity(
     mesh_file: MeshFile,
