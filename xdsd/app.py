@@ -99,7 +99,7 @@ class App:
         self.authz = AuthorizationServicer(
             self.metrics.authz_decision, span=self.tracing.authz_span if self.tracing.enabled else None,  # type: ignore[union-attr]
             access=self.access)
-        # ext_proc: the mesh's Python processors, in worker threads (xdsd/extproc).
+        # ext_proc: the mesh's Python processors, in worker threads or processes (xdsd/extproc).
         self.processing = ProcessingServicer(
             make_runner(s.processor_pool), observer=ProcessingMetrics(self.metrics.registry).observe, access=self.access,
             span=self.tracing.processing_span if self.tracing.enabled else None)  # type: ignore[union-attr]
