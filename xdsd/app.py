@@ -17,6 +17,7 @@ import grpc
 import prometheus_client
 from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.status.v3 import csds_pb2_grpc
 
 from xdsd.admin.http import make_app
@@ -30,10 +31,14 @@ from xdsd.authz.servicer import AuthorizationServicer
 from xdsd.ca import CertificateAuthority, IdentityStore
 from xdsd.cache import SnapshotCache
 from xdsd.controller import Controller
+from xdsd.extproc.runner import make_runner
+from xdsd.extproc.servicer import ProcessingServicer
 from xdsd.generators import MeshGenerator
 from xdsd.generators.roles import UNKNOWN, role_of
+from xdsd.model import Mesh
 from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
+from xdsd.observability.processing import ProcessingMetrics
 from xdsd.observability.tracing import endpoint_from, make_tracing
 from xdsd.registry.api import RegistrationServicer, http_routes
 from xdsd.registry.registry import Registry
@@ -94,11 +99,15 @@ class App:
         self.authz = AuthorizationServicer(
             self.metrics.authz_decision, span=self.tracing.authz_span if self.tracing.enabled else None,  # type: ignore[union-attr]
             access=self.access)
+        # ext_proc: the mesh's Python processors, in worker threads or processes (xdsd/extproc).
+        self.processing = ProcessingServicer(
+            make_runner(s.processor_pool), observer=ProcessingMetrics(self.metrics.registry).observe, access=self.access,
+            span=self.tracing.processing_span if self.tracing.enabled else None)  # type: ignore[union-attr]
         self.registry = Registry(LocalStore(s.state_dir), drain_seconds=s.drain_time,
                                  max_per_service=s.max_instances_per_service, max_per_token=s.max_instances_per_service)
         self.controller = Controller(
             FileSource(s.config, debounce=s.debounce), self.cache, self.metrics, self.identities,
-            on_mesh=self.authz.set_mesh, registry=self.registry, registry_debounce=s.registry_debounce,
+            on_mesh=self._on_mesh, registry=self.registry, registry_debounce=s.registry_debounce,
             tracing=self.tracing, health=self.supervisor, max_removal=s.max_removal, settle=s.settle,
             history=History(s.state_dir, s.history), fleet=self.server,
         )
@@ -108,12 +117,19 @@ class App:
         self._admin: web.AppRunner | None = None
         self._authz_http: AuthzHttpServer | None = None
 
+    def _on_mesh(self, mesh: Mesh) -> None:
+        """The extension services follow the mesh revision that drives xDS."""
+        self.authz.set_mesh(mesh)
+        rollout = self.controller.rollout  # canaries run the candidate's processing steps meanwhile
+        self.processing.set_mesh(mesh, *([rollout.candidate] if rollout is not None and rollout.active else []))
+
     # -- the ports -----------------------------------------------------------------------------
 
     def _register(self, server: grpc.aio.Server | GrpcServer) -> None:
         """Every gRPC service of the xDS port, on either transport."""
         self.server.register(server)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, server)
+        external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processing, server)
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatusServicer(self.server), server)
         registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationServicer(self.registry, self.access), server)
 
@@ -186,6 +202,7 @@ class App:
         """Load the config before any port opens (nothing is served before a valid config), open the
         ports, start the background work."""
         self.controller.reload()
+        await self.processing.ready()  # ext_proc worker processes, when the mesh has processing steps
         _tune_gc()
         self._grpc, bound = await self._start_grpc()
         await self._start_admin()
@@ -204,6 +221,7 @@ class App:
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         self.registry.flush()
+        self.processing.close()
         if self._authz_http is not None:
             await self._authz_http.close()
         if self._admin is not None:

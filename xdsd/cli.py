@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "Envoys at; TLS like xDS)")
     authz.add_argument("--no-authz-http", action="store_true",
                        help="answer ext_authz checks over gRPC only (Envoys bootstrapped with --authz-grpc)")
+    p.add_argument("--processor-pool", choices=["threads", "processes"], default="threads",
+                   help="where the mesh's ext_proc processors run: 4 worker threads of xdsd (default; least "
+                        "latency) or 2 worker processes (CPU-heavy processors off xdsd's GIL; a timed-out call "
+                        "is ended by SIGALRM, even in a sleep)")
     p.add_argument("--drain-time", type=float, default=5.0, metavar="SECONDS",
                    help="how long a deregistered instance stays DRAINING before it is removed (default 5)")
     p.add_argument("--otlp-endpoint", metavar="HOST:PORT",

@@ -57,6 +57,8 @@ class ServeSettings:
     ca_bundle: Path | None = None
     xds_transport: str = "h2"  # or "grpcio"
     otlp_endpoint: str | None = None
+    # Where ext_proc processors run: worker "processes" or "threads" of xdsd (xdsd/extproc/runner.py).
+    processor_pool: str = "threads"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:

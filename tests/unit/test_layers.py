@@ -39,6 +39,13 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "xdsd.sources": ("xdsd.server", "xdsd.transport", "xdsd.cache", "xdsd.generators", "xdsd.controller",
                      "xdsd.app", "xdsd.admin", "xdsd.registry"),
     "xdsd.observability": ("xdsd.app", "xdsd.controller", "xdsd.admin"),
+    # Processors see only their API: nothing of the mesh, the generators or the servers.
+    "xdsd.processing": ("xdsd.model", "xdsd.generators", "xdsd.cache", "xdsd.server", "xdsd.transport",
+                        "xdsd.controller", "xdsd.app", "xdsd.admin", "xdsd.registry", "xdsd.sources", "xdsd.auth",
+                        "xdsd.authz", "xdsd.ca", "xdsd.extproc"),
+    # The ext_proc service, like authz: reads the mesh, never the generators or the xDS server.
+    "xdsd.extproc": ("xdsd.server", "xdsd.cache", "xdsd.generators", "xdsd.controller", "xdsd.app", "xdsd.admin",
+                     "xdsd.registry", "xdsd.sources", "xdsd.transport"),
 }
 # Deliberate exceptions: a lower layer's input types that the layer above produces.
 ALLOWED: dict[str, tuple[str, ...]] = {

@@ -40,6 +40,7 @@ GRPC_METHODS: dict[str, Rule] = {
     "/envoy.service.status.v3.ClientStatusDiscoveryService/FetchClientStatus": Rule.OPERATOR,
     "/envoy.service.status.v3.ClientStatusDiscoveryService/StreamClientStatus": Rule.OPERATOR,
     "/envoy.service.auth.v3.Authorization/Check": Rule.SERVICE,
+    "/envoy.service.ext_proc.v3.ExternalProcessor/Process": Rule.SERVICE,
     "/xdsd.v1.Registration/Register": Rule.SERVICE,
     "/xdsd.v1.Registration/Heartbeat": Rule.SERVICE,
     "/xdsd.v1.Registration/Deregister": Rule.SERVICE,

@@ -107,7 +107,7 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
         ("sidecar", group, own_id), (mesh.mesh,),
         lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams,
                              listeners.policy_headers(mesh.authorization.get(name))),
-        equal=policy_of(mesh, name, memo),
+        equal=(policy_of(mesh, name, memo), service.processing),
     )
     # Each upstream's clusters: the whole service and the subsets its own routes send to.
     targets = [t for u in upstreams for t in targets_of(mesh, mesh.services[u].routes, default_service=u)]
@@ -133,7 +133,8 @@ def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td:
     inbound_address = group.inbound_address or sidecar.inbound.address
     own_listeners = (
         listeners.inbound_listener(name, inbound_address, sidecar.inbound.port,
-                                   routes.inbound_routes(name, app_cluster), group, own_id, td, authz_headers),
+                                   routes.inbound_routes(name, app_cluster), group, own_id, td, authz_headers,
+                                   processing=service.processing),
         *(
             listeners.outbound_listener(u, sidecar.upstreams[u], routes.outbound_route_name(u), group)
             for u in upstreams

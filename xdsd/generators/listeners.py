@@ -14,10 +14,12 @@ from envoy.type.v3 import http_status_pb2
 from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER
 from xdsd.authz.contract import XFCC as XFCC_HEADER
 from xdsd.authz.contract import path_prefix as authz_path_prefix
+from xdsd.generators import processing as ext_proc
 from xdsd.generators.node import NodeGroup, config_source
 from xdsd.generators.tls import downstream_socket
 from xdsd.model import Gateway
 from xdsd.model.mesh import Policy
+from xdsd.model.processing import Processing
 
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
@@ -71,8 +73,10 @@ def policy_headers(policy: Policy | None) -> tuple[str, ...]:
 def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | None = None,
                             inline: route_pb2.RouteConfiguration | None = None,
                             edge: bool = False, authz: str | None = None,
-                            authz_headers: tuple[str, ...] = ()) -> hcm_pb2.HttpConnectionManager:
-    """``authz``: the destination whose policy ext_authz checks for each request (None: no check)."""
+                            authz_headers: tuple[str, ...] = (),
+                            processing: tuple[hcm_pb2.HttpFilter, ...] = ()) -> hcm_pb2.HttpConnectionManager:
+    """``authz``: the destination whose policy ext_authz checks for each request (None: no check).
+    ``processing``: ext_proc filters (``generators.processing``), after ext_authz."""
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=stat_prefix)
     if rds is not None:
         hcm.rds.config_source.CopyFrom(config_source(group))
@@ -88,6 +92,7 @@ def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | No
         hcm.use_remote_address.value = True
     if authz is not None:
         hcm.http_filters.append(ext_authz_filter(group, authz, authz_headers))
+    hcm.http_filters.extend(processing)
     if rds is not None:
         # Fault injection, configured per route (typed_per_filter_config); this config injects nothing.
         hcm.http_filters.add(name=FAULT_FILTER).typed_config.Pack(fault_pb2.HTTPFault())
@@ -112,7 +117,8 @@ def gateway_listener(name: str, gateway: Gateway, group: NodeGroup,
     """``authz``: the gateway has an authorization policy (matching on these headers), so every
     request is checked (fail closed); None: it has none."""
     hcm = http_connection_manager(name, group, rds=name, edge=True, authz=None if authz is None else name,
-                                  authz_headers=authz or ())
+                                  authz_headers=authz or (),
+                                  processing=tuple(ext_proc.gateway_filters(name, gateway, group)))
     return _listener(name, gateway.listen.address, gateway.listen.port, hcm)
 
 
@@ -124,10 +130,13 @@ def outbound_listener(upstream: str, port: int, route_name: str, group: NodeGrou
 
 def inbound_listener(service: str, address: str, port: int, routes: route_pb2.RouteConfiguration,
                      group: NodeGroup, own_id: str, trust_domain: str,
-                     authz_headers: tuple[str, ...] = ()) -> listener_pb2.Listener:
+                     authz_headers: tuple[str, ...] = (), processing: Processing | None = None) -> listener_pb2.Listener:
     """The way in: mTLS with a client certificate from the trust domain, then the local app.
-    The app learns the caller's SPIFFE ID from ``x-forwarded-client-cert`` (URI=...)."""
-    hcm = http_connection_manager(f"inbound_{service}", group, inline=routes, authz=service, authz_headers=authz_headers)
+    The app learns the caller's SPIFFE ID from ``x-forwarded-client-cert`` (URI=...).
+    ``processing``: the service's ext_proc step (after ext_authz)."""
+    steps = () if processing is None else (ext_proc.service_filter(group, service, processing),)
+    hcm = http_connection_manager(f"inbound_{service}", group, inline=routes, authz=service, authz_headers=authz_headers,
+                                  processing=steps)
     hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
     hcm.set_current_client_cert_details.uri = True
     listener = _listener(f"inbound|{port}", address, port, hcm)

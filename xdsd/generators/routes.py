@@ -11,6 +11,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import duration_pb2
 
 from xdsd.authz.contract import SERVICE_KEY
+from xdsd.generators import processing as ext_proc
 from xdsd.generators.endpoints import cluster_name
 from xdsd.model import Gateway, Mesh
 from xdsd.model.traffic import Fault, Retries, Route
@@ -124,8 +125,10 @@ def gateway_routes(name: str, gateway: Gateway, mesh: Mesh) -> route_pb2.RouteCo
     if name in mesh.authorization:
         # The gateway's own policy decides (its callers come from outside: no mesh principal).
         vhost.typed_per_filter_config["envoy.filters.http.ext_authz"].Pack(_authz_context(name))
-    for route in gateway.routes:
-        _route(vhost.routes.add(), route, mesh)
+    for i, route in enumerate(gateway.routes):
+        _route(r := vhost.routes.add(), route, mesh)
+        if route.processing is not None:
+            ext_proc.enable(r, i)  # the route's own ext_proc filter (disabled for the others)
     return rc
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from xdsd.errors import FieldError
 from xdsd.model.fields import reserved_name_problem
 from xdsd.model.mesh import Mesh, Policy, Retries, Service
+from xdsd.model.processing import check_processing
 from xdsd.model.telemetry import check_telemetry
 from xdsd.model.traffic import LoadBalancer, Route
 
@@ -67,6 +68,7 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
     for name, policy in mesh.authorization.items():
         errors.extend(_check_policy(mesh, name, policy))
     errors.extend(check_telemetry(mesh))
+    errors.extend(check_processing(mesh))
 
     listens: dict[tuple[str, int], str] = {}
     for gname, gateway in mesh.gateways.items():

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, StrictStr
 
 from xdsd.model.base import FrozenModel as _Model
 from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, Text, TrustDomain, Weight
+from xdsd.model.processing import Processing
 from xdsd.model.telemetry import Telemetry
 from xdsd.model.traffic import (
     Backoff,
@@ -72,6 +73,8 @@ class Service(_Model):
     outlier_detection: OutlierDetection | None = None
     circuit_breakers: CircuitBreakers | None = None
     health_check: HealthCheck | None = None
+    # ext_proc on the inbound side of the service's sidecars (xdsd runs the processor).
+    processing: Processing | None = None
 
 
 class Listen(_Model):
@@ -82,6 +85,9 @@ class Listen(_Model):
 class GatewayRoute(Route):
     """A gateway route: a match (prefix, exact path or regex; methods; headers) and a target
     (a service, a subset of one, or a weighted split), with per-route policy (see ``Route``)."""
+
+    # ext_proc for this route's requests (xdsd runs the processor).
+    processing: Processing | None = None
 
 
 class Gateway(_Model):

@@ -302,6 +302,15 @@ class Tracing:
         ctx = TraceContextTextMapPropagator().extract(carrier) if carrier else None
         return self.tracer.start_span("xdsd.authz", context=ctx, kind=SpanKind.SERVER)
 
+    def processing_span(self, metadata: Sequence[tuple[str, Any]] | None) -> Any:
+        """A span for one processed phase (ext_proc), child of the caller's ``traceparent`` (if any)."""
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        carrier = {k: v for k, v in (metadata or ()) if k in ("traceparent", "tracestate")}
+        ctx = TraceContextTextMapPropagator().extract(carrier) if carrier else None
+        return self.tracer.start_span("xdsd.processing", context=ctx, kind=SpanKind.SERVER)
+
 
 class _NoTracing:
     """Tracing switched off: every hook does nothing."""

@@ -1,0 +1,307 @@
+"""The ext_proc servicer in process (real processors, real worker threads, no Envoy), the worker
+pool's timeout, and the Envoy config generated for ``processing:``."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+from xdsd import typeurls
+from xdsd.extproc.runner import ProcessRunner, ThreadRunner
+from xdsd.extproc.servicer import ProcessingServicer
+from xdsd.generators import generate
+from xdsd.model import load_mesh
+from xdsd.model.processing import PROCESSING_METADATA
+from xdsd.node import NodeGroup
+
+USER = "tests.integration.extproc_processors"
+
+MESH = f"""
+services:
+  web:
+    endpoints: [{{address: 127.0.0.2, port: 15006}}]
+    sidecar: {{inbound: {{address: 127.0.0.2, port: 15006}}, app_port: 9080}}
+    processing: {{processor: "{USER}:caller"}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: 10000}}
+    routes:
+      - {{prefix: /closed, service: web, processing: {{processor: "{USER}:boom"}}}}
+      - {{prefix: /open, service: web, processing: {{processor: "{USER}:boom", failure: open}}}}
+      - {{prefix: /slow, service: web, processing: {{processor: "{USER}:slow", timeout: 50ms}}}}
+      - prefix: /redact
+        service: web
+        processing: {{processor: json-redact, phases: [response_headers, response_body], args: {{drop: [a]}}}}
+      - {{prefix: /, service: web}}
+"""
+
+
+class Context:
+    def __init__(self, key: str) -> None:
+        self.metadata = ((PROCESSING_METADATA, key),)
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+
+
+async def _requests(*messages: ep.ProcessingRequest) -> AsyncIterator[ep.ProcessingRequest]:
+    for m in messages:
+        yield m
+
+
+def _headers(**headers: str) -> ep.HttpHeaders:
+    out = ep.HttpHeaders()
+    for k, v in headers.items():
+        out.headers.headers.add(key=k.replace("_", "-"), raw_value=v.encode())
+    return out
+
+
+async def _run(servicer: ProcessingServicer, key: str, *messages: ep.ProcessingRequest) -> list[ep.ProcessingResponse]:
+    return [r async for r in servicer.Process(_requests(*messages), Context(key))]  # type: ignore[arg-type]
+
+
+def _servicer(pool: str = "threads") -> tuple[ProcessingServicer, list[tuple[str, str, str, float]], dict[str, str]]:
+    seen: list[tuple[str, str, str, float]] = []
+    runner = ProcessRunner(2) if pool == "processes" else ThreadRunner(2)
+    servicer = ProcessingServicer(runner, observer=lambda *a: seen.append(a))
+    mesh = load_mesh(MESH)
+    servicer.set_mesh(mesh)
+    keys = {path: key for key, step in servicer._steps.items() for path in [step.path]}
+    return servicer, seen, keys
+
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+async def test_failure_modes_timeouts_and_mutations(pool: str) -> None:
+    servicer, seen, keys = _servicer(pool)
+    await servicer.ready()  # worker processes spawned
+    try:
+        req = ep.ProcessingRequest(request_headers=_headers(_path="/closed"))
+        [closed] = await _run(servicer, keys["gateways.edge.routes[0].processing"], req)
+        assert closed.immediate_response.status.code == 500
+        [opened] = await _run(servicer, keys["gateways.edge.routes[1].processing"], req)
+        assert opened.WhichOneof("response") == "request_headers" and not opened.request_headers.HasField("response")
+        start = time.monotonic()
+        [slow] = await _run(servicer, keys["gateways.edge.routes[2].processing"], req)
+        assert slow.immediate_response.status.code == 504
+        assert time.monotonic() - start < 1.5  # answered at the timeout, not when the processor ends
+        body = b'{"a": 1, "b": 2}'
+        headers, replaced = await _run(
+            servicer, keys["gateways.edge.routes[3].processing"],
+            ep.ProcessingRequest(response_headers=_headers(content_type="application/json")),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=True)))
+        assert headers.WhichOneof("response") == "response_headers"
+        common = replaced.response_body.response
+        assert common.body_mutation.body == b'{"b":2}'
+        assert [(h.header.key, h.header.raw_value) for h in common.header_mutation.set_headers] == [
+            ("content-length", b"7")]
+        outcomes = [(p, ph, o) for p, ph, o, _ in seen]
+        assert outcomes == [(f"{USER}:boom", "request_headers", "error"), (f"{USER}:boom", "request_headers", "error"),
+                            (f"{USER}:slow", "request_headers", "timeout"),
+                            ("json-redact", "response_headers", "ok"), ("json-redact", "response_body", "ok")]
+    finally:
+        servicer.close()
+
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+async def test_the_caller_comes_from_the_verified_xfcc_on_a_sidecar_and_unknown_steps_are_refused(pool: str) -> None:
+    servicer, _, keys = _servicer(pool)
+    await servicer.ready()
+    try:
+        xfcc = 'By=spiffe://td/service/web;Hash=ab;URI=spiffe://td/service/pp'
+        [r] = await _run(servicer, keys["services.web.processing"],
+                         ep.ProcessingRequest(request_headers=_headers(x_forwarded_client_cert=xfcc)))
+        [option] = r.request_headers.response.header_mutation.set_headers
+        assert (option.header.key, option.header.raw_value) == ("x-caller", b"spiffe://td/service/pp")
+        assert option.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+        context = Context("gateways.edge.routes[9].processing#0")
+        assert [r async for r in servicer.Process(_requests(), context)] == []  # type: ignore[arg-type]
+        assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.NOT_FOUND
+    finally:
+        servicer.close()
+
+
+async def test_a_timed_out_processor_thread_is_interrupted() -> None:
+    runner = ThreadRunner(1)
+    stopped = threading.Event()
+
+    def busy() -> None:
+        try:
+            while True:
+                sum(range(100))
+        finally:
+            stopped.set()
+
+    try:
+        outcome = await runner.run(busy, 0.05)
+        assert outcome.kind == "timeout"
+        assert await asyncio.to_thread(stopped.wait, 10)
+        ok = await runner.run(lambda: 42, 5)  # the worker is free again
+        assert (ok.kind, ok.value) == ("ok", 42)
+    finally:
+        runner.close()
+
+
+def _filters(listener: Any) -> list[Any]:
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    return list(hcm.http_filters)
+
+
+@pytest.mark.parametrize("group", [NodeGroup("edge"), NodeGroup("web")])
+def test_generated_ext_proc_filters_point_at_xdsd_with_the_steps_mode(group: NodeGroup) -> None:
+    mesh = load_mesh(MESH)
+    out = generate(mesh, group)
+    listener = next(m for m in out[typeurls.LISTENER] if m.name in ("edge", "inbound|15006"))
+    filters = [f for f in _filters(listener) if f.typed_config.type_url.endswith("ExternalProcessor")]
+    names = [f.name for f in _filters(listener)]
+    Mode = processing_mode_pb2.ProcessingMode
+    if group.cluster == "web":
+        assert names.index("envoy.filters.http.ext_proc") == names.index("envoy.filters.http.ext_authz") + 1
+        assert [f.disabled for f in filters] == [False]
+    else:
+        assert [f.name for f in filters] == [f"envoy.filters.http.ext_proc.routes[{i}]" for i in range(4)]
+        assert all(f.disabled for f in filters)
+        [rc] = out[typeurls.ROUTE]
+        enabled = [list(r.typed_per_filter_config) for r in rc.virtual_hosts[0].routes]
+        assert enabled[:4] == [[f"envoy.filters.http.ext_proc.routes[{i}]"] for i in range(4)] and enabled[4] == []
+    configs = []
+    for f in filters:
+        config = ext_proc_pb2.ExternalProcessor()
+        f.typed_config.Unpack(config)
+        configs.append(config)
+        assert config.grpc_service.envoy_grpc.cluster_name == group.xds_cluster
+        assert config.grpc_service.initial_metadata[0].key == PROCESSING_METADATA
+    if group.cluster == "edge":
+        closed, opened, slow, redact = configs
+        assert not closed.failure_mode_allow and opened.failure_mode_allow
+        assert slow.message_timeout.ToMilliseconds() == 300  # 50 ms + the grace for xdsd's own answer
+        assert redact.processing_mode.request_header_mode == Mode.SKIP
+        assert redact.processing_mode.response_header_mode == Mode.SEND
+        assert redact.processing_mode.response_body_mode == Mode.BUFFERED
+        assert redact.processing_mode.request_body_mode == Mode.NONE
+        assert closed.grpc_service.initial_metadata[0].value.startswith("gateways.edge.routes[0].processing#")
+
+
+class _Span:
+    def __init__(self, spans: list[dict[str, Any]], metadata: Any) -> None:
+        self.attributes: dict[str, Any] = {"parent": dict(metadata).get("traceparent")}
+        spans.append(self.attributes)
+
+    def set_attributes(self, attributes: dict[str, Any]) -> None:
+        self.attributes.update(attributes)
+
+    def end(self) -> None:
+        self.attributes["ended"] = True
+
+
+async def test_each_processed_phase_is_a_span_in_the_requests_trace() -> None:
+    spans: list[dict[str, Any]] = []
+    servicer = ProcessingServicer(ThreadRunner(1), span=lambda md: _Span(spans, md))
+    servicer.set_mesh(load_mesh(MESH))
+    key = next(k for k, step in servicer._steps.items() if step.path == "gateways.edge.routes[3].processing")
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    context = Context(key)
+    context.metadata += (("traceparent", parent),)
+    try:
+        requests = _requests(ep.ProcessingRequest(response_headers=_headers(content_type="application/json")),
+                             ep.ProcessingRequest(response_body=ep.HttpBody(body=b'{"a": 1}', end_of_stream=True)))
+        assert len([r async for r in servicer.Process(requests, context)]) == 2  # type: ignore[arg-type]
+    finally:
+        servicer.close()
+    assert [(s["parent"], s["xdsd.processing.phase"], s["xdsd.processing.outcome"], s["ended"]) for s in spans] == [
+        (parent, "response_headers", "ok", True), (parent, "response_body", "ok", True)]
+    assert spans[0]["xdsd.processing.processor"] == "json-redact"
+
+
+def test_streamed_bodies_and_skipped_phases_in_the_processing_mode() -> None:
+    from xdsd.generators.processing import processing_mode
+    from xdsd.model.processing import Processing
+
+    mode = processing_mode(Processing(processor="set-headers", phases=["request_body", "response_headers"],
+                                      body="streamed"))
+    m = processing_mode_pb2.ProcessingMode
+    assert (mode.request_header_mode, mode.request_body_mode) == (m.SKIP, m.STREAMED)
+    assert (mode.response_header_mode, mode.response_body_mode) == (m.SEND, m.NONE)
+    assert (mode.request_trailer_mode, mode.response_trailer_mode) == (m.SKIP, m.SKIP)
+
+
+def test_steps_of_a_rollouts_candidate_are_served_beside_the_current_ones() -> None:
+    servicer = ProcessingServicer(ThreadRunner(1))
+    current = load_mesh(MESH)
+    candidate = load_mesh(MESH.replace("timeout: 50ms", "timeout: 60ms"))
+    servicer.set_mesh(current, candidate)
+    paths = sorted(step.path for step in servicer._steps.values())
+    assert paths.count("gateways.edge.routes[2].processing") == 2  # both versions of the changed step
+    assert len(paths) == 6
+    servicer.set_mesh(candidate)  # promoted: the previous revision's steps stay for streams in flight
+    assert len(servicer._steps) == 5 and len(servicer._previous) == 6
+
+
+async def test_worker_processes_end_a_sleeping_call_at_its_deadline_and_replace_a_dead_worker() -> None:
+    from xdsd.extproc.phase import StepSpec, StreamState
+
+    runner = ProcessRunner(1)
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/"))
+
+    def spec(name: str) -> StepSpec:
+        return StepSpec(name, f"{USER}:{name}", {}, identity=False, buffered=False)
+
+    async def call(name: str, timeout: float) -> str:
+        outcome = await runner.phase(lambda m: None, spec(name), StreamState(), "request_headers", request, timeout)
+        return outcome.kind
+
+    try:
+        runner.start()
+        await runner.ready()
+        assert await call("sleepy", 0.2) == "timeout"
+        start = time.monotonic()
+        assert await call("shout", 3.0) == "ok"  # the one worker was not held for the rest of the sleep
+        assert time.monotonic() - start < 3.0
+        assert await call("die", 3.0) == "error"
+        await runner.ready()  # a new pool, spawned
+        assert await call("shout", 10.0) == "ok"
+    finally:
+        runner.close()
+
+
+async def test_only_nodes_of_the_steps_gateway_or_service_may_run_it(tmp_path: Path) -> None:
+    from xdsd.auth.access import Access
+    from xdsd.auth.tokens import TOKEN_HEADER
+
+    access = Access.from_state_dir(tmp_path)
+    assert access.signer is not None
+    servicer = ProcessingServicer(ThreadRunner(1), access=access)
+    servicer.set_mesh(load_mesh(MESH))
+    key = next(k for k, step in servicer._steps.items() if step.path == "gateways.edge.routes[1].processing")
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/"))
+
+    async def run(token: str | None) -> tuple[grpc.StatusCode | None, int]:
+        context = Context(key)
+        if token is not None:
+            context.metadata += ((TOKEN_HEADER, token),)
+        answers = [r async for r in servicer.Process(_requests(request), context)]  # type: ignore[arg-type]
+        return (context.aborted[0] if context.aborted else None), len(answers)
+
+    try:
+        assert await run(access.signer.issue("edge-1", "edge")) == (None, 1)
+        assert await run(access.signer.issue("web-1", "web")) == (grpc.StatusCode.PERMISSION_DENIED, 0)
+        assert await run(None) == (grpc.StatusCode.UNAUTHENTICATED, 0)
+    finally:
+        servicer.close()
