@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from xdsd.store.spec import StoreSpec, StoreSpecError, store_from_args
+
 
 def default_state_dir() -> Path:
     """``$XDSD_STATE_DIR``, else ``$XDG_STATE_HOME/xdsd``, else ``~/.local/state/xdsd``: the same
@@ -21,7 +23,7 @@ def default_state_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
-    config: Path
+    config: Path | None  # the mesh file; with an etcd store, only what seeds an empty one
     xds_address: tuple[str, int] = ("0.0.0.0", 18000)
     admin_address: tuple[str, int] = ("127.0.0.1", 19000)
     authz_http_address: tuple[str, int] | None = None
@@ -49,12 +51,15 @@ class ServeSettings:
     ca_bundle: Path | None = None
     xds_transport: str = "h2"  # or "grpcio"
     otlp_endpoint: str | None = None
+    store: StoreSpec = field(default_factory=StoreSpec)  # --store and the etcd options
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
         """The parsed ``xdsd serve`` command line (argparse holds the same defaults, for --help)."""
         values = {}
         for f in fields(cls):
+            if f.name == "store":
+                continue
             if hasattr(args, f.name) and getattr(args, f.name) is not None:
                 values[f.name] = getattr(args, f.name)
         if "config" in values:
@@ -63,6 +68,12 @@ class ServeSettings:
             values["max_removal"] = float(values["max_removal"]) / 100.0  # the flag is a percentage
         if "xds_tls_san" in values:
             values["xds_tls_san"] = tuple(values["xds_tls_san"])
+        try:
+            values["store"] = store_from_args(args)
+        except StoreSpecError as exc:
+            raise SystemExit(f"xdsd serve: {exc}") from None
+        if not values["store"].etcd and values.get("config") is None:
+            raise SystemExit("xdsd serve: --config is required (with --store etcd://... it only seeds an empty store)")
         return cls(**values)
 
     @property

@@ -38,6 +38,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
                       "xdsd.app", "xdsd.admin"),
     "xdsd.sources": ("xdsd.server", "xdsd.transport", "xdsd.cache", "xdsd.generators", "xdsd.controller",
                      "xdsd.app", "xdsd.admin", "xdsd.registry"),
+    "xdsd.store": ("xdsd.server", "xdsd.transport", "xdsd.cache", "xdsd.generators", "xdsd.controller",
+                   "xdsd.app", "xdsd.admin"),  # a source: feeds the controller, never reads what it builds
     "xdsd.observability": ("xdsd.app", "xdsd.controller", "xdsd.admin"),
 }
 # Deliberate exceptions: a lower layer's input types that the layer above produces.
