@@ -1,0 +1,236 @@
+"""Several xdsd replicas on one real 3-member etcd cluster (on loopback), with real Envoys under
+steady traffic: a registration through one replica is routed by Envoys on another; SIGKILL of a
+replica moves its Envoys to another with no failed request and no new versions; one etcd member
+down changes nothing, quorum lost freezes writes (503 naming etcd) but never serving, and everything
+resumes when quorum returns; a replica started while etcd is unreachable serves nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.envoy import EnvoyFactory, EnvoyProcess
+from tests.support.etcd import EtcdCluster, etcd_cluster  # noqa: F401 - fixture
+from tests.support.meshes import MeshFile, edge_mesh
+from tests.support.procs import port_open, wait_for
+from tests.support.traffic import SteadyTraffic, send_requests
+from tests.support.upstream import Upstreams
+from tests.support.xdsd_proc import XdsdProcess
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, mesh_file: MeshFile, etcd_cluster: EtcdCluster) -> Iterator[Callable[..., XdsdProcess]]:  # noqa: F811
+    """Factory: ``replicas(name, wait_ready=True)`` starts ``xdsd serve --store etcd://...``."""
+    started: list[XdsdProcess] = []
+
+    def start(name: str, wait_ready: bool = True) -> XdsdProcess:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        proc = XdsdProcess(mesh_file.path, workdir, name=name, log_level="info",
+                           extra_args=["--store", etcd_cluster.store_url, "--drain-time", "2"])
+        started.append(proc)
+        return proc.start(wait_ready, timeout=60)
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+def api(proc: XdsdProcess, path: str, body: dict[str, Any] | None = None, timeout: float = 10) -> tuple[int, Any]:
+    headers = {"content-type": "application/json",
+               "x-xdsd-token": proc.token("test", str((body or {}).get("service", "reviews")))}
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(proc.admin_url + path, data=data, headers=headers,
+                                 method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def apply(proc: XdsdProcess, content: bytes) -> tuple[int, Any]:
+    """``xdsd apply``'s request: the mesh file's bytes (JSON is YAML) to /v1/config/apply."""
+    req = urllib.request.Request(proc.admin_url + "/v1/config/apply", data=content, method="POST",
+                                 headers={"x-xdsd-token": proc.operator_token()})
+    try:
+        with urllib.request.urlopen(req, timeout=15) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def register(proc: XdsdProcess, ups: Upstreams, name: str, ttl: str = "10s") -> tuple[int, Any]:
+    host, port = ups.addresses[name]
+    return api(proc, "/v1/register", {"service": "reviews", "instance_id": name, "address": host, "port": port,
+                                      "ttl": ttl})
+
+
+def serves(url: str, app: str, n: int = 10) -> bool:
+    return any(r.app == app for r in send_requests(url, n))
+
+
+def on(proc: XdsdProcess, node_id: str) -> bool:
+    return proc.running and proc.proxy(node_id) is not None
+
+
+def versions(envoy: EnvoyProcess) -> dict[str, str]:
+    """The version of each dynamic resource Envoy holds (clusters, listeners, routes)."""
+    out: dict[str, str] = {}
+    for config in envoy.config_dump()["configs"]:
+        for key in ("dynamic_active_clusters", "dynamic_listeners", "dynamic_route_configs"):
+            for item in config.get(key, []):
+                state = item.get("active_state", item)
+                name = (state.get("cluster") or state.get("listener") or state.get("route_config") or {}).get("name")
+                out[f"{key}/{name}"] = state.get("version_info", "")
+    return out
+
+
+def scene(mesh_file: MeshFile, upstreams: Callable[..., Upstreams]) -> tuple[Upstreams, str]:
+    ups = upstreams({"v1": "127.0.0.2", "v2": "127.0.0.3", "v3": "127.0.0.4", "v4": "127.0.0.5"})
+    from tests.support.procs import free_port
+
+    gw = free_port()
+    mesh_file.write(edge_mesh(gw, [ups.address("v1")]))
+    return ups, f"http://127.0.0.1:{gw}/r"
+
+
+def test_registration_through_one_replica_is_routed_by_envoys_on_another(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], record_property: Callable[[str, object], None]) -> None:
+    ups, url = scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    envoy = envoy_factory(b, "edge-1", "edge")  # on b only
+    wait_for(lambda: serves(url, "v1"), "traffic to the static endpoint", 30)
+    t0 = time.monotonic()
+    status, body = register(a, ups, "v2", ttl="2s")
+    assert status == 200, body
+    wait_for(lambda: serves(url, "v2"), "Envoy on b to route to the instance registered through a", 30)
+    record_property("seconds_register_on_a_to_traffic_via_b", round(time.monotonic() - t0, 3))
+    # Heartbeats through b keep the lease of a registration made through a alive past its TTL.
+    for _ in range(8):
+        assert api(b, "/v1/heartbeat", {"service": "reviews", "instance_id": "v2"})[0] == 200
+        time.sleep(0.5)
+    assert serves(url, "v2", 20)
+    # Every replica lists both, and the proxy on b.
+    listed = wait_for(lambda: (r := a.admin_get_json("/debug/replicas")) and len(r["replicas"]) == 2 and r,
+                      "a to list both replicas", 15)
+    by_xds = {x["xds_address"]: x for x in listed["replicas"]}
+    wait_for(lambda: "edge-1" in {x["xds_address"]: x for x in a.admin_get_json("/debug/replicas")["replicas"]}
+             [f"127.0.0.1:{b.xds_port}"]["proxies"], "a to show edge-1 on b", 15)
+    assert set(by_xds) == {f"127.0.0.1:{a.xds_port}", f"127.0.0.1:{b.xds_port}"}
+    # The instance goes everywhere when its heartbeats stop (its lease ends).
+    wait_for(lambda: not serves(url, "v2", 20), "the instance to leave when its lease ends", 30)
+    assert envoy.running
+
+
+def test_sigkill_of_a_replica_moves_its_envoys_without_a_failed_request(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], record_property: Callable[[str, object], None]) -> None:
+    ups, url = scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    envoy = envoy_factory(a, "edge-1", "edge", xds_more=(("127.0.0.1", b.xds_port),))
+    wait_for(lambda: serves(url, "v1"), "traffic to the static endpoint", 30)
+    victim = wait_for(lambda: a if on(a, "edge-1") else b if on(b, "edge-1") else None, "edge-1 on a replica", 30)
+    survivor = b if victim is a else a
+    before = wait_for(lambda: (v := versions(envoy)) and all(v.values()) and v, "Envoy to hold versions", 30)
+    with SteadyTraffic(url, interval=0.01) as traffic:
+        time.sleep(0.5)
+        killed = time.monotonic()
+        victim.kill()
+        wait_for(lambda: on(survivor, "edge-1"), "edge-1 to reconnect to the surviving replica", 30)
+        record_property("seconds_sigkill_to_envoy_on_other_replica", round(time.monotonic() - killed, 3))
+        # Same content-hash versions from the other replica: nothing new was pushed.
+        wait_for(lambda: survivor.proxy("edge-1")["types"] and all(  # type: ignore[index]
+            t.get("acked_version") for t in survivor.proxy("edge-1")["types"].values()), "the survivor's ACKs", 15)  # type: ignore[index]
+        assert versions(envoy) == before
+        # And the new stream carries changes: a registration through the survivor is routed.
+        status, body = register(survivor, ups, "v2")
+        assert status == 200, body
+        wait_for(lambda: any(r.app == "v2" for r in list(traffic.results)[-50:]), "traffic to v2 after failover", 30)
+    traffic.assert_no_failures(min_requests=50)
+
+
+def test_quorum_lost_freezes_writes_never_serving_and_resumes(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], etcd_cluster: EtcdCluster) -> None:  # noqa: F811
+    ups, url = scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    envoy_factory(b, "edge-1", "edge")
+    assert register(a, ups, "v2", ttl="2s")[0] == 200
+    wait_for(lambda: serves(url, "v2"), "traffic to v2", 30)
+    beats: list[int] = []
+    stop = threading.Event()
+
+    def heartbeat() -> None:  # the instance's agent, through replica a
+        while not stop.is_set():
+            try:
+                beats.append(api(a, "/v1/heartbeat", {"service": "reviews", "instance_id": "v2"}, timeout=10)[0])
+            except OSError:
+                beats.append(0)
+            stop.wait(0.5)
+
+    agent = threading.Thread(target=heartbeat, daemon=True)
+    agent.start()
+    try:
+        with SteadyTraffic(url, interval=0.02) as traffic:
+            m0, m1, m2 = etcd_cluster.members
+            # One member down: nothing changes.
+            etcd_cluster.stop_member(m0)
+            status, body = wait_for(lambda: (r := register(b, ups, "v3")) and r[0] == 200 and r, "register with one member down", 30)
+            wait_for(lambda: serves(url, "v3"), "traffic to v3", 30)
+            # Quorum lost: writes answer 503 naming etcd; serving goes on; nobody is dropped.
+            etcd_cluster.stop_member(m1)
+            status, body = register(a, ups, "v4")
+            assert status == 503 and "etcd" in " ".join(body["errors"]), body
+            changed = mesh_file.read()
+            changed["services"]["ratings"] = {}
+            status, body = apply(b, json.dumps(changed).encode())
+            assert status == 503 and "etcd" in " ".join(body["errors"]), body
+            lost = len(beats)
+            wait_for(lambda: 503 in beats[lost:], "a heartbeat refused while quorum is lost", 30)
+            for replica in (a, b):
+                assert replica.http_status("/readyz") == 200, replica.admin_get("/readyz")
+            time.sleep(5)  # more than twice v2's TTL without a stored heartbeat
+            assert serves(url, "v2", 20) and serves(url, "v3", 20)
+            # Quorum back: everything resumes without a restart.
+            etcd_cluster.start_member(m0)
+            etcd_cluster.start_member(m1)
+            wait_for(lambda: register(a, ups, "v4")[0] == 200, "registration through a after quorum returns", 60)
+            back = len(beats)
+            wait_for(lambda: beats[back:].count(200) >= 2, "heartbeats stored again", 30)
+            assert serves(url, "v2", 20)
+        traffic.assert_no_failures(min_requests=50)
+    finally:
+        stop.set()
+        agent.join(15)
+
+
+def test_a_replica_started_while_etcd_is_unreachable_serves_nothing_until_it_is_back(
+        replicas: Callable[..., XdsdProcess], mesh_file: MeshFile, upstreams: Callable[..., Upstreams],
+        etcd_cluster: EtcdCluster) -> None:  # noqa: F811
+    scene(mesh_file, upstreams)
+    etcd_cluster.stop()
+    r = replicas("r", wait_ready=False)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert not port_open("127.0.0.1", r.xds_port), "the xDS port opened without etcd"
+        try:
+            assert r.http_status("/readyz", timeout=1) != 200
+        except OSError:
+            pass  # not even listening: not ready
+        assert r.running, r.log_tail()
+        time.sleep(0.2)
+    assert "etcd" in r.log_tail(), r.log_tail()
+    for m in etcd_cluster.members:
+        etcd_cluster.start_member(m)
+    r.wait_ready(60)
+    assert port_open("127.0.0.1", r.xds_port)
