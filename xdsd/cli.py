@@ -77,9 +77,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from xdsd.admin.client import AdminClient, fail, operator_token
-    from xdsd.status import render_node, render_table, safe
+    from xdsd.status import render_node, render_replicas, render_table, safe
 
-    status, proxies = AdminClient(args.admin_address, operator_token(args.token, args.state_dir)).get("/debug/proxies")
+    client = AdminClient(args.admin_address, operator_token(args.token, args.state_dir))
+    status, proxies = client.get("/debug/proxies")
     if status != 200 or not isinstance(proxies, list):
         return fail("status", status, proxies)
     if args.node:
@@ -90,6 +91,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(match[0], indent=2) if args.json else render_node(match[0]))
         return 0
     print(json.dumps(proxies, indent=2) if args.json else render_table(proxies))
+    if not args.json:
+        status, replicas = client.get("/debug/replicas")
+        if status == 200 and isinstance(replicas, dict) and replicas.get("store") != "file":
+            print(render_replicas(replicas))
     return 0
 
 

@@ -7,6 +7,8 @@ resumes when quorum returns; a replica started while etcd is unreachable serves 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -20,10 +22,10 @@ import pytest
 from tests.support.envoy import EnvoyFactory, EnvoyProcess
 from tests.support.etcd import EtcdCluster, etcd_cluster  # noqa: F401 - fixture
 from tests.support.meshes import MeshFile, edge_mesh
-from tests.support.procs import port_open, wait_for
+from tests.support.procs import free_port, port_open, wait_for
 from tests.support.traffic import SteadyTraffic, send_requests
 from tests.support.upstream import Upstreams
-from tests.support.xdsd_proc import XdsdProcess
+from tests.support.xdsd_proc import ROOT, XdsdProcess
 
 
 @pytest.fixture
@@ -57,9 +59,9 @@ def api(proc: XdsdProcess, path: str, body: dict[str, Any] | None = None, timeou
         return exc.code, json.loads(exc.read())
 
 
-def apply(proc: XdsdProcess, content: bytes) -> tuple[int, Any]:
+def apply(proc: XdsdProcess, content: bytes, query: str = "", path: str = "/v1/config/apply") -> tuple[int, Any]:
     """``xdsd apply``'s request: the mesh file's bytes (JSON is YAML) to /v1/config/apply."""
-    req = urllib.request.Request(proc.admin_url + "/v1/config/apply", data=content, method="POST",
+    req = urllib.request.Request(proc.admin_url + path + query, data=content, method="POST",
                                  headers={"x-xdsd-token": proc.operator_token()})
     try:
         with urllib.request.urlopen(req, timeout=15) as resp:
@@ -96,8 +98,6 @@ def versions(envoy: EnvoyProcess) -> dict[str, str]:
 
 def scene(mesh_file: MeshFile, upstreams: Callable[..., Upstreams]) -> tuple[Upstreams, str]:
     ups = upstreams({"v1": "127.0.0.2", "v2": "127.0.0.3", "v3": "127.0.0.4", "v4": "127.0.0.5"})
-    from tests.support.procs import free_port
-
     gw = free_port()
     mesh_file.write(edge_mesh(gw, [ups.address("v1")]))
     return ups, f"http://127.0.0.1:{gw}/r"
@@ -134,10 +134,19 @@ def test_registration_through_one_replica_is_routed_by_envoys_on_another(
 
 def test_sigkill_of_a_replica_moves_its_envoys_without_a_failed_request(
         replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
-        upstreams: Callable[..., Upstreams], record_property: Callable[[str, object], None]) -> None:
+        upstreams: Callable[..., Upstreams], record_property: Callable[[str, object], None],
+        etcd_cluster: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
     ups, url = scene(mesh_file, upstreams)
     a, b = replicas("a"), replicas("b")
-    envoy = envoy_factory(a, "edge-1", "edge", xds_more=(("127.0.0.1", b.xds_port),))
+    # The bootstrap as an operator makes it on another machine: `xdsd bootstrap --store etcd://...`
+    # with an empty state dir mints the token with the shared key and embeds the shared CA.
+    made = subprocess.run([sys.executable, "-m", "xdsd", "bootstrap", "--node-id", "edge-1", "--cluster", "edge",
+                           "--xds-address", f"127.0.0.1:{a.xds_port}", "--xds-address", f"127.0.0.1:{b.xds_port}",
+                           "--admin-port", str(free_port()), "--format", "json", "--store", etcd_cluster.store_url,
+                           "--state-dir", str(tmp_path / "operator")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert made.returncode == 0, made.stderr
+    envoy = envoy_factory.from_bootstrap("edge-1", json.loads(made.stdout))
     wait_for(lambda: serves(url, "v1"), "traffic to the static endpoint", 30)
     victim = wait_for(lambda: a if on(a, "edge-1") else b if on(b, "edge-1") else None, "edge-1 on a replica", 30)
     survivor = b if victim is a else a
@@ -234,3 +243,28 @@ def test_a_replica_started_while_etcd_is_unreachable_serves_nothing_until_it_is_
         etcd_cluster.start_member(m)
     r.wait_ready(60)
     assert port_open("127.0.0.1", r.xds_port)
+
+
+def test_concurrent_applies_through_two_replicas_one_gets_a_conflict(
+        replicas: Callable[..., XdsdProcess], mesh_file: MeshFile, upstreams: Callable[..., Upstreams],
+        etcd_cluster: EtcdCluster) -> None:  # noqa: F811
+    scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    first, second = mesh_file.read(), mesh_file.read()
+    first["services"]["ratings"] = {}
+    second["services"]["details"] = {}
+    status, diffed = apply(a, json.dumps(second).encode(), path="/v1/config/diff")  # what `xdsd apply` does first
+    assert status == 200 and diffed["base"] > 0, diffed
+    status, out = apply(b, json.dumps(first).encode())  # another operator, through b, comes first
+    assert status == 200 and out["result"] == "applied", out
+    status, out = apply(a, json.dumps(second).encode(), f"?base={diffed['base']}")
+    assert status == 409 and out["result"] == "conflict" and "another apply came first" in out["errors"][0], out
+    # Both replicas serve the first one; `xdsd status` lists both replicas.
+    for replica in (a, b):
+        wait_for(lambda r=replica: "ratings" in r.admin_get("/debug/config") or
+                 r.admin_get_json("/debug/config")["summary"].startswith("2 services"), "the applied mesh", 15)
+    wait_for(lambda: len(a.admin_get_json("/debug/replicas")["replicas"]) == 2, "both replicas listed", 15)
+    shown = subprocess.run([sys.executable, "-m", "xdsd", "status", "--admin-address", f"127.0.0.1:{a.admin_port}",
+                            "--state-dir", str(a.state_dir)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr
+    assert f"xds 127.0.0.1:{a.xds_port}" in shown.stdout and f"xds 127.0.0.1:{b.xds_port}" in shown.stdout, shown.stdout

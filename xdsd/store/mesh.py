@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from xdsd.errors import MeshError
+from xdsd.errors import MeshError, StoreUnavailable
 from xdsd.sources.file import parse_bytes
 from xdsd.store.etcd import EtcdClient, KeyValue
 from xdsd.store.keys import Keys
@@ -62,8 +62,17 @@ class EtcdMesh:
             summary = parse_bytes(content, "the new config").summary()
         except MeshError as exc:  # pragma: no cover - precheck parsed it
             return 400, {"result": "rejected", "errors": [str(e) for e in exc.errors]}
-        done, revision = await self.client.swap(self.keys.mesh, content, expected,
-                                                also=(self._history(content, how, summary),))
+        # The watch may bring this write back before the swap's answer: it leaves serving it to us.
+        self.sync.expected = content
+        try:
+            done, revision = await self.client.swap(self.keys.mesh, content, expected,
+                                                    also=(self._history(content, how, summary),))
+        except StoreUnavailable:
+            if self.sync.mesh is not None and self.sync.mesh.value == content:
+                serve(content, how)  # it was stored after all (the watch saw it)
+            raise
+        finally:
+            self.sync.expected = None
         if not done:
             return 409, {"result": "conflict", "etcd_revision": revision, "errors": [
                 f"the mesh in etcd changed (etcd revision {revision}) since the revision {expected} this "

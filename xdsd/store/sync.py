@@ -43,6 +43,7 @@ class EtcdSync:
         self.listed = False  # a full list has succeeded at least once
         self.connected = False  # the watch is up (False while etcd is unreachable)
         self.relists = 0
+        self.expected: bytes | None = None  # a mesh this replica is writing (EtcdMesh.apply serves it)
         self.last_error: str | None = None
 
     # -- a full list ---------------------------------------------------------------------------
@@ -154,7 +155,7 @@ class EtcdSync:
     # -- values ----------------------------------------------------------------------------------
 
     def _mesh(self, kv: KeyValue) -> None:
-        if self.mesh is not None and self.mesh.value == kv.value:
+        if (self.mesh is not None and self.mesh.value == kv.value) or kv.value == self.expected:
             self.mesh = kv
             return
         self.mesh = kv
