@@ -23,7 +23,7 @@ def default_state_dir() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
-    config: Path | None  # the mesh file; with an etcd store, only what seeds an empty one
+    config: Path | None = None  # the mesh file; with an etcd store, only what seeds an empty one
     xds_address: tuple[str, int] = ("0.0.0.0", 18000)
     admin_address: tuple[str, int] = ("127.0.0.1", 19000)
     authz_http_address: tuple[str, int] | None = None

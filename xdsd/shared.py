@@ -79,7 +79,7 @@ class Shared:
         self.controller = controller
         self.sync = EtcdSync(self.client, self.keys, registry, self.settings.state_dir, self._mesh_changed)
         self.ops = EtcdRegistrations(registry, self.client, self.keys, self.sync)
-        self.mesh = EtcdMesh(self.client, self.keys, self.sync)
+        self.mesh = EtcdMesh(self.client, self.keys, self.sync, self.settings.history)
         s = self.settings
         info: dict[str, object] = {"xds_address": f"{s.xds_address[0]}:{s.xds_address[1]}",
                                    "admin_address": f"{s.admin_address[0]}:{s.admin_address[1]}"}

@@ -147,6 +147,12 @@ class EtcdClient:
         resp = await self._call(rpc.KVStub, "Range", rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix)))
         return resp.header.revision, [_kv(kv) for kv in resp.kvs]  # type: ignore[attr-defined]
 
+    async def keys(self, prefix: bytes) -> list[bytes]:
+        """The keys under ``prefix``, sorted (no values)."""
+        resp = await self._call(rpc.KVStub, "Range", rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix),
+                                                                      keys_only=True))
+        return [kv.key for kv in resp.kvs]  # type: ignore[attr-defined]
+
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         resp = await self._call(rpc.KVStub, "Put", rpc.PutRequest(key=key, value=value, lease=lease))
         return int(resp.header.revision)  # type: ignore[attr-defined]

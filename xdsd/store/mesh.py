@@ -26,10 +26,20 @@ Serve = Callable[[bytes, str], "dict[str, object]"]
 
 
 class EtcdMesh:
-    def __init__(self, client: EtcdClient, keys: Keys, sync: EtcdSync) -> None:
+    def __init__(self, client: EtcdClient, keys: Keys, sync: EtcdSync, keep: int = 50) -> None:
         self.client = client
         self.keys = keys
         self.sync = sync
+        self.keep = max(1, keep)  # history entries kept in etcd (serve --history)
+
+    async def _prune(self) -> None:
+        """Drop the oldest history entries beyond ``keep`` (best effort: the next apply tries again)."""
+        try:
+            keys = await self.client.keys(self.keys.history)
+            for key in keys[: max(0, len(keys) - self.keep)]:
+                await self.client.delete(key)
+        except StoreUnavailable as exc:
+            log.warning("pruning the mesh history in etcd: %s", exc)
 
     @property
     def base(self) -> int:
@@ -82,4 +92,5 @@ class EtcdMesh:
                                   if self.sync.mesh is not None else revision, 0)
         out = serve(content, how)
         out["etcd_revision"] = revision
+        await self._prune()
         return 200, out
