@@ -268,3 +268,20 @@ def test_concurrent_applies_through_two_replicas_one_gets_a_conflict(
                             "--state-dir", str(a.state_dir)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert shown.returncode == 0, shown.stderr
     assert f"xds 127.0.0.1:{a.xds_port}" in shown.stdout and f"xds 127.0.0.1:{b.xds_port}" in shown.stdout, shown.stdout
+
+
+def test_a_revocation_through_etcd_ends_the_streams_on_every_replica(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], etcd_cluster: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
+    scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    envoy_factory(b, "edge-1", "edge")
+    wait_for(lambda: on(b, "edge-1"), "edge-1 on b", 30)
+    done = subprocess.run([sys.executable, "-m", "xdsd", "token", "revoke", "--node-id", "edge-1",
+                           "--store", etcd_cluster.store_url, "--state-dir", str(tmp_path / "operator")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0 and "revoked" in done.stdout, done.stderr
+    wait_for(lambda: any(r.get("node_id") == "edge-1" for r in b.admin_get_json("/debug/refused")),
+             "b to refuse edge-1's revoked token", 30)
+    assert not on(b, "edge-1")
+    assert "edge-1" in a.state_dir.joinpath("tokens", "revoked.json").read_text()  # every replica has the list
