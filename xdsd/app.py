@@ -82,7 +82,7 @@ class App:
         else:
             ca = CertificateAuthority.load_or_create(s.state_dir, "mesh")
         self.tls = ServingTls(s, ca)
-        self.identities = IdentityStore(ca, dt.timedelta(hours=1))
+        self.identities = IdentityStore(ca, dt.timedelta(hours=1), aligned=shared is not None)
         self.cache = SnapshotCache(MeshGenerator(lambda: self.identities.credentials))
         if not s.auth_required:
             log.warning("--auth off: every port answers every caller; use only for experiments")

@@ -85,14 +85,14 @@ def on(proc: XdsdProcess, node_id: str) -> bool:
 
 
 def versions(envoy: EnvoyProcess) -> dict[str, str]:
-    """The version of each dynamic resource Envoy holds (clusters, listeners, routes)."""
+    """The version of each dynamic resource Envoy holds (clusters, listeners, routes, secrets)."""
     out: dict[str, str] = {}
     for config in envoy.config_dump()["configs"]:
-        for key in ("dynamic_active_clusters", "dynamic_listeners", "dynamic_route_configs"):
+        for key in ("dynamic_active_clusters", "dynamic_listeners", "dynamic_route_configs", "dynamic_active_secrets"):
             for item in config.get(key, []):
                 state = item.get("active_state", item)
                 name = (state.get("cluster") or state.get("listener") or state.get("route_config") or {}).get("name")
-                out[f"{key}/{name}"] = state.get("version_info", "")
+                out[f"{key}/{name or item.get('name')}"] = state.get("version_info", "")
     return out
 
 
@@ -137,6 +137,12 @@ def test_sigkill_of_a_replica_moves_its_envoys_without_a_failed_request(
         upstreams: Callable[..., Upstreams], record_property: Callable[[str, object], None],
         etcd_cluster: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
     ups, url = scene(mesh_file, upstreams)
+
+    def with_sidecar(mesh: dict[str, Any]) -> None:  # the gateway gets an SVID (SDS) to call it over mTLS
+        mesh["services"]["ratings"] = {"sidecar": {"inbound": {"address": "127.0.0.9", "port": 15006}, "app_port": 9080}}
+        mesh["gateways"]["edge"]["routes"].insert(0, {"prefix": "/ratings", "service": "ratings"})
+
+    mesh_file.update(with_sidecar)
     a, b = replicas("a"), replicas("b")
     # The bootstrap as an operator makes it on another machine: `xdsd bootstrap --store etcd://...`
     # with an empty state dir mints the token with the shared key and embeds the shared CA.
@@ -151,6 +157,7 @@ def test_sigkill_of_a_replica_moves_its_envoys_without_a_failed_request(
     victim = wait_for(lambda: a if on(a, "edge-1") else b if on(b, "edge-1") else None, "edge-1 on a replica", 30)
     survivor = b if victim is a else a
     before = wait_for(lambda: (v := versions(envoy)) and all(v.values()) and v, "Envoy to hold versions", 30)
+    assert any(k.startswith("dynamic_active_secrets/") for k in before), before  # the same SVID from either replica
     with SteadyTraffic(url, interval=0.01) as traffic:
         time.sleep(0.5)
         killed = time.monotonic()
