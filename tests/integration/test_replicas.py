@@ -6,6 +6,7 @@ resumes when quorum returns; a replica started while etcd is unreachable serves 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.support.envoy import EnvoyFactory, EnvoyProcess
@@ -26,6 +28,7 @@ from tests.support.procs import free_port, port_open, wait_for
 from tests.support.traffic import SteadyTraffic, send_requests
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import ROOT, XdsdProcess
+from xdsd.api.v1 import registration_pb2, registration_pb2_grpc
 
 
 @pytest.fixture
@@ -74,6 +77,19 @@ def register(proc: XdsdProcess, ups: Upstreams, name: str, ttl: str = "10s") -> 
     host, port = ups.addresses[name]
     return api(proc, "/v1/register", {"service": "reviews", "instance_id": name, "address": host, "port": port,
                                       "ttl": ttl})
+
+
+async def grpc_register(proc: XdsdProcess, ups: Upstreams, name: str) -> tuple[grpc.StatusCode, str]:
+    """Register over gRPC (the xDS port): the status code and details."""
+    host, port = ups.addresses[name]
+    async with proc.channel() as channel:
+        stub = registration_pb2_grpc.RegistrationStub(channel)
+        try:
+            await stub.Register(registration_pb2.RegisterRequest(service="reviews", instance_id=name, address=host, port=port),
+                                metadata=[("x-xdsd-token", proc.token("test", "reviews"))], timeout=15)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
 
 
 def serves(url: str, app: str, n: int = 10) -> bool:
@@ -207,6 +223,8 @@ def test_quorum_lost_freezes_writes_never_serving_and_resumes(
             etcd_cluster.stop_member(m1)
             status, body = register(a, ups, "v4")
             assert status == 503 and "etcd" in " ".join(body["errors"]), body
+            code, details = asyncio.run(grpc_register(b, ups, "v4"))
+            assert code == grpc.StatusCode.UNAVAILABLE and "etcd" in details, (code, details)
             changed = mesh_file.read()
             changed["services"]["ratings"] = {}
             status, body = apply(b, json.dumps(changed).encode())

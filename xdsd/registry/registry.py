@@ -216,9 +216,8 @@ class Registry:
     def sweep(self) -> list[Instance]:
         """Removes instances past their TTL (or drain period). Also flushes heartbeats to the store."""
         now = self.clock()
-        if not self.expire_locally:
-            return []  # a shared store's leases expire registrations (its watch drops them)
-        gone = [i for i in self._instances.values() if i.expires_at <= now]
+        # With a shared store its leases expire registrations (its watch drops them), not this clock.
+        gone = [i for i in self._instances.values() if i.expires_at <= now] if self.expire_locally else []
         for inst in gone:
             self._drop(inst)
             log.info("%s/%s %s", inst.service, inst.instance_id, "drained" if inst.state == "DRAINING" else "expired")
