@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from xdsd.controller import Controller
@@ -32,13 +33,13 @@ log = logging.getLogger(__name__)
 RETRY_MIN, RETRY_MAX = 0.2, 2.0
 
 
-async def _retry(what: str, stop: asyncio.Event, attempt: object) -> bool:
+async def _retry(what: str, stop: asyncio.Event, attempt: Callable[[], Awaitable[object]]) -> bool:
     """Run ``attempt()`` until it succeeds (True) or ``stop`` is set (False), backing off while
     etcd is unavailable and saying so once."""
     delay, said = RETRY_MIN, None
     while not stop.is_set():
         try:
-            await attempt()  # type: ignore[operator]
+            await attempt()
             if said is not None:
                 log.info("%s: etcd answers again", what)
             return True

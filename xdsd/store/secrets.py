@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from xdsd.auth import ledger
@@ -86,14 +87,14 @@ async def sync_secrets(client: EtcdClient, keys: Keys, state_dir: Path, *, creat
         await asyncio.to_thread(write_revocations, state_dir, kv.value)
 
 
-async def _shared(client: EtcdClient, key: bytes, make: object, create: bool) -> bytes:
+async def _shared(client: EtcdClient, key: bytes, make: Callable[[], bytes], create: bool) -> bytes:
     kv = await client.get(key)
     if kv is not None:
         return kv.value
     if not create:
         raise NotInitialized(f"{client.where} holds no {key.decode()}: start an xdsd replica with this "
                              f"--store and --etcd-prefix first")
-    offer = await asyncio.to_thread(make)  # type: ignore[arg-type]
+    offer = await asyncio.to_thread(make)
     return await client.create(key, offer)
 
 
@@ -103,25 +104,26 @@ def write_revocations(state_dir: Path, value: bytes) -> None:
         data = json.loads(value)
     except ValueError:
         return
-    if isinstance(data, dict):
-        rev = ledger.Revocations(ledger._times(data.get("ids")), ledger._times(data.get("nodes")))
-        current = ledger.Revocations.load(state_dir)
-        if (current.ids, current.nodes) != (rev.ids, rev.nodes):
-            rev.save(state_dir)
+    rev = ledger.Revocations.from_json(data)
+    if ledger.Revocations.load(state_dir).as_json() != rev.as_json():
+        rev.save(state_dir)
 
 
 async def revoke(client: EtcdClient, keys: Keys, *, token_id: str | None, node_id: str | None) -> ledger.Revocations:
     """Add a revocation to etcd's list (a compare-and-swap, retried while others write)."""
     while True:
         kv = await client.get(keys.revocations)
-        data = json.loads(kv.value) if kv is not None else {}
-        rev = ledger.Revocations(ledger._times(data.get("ids")), ledger._times(data.get("nodes")))
+        try:
+            current = json.loads(kv.value) if kv is not None else {}
+        except ValueError:  # written by hand: replaced by a valid list
+            current = {}
+        rev = ledger.Revocations.from_json(current)
         now = time.time()
         if token_id:
             rev.ids[token_id] = now
         if node_id:
             rev.nodes[node_id] = now
-        value = json.dumps({"ids": rev.ids, "nodes": rev.nodes}, sort_keys=True).encode()
+        value = json.dumps(rev.as_json(), sort_keys=True).encode()
         done, _ = await client.swap(keys.revocations, value, kv.mod_revision if kv is not None else 0)
         if done:
             return rev
