@@ -130,6 +130,10 @@ class Shared:
         return await self.mesh.apply(content, how, allow_removal, base, controller.precheck,
                                      lambda c, h: controller.apply_content(c, h, allow_removal=True))
 
+    async def history(self) -> list[dict[str, object]]:
+        assert self.mesh is not None
+        return await self.mesh.history()
+
     def replicas(self) -> dict[str, object]:
         assert self.sync is not None
         listed = [{**info, "self": rid == self.id} for rid, info in sorted(self.sync.replicas.items())]

@@ -288,6 +288,15 @@ def test_concurrent_applies_through_two_replicas_one_gets_a_conflict(
     for replica in (a, b):
         wait_for(lambda r=replica: "ratings" in r.admin_get("/debug/config") or
                  r.admin_get_json("/debug/config")["summary"].startswith("2 services"), "the applied mesh", 15)
+    # One history, numbered by etcd revision, on every replica; a rollback through a reaches b.
+    history = a.admin_get_json("/v1/config/history")
+    assert [e["how"] for e in history["revisions"]] == ["seed", "apply"], history
+    assert b.admin_get_json("/v1/config/history") == history and history["current"] == history["revisions"][-1]["revision"]
+    status, out = apply(a, b"", path="/v1/config/rollback")
+    assert status == 200 and out["result"] == "applied" and out["to"] == history["revisions"][0]["revision"], out
+    seeded = history["revisions"][0]["summary"]
+    wait_for(lambda: all(r.admin_get_json("/debug/config")["summary"] == seeded for r in (a, b)) and
+             "rollback" in b.admin_get_json("/v1/config/history")["revisions"][-1]["how"], "both to serve the rollback", 15)
     wait_for(lambda: len(a.admin_get_json("/debug/replicas")["replicas"]) == 2, "both replicas listed", 15)
     shown = subprocess.run([sys.executable, "-m", "xdsd", "status", "--admin-address", f"127.0.0.1:{a.admin_port}",
                             "--state-dir", str(a.state_dir)], capture_output=True, text=True, timeout=60, cwd=ROOT)

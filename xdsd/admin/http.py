@@ -31,6 +31,7 @@ class SharedMesh(Protocol):
     def base(self) -> int: ...  # the store revision of the mesh served here
     async def apply(self, content: bytes, how: str, allow_removal: bool, base: int | None) -> tuple[int, dict[str, object]]: ...
     def replicas(self) -> dict[str, object]: ...
+    async def history(self) -> list[dict[str, object]]: ...  # oldest first, each with its "content" (bytes)
 
 
 def access_middleware(access: Access, debug_open: bool,
@@ -164,27 +165,67 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
         out = controller.apply_content(content, "apply", allow_removal)
         return web.json_response(out, status=400 if out["result"] == "rejected" else 200)
 
+    async def shared_history() -> list[dict[str, object]] | web.Response:
+        assert shared is not None
+        try:
+            return await shared.history()
+        except StoreUnavailable as exc:
+            return web.json_response({"errors": [f"history: {exc}"]}, status=503, headers={"Retry-After": "1"})
+
     async def config_history(_: web.Request) -> web.Response:
+        if shared is not None:
+            entries = await shared_history()
+            if isinstance(entries, web.Response):
+                return entries
+            return web.json_response({"current": shared.base, "revisions": [
+                {k: v for k, v in e.items() if k != "content"} for e in entries]})
         history = controller.history
         entries = [e.as_json() for e in history.entries] if history is not None else []
         return web.json_response({"current": controller.status.history_revision, "revisions": entries})
 
     async def config_history_one(request: web.Request) -> web.Response:
         text = request.match_info["revision"]
+        if shared is not None:
+            entries = await shared_history()
+            if isinstance(entries, web.Response):
+                return entries
+            match = [e for e in entries if str(e["revision"]) == text]
+            if not match:
+                return web.json_response({"errors": [f"revision: no revision {text[:20]!r} in the history"]}, status=404)
+            return web.json_response({**match[0], "content": match[0]["content"].decode("utf-8", "replace")})  # type: ignore[attr-defined]
         found = controller.history.get(int(text)) if controller.history is not None and text.isdigit() else None
         if found is None:
             return web.json_response({"errors": [f"revision: no revision {text[:20]!r} in the history"]}, status=404)
         entry, content = found
         return web.json_response({**entry.as_json(), "content": content.decode("utf-8", "replace")})
 
+    async def shared_rollback(to: int | None) -> web.Response:
+        """Make an earlier revision kept in etcd the mesh again (through etcd, like an apply)."""
+        assert shared is not None
+        entries = await shared_history()
+        if isinstance(entries, web.Response):
+            return entries
+        older = [e for e in entries if int(e["revision"]) < shared.base]  # type: ignore[call-overload]
+        found = next((e for e in entries if e["revision"] == to), None) if to is not None else (older[-1] if older else None)
+        if found is None:
+            known = ", ".join(str(e["revision"]) for e in entries) or "none"
+            return web.json_response({"result": "rejected", "errors": [
+                f"no revision {to if to is not None else 'before the current one'} in the history (kept: {known})"]},
+                status=400)
+        try:
+            status, out = await shared.apply(found["content"], f"rollback to {found['revision']}", True, None)  # type: ignore[arg-type]
+        except StoreUnavailable as exc:
+            return web.json_response({"result": "unavailable", "errors": [f"not stored: {exc}"]}, status=503,
+                                     headers={"Retry-After": "1"})
+        out["to"] = found["revision"]
+        return web.json_response(out, status=status)
+
     async def config_rollback(request: web.Request) -> web.Response:
         to = request.query.get("to")
         if to is not None and not to.isdigit():
             return web.json_response({"errors": ["to: must be a revision number"]}, status=400)
         if shared is not None:
-            return web.json_response({"result": "rejected", "errors": [
-                "rollback: not with --store etcd yet; `xdsd history show REV > old.yaml` and `xdsd apply old.yaml`"]},
-                status=400)
+            return await shared_rollback(int(to) if to is not None else None)
         out = controller.rollback(int(to) if to is not None else None)
         return web.json_response(out, status=400 if out["result"] == "rejected" else 200)
 

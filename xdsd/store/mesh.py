@@ -6,6 +6,7 @@ kept under ``history/<etcd revision>``, written in the same transaction."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -51,6 +52,21 @@ class EtcdMesh:
         # The revision the transaction creates is not known before it runs: key by time instead.
         return self.keys.history + f"{time.time_ns():020d}".encode(), json.dumps(entry).encode()
 
+    async def history(self) -> list[dict[str, object]]:
+        """The accepted revisions kept in etcd, oldest first; each numbered by the etcd revision that
+        made it the mesh (the same on every replica), with its content under ``content``."""
+        _, kvs = await self.client.list(self.keys.history)
+        entries = []
+        for kv in kvs:
+            try:
+                data = json.loads(kv.value)
+                content = str(data["content"]).encode()
+            except (ValueError, KeyError, TypeError):
+                continue  # not ours
+            entries.append({"revision": kv.mod_revision, "at": data.get("at"), "digest": hashlib.sha256(content).hexdigest(),
+                            "how": str(data.get("how", "")), "summary": str(data.get("summary", "")), "content": content})
+        return sorted(entries, key=lambda e: int(e["revision"]))  # type: ignore[call-overload]
+
     async def seed(self, content: bytes, origin: str) -> bool:
         """Store ``content`` as the mesh if etcd holds none yet. True if this call stored it."""
         mesh = parse_bytes(content, origin)  # an invalid seed is refused before anything is written
@@ -66,7 +82,7 @@ class EtcdMesh:
         if rejected is not None:
             return 400, rejected
         if self.sync.mesh is not None and self.sync.mesh.value == content:
-            return 200, {"result": "unchanged", "etcd_revision": self.base}
+            return 200, {"result": "unchanged", "etcd_revision": self.base, "history_revision": self.base}
         expected = self.base if base is None else base
         try:
             summary = parse_bytes(content, "the new config").summary()
@@ -91,6 +107,6 @@ class EtcdMesh:
         self.sync.mesh = KeyValue(self.keys.mesh, content, revision, self.sync.mesh.create_revision
                                   if self.sync.mesh is not None else revision, 0)
         out = serve(content, how)
-        out["etcd_revision"] = revision
+        out["etcd_revision"] = out["history_revision"] = revision  # `xdsd history` numbers revisions so
         await self._prune()
         return 200, out
