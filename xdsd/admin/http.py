@@ -80,6 +80,8 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
             return web.json_response({"ready": True, "revision": controller.cache.revision})
         if not controller.cache.ready:
             reason = "no valid config loaded yet"
+            if shared is not None:
+                reason += " (waiting for the mesh from etcd)"
         elif not is_serving():
             reason = "xDS server not started"
         else:

@@ -35,6 +35,7 @@ class EtcdRegistrations:
         self.client = client
         self.keys = keys
         self.sync = sync
+        self._revoking: set[asyncio.Task[None]] = set()  # replaced leases being revoked (kept referenced)
 
     async def _store(self, inst: Instance, ttl: float) -> None:
         lease = await self.client.grant(lease_ttl(ttl))
@@ -44,7 +45,9 @@ class EtcdRegistrations:
         self.sync.leases[inst.key] = lease
         self.sync.written[inst.key] = revision
         if old and old != lease:
-            asyncio.ensure_future(self._revoke(old))  # the key is on the new lease already
+            task = asyncio.ensure_future(self._revoke(old))  # the key is on the new lease already
+            self._revoking.add(task)
+            task.add_done_callback(self._revoking.discard)
 
     async def _revoke(self, lease: int) -> None:
         try:
