@@ -8,8 +8,9 @@ everyone may.
 Answers: bad input changes nothing and is answered 400 / INVALID_ARGUMENT naming each field (413
 for a body over ``body.MAX_BODY``); no or a bad token 401 / UNAUTHENTICATED, a token that does not
 allow it 403 / PERMISSION_DENIED; over a quota 429 / RESOURCE_EXHAUSTED; an unknown instance 404 /
-NOT_FOUND; the shared store (etcd) unable to take a write 503 / UNAVAILABLE naming it. Error bodies are ``{"errors": ["field: message", ...]}``. Nothing a client sends
-gets a 5xx: an unexpected exception is a bug, logged, and answered 500 / INTERNAL."""
+NOT_FOUND. Error bodies are ``{"errors": ["field: message", ...]}``. Nothing a client sends gets a
+5xx: an unexpected exception is a bug, logged, and answered 500 / INTERNAL; the one 5xx is the shared
+store (etcd) unable to take a write, 503 / UNAVAILABLE naming it (nothing changed; try again)."""
 
 from __future__ import annotations
 
