@@ -76,7 +76,7 @@ def _api_config_source(opts: BootstrapOptions) -> dict[str, Any]:
             # Reconnect quickly after a control-plane restart; Envoy keeps serving its last
             # config meanwhile.
             "retry_policy": {"retry_back_off": {"base_interval": "0.25s",
-                                                "max_interval": "1s" if opts.xds_more else "5s"}},
+                                                "max_interval": "1s" if _several(opts) else "5s"}},
         }
     }
     if opts.token:
@@ -152,6 +152,11 @@ def _xds_addresses(opts: BootstrapOptions) -> list[tuple[str, int]]:
     return [(opts.xds_host, opts.xds_port), *opts.xds_more]
 
 
+def _several(opts: BootstrapOptions) -> bool:
+    """More than one replica may be behind the xDS cluster."""
+    return bool(opts.xds_more) or not _is_ip(opts.xds_host)
+
+
 def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
     addresses = _xds_addresses(opts)
     cluster: dict[str, Any] = {
@@ -178,9 +183,9 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             ],
         },
     }
-    if len(addresses) > 1:
-        # Several replicas: a replica that refuses connections is set aside at its first failure,
-        # so the next attempt goes to another one.
+    if _several(opts):
+        # Several replicas (or a DNS name, which may have an address per replica): a replica that
+        # refuses connections is set aside at its first failure, so the next attempt goes to another.
         cluster["outlier_detection"] = {"split_external_local_origin_errors": True,
                                         "consecutive_local_origin_failure": 1, "max_ejection_percent": 100,
                                         "base_ejection_time": "5s", "interval": "1s"}
