@@ -2,7 +2,9 @@
 steady traffic: a registration through one replica is routed by Envoys on another; SIGKILL of a
 replica moves its Envoys to another with no failed request and no new versions; one etcd member
 down changes nothing, quorum lost freezes writes (503 naming etcd) but never serving, and everything
-resumes when quorum returns; a replica started while etcd is unreachable serves nothing."""
+resumes when quorum returns; a replica cut off while etcd compacts lists again and converges; a
+replica started while etcd is unreachable serves nothing; applies through two replicas conflict
+instead of undoing each other; history, rollback and revocations are shared."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aetcd import rpc
 
 from tests.support.envoy import EnvoyFactory, EnvoyProcess
 from tests.support.etcd import EtcdCluster, etcd_cluster  # noqa: F401 - fixture
@@ -29,6 +32,8 @@ from tests.support.traffic import SteadyTraffic, send_requests
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import ROOT, XdsdProcess
 from xdsd.api.v1 import registration_pb2, registration_pb2_grpc
+from xdsd.store.etcd import EtcdClient
+from xdsd.store.spec import StoreSpec, parse_endpoints
 
 
 @pytest.fixture
@@ -36,11 +41,11 @@ def replicas(tmp_path: Path, mesh_file: MeshFile, etcd_cluster: EtcdCluster) -> 
     """Factory: ``replicas(name, wait_ready=True)`` starts ``xdsd serve --store etcd://...``."""
     started: list[XdsdProcess] = []
 
-    def start(name: str, wait_ready: bool = True) -> XdsdProcess:
+    def start(name: str, wait_ready: bool = True, store: str | None = None) -> XdsdProcess:
         workdir = tmp_path / name
         workdir.mkdir()
         proc = XdsdProcess(mesh_file.path, workdir, name=name, log_level="info",
-                           extra_args=["--store", etcd_cluster.store_url, "--drain-time", "2"])
+                           extra_args=["--store", store or etcd_cluster.store_url, "--drain-time", "2"])
         started.append(proc)
         return proc.start(wait_ready, timeout=60)
 
@@ -319,3 +324,39 @@ def test_a_revocation_through_etcd_ends_the_streams_on_every_replica(
              "b to refuse edge-1's revoked token", 30)
     assert not on(b, "edge-1")
     assert "edge-1" in a.state_dir.joinpath("tokens", "revoked.json").read_text()  # every replica has the list
+
+
+async def _compact(cluster: EtcdCluster) -> int:
+    """Compact etcd at its current revision (as `etcdctl compact` does)."""
+    client = EtcdClient(StoreSpec("etcd", parse_endpoints(cluster.store_url)))
+    try:
+        revision, _ = await client.list(b"/xdsd/")
+        await client._call(rpc.KVStub, "Compact", rpc.CompactionRequest(revision=revision, physical=True))
+        return revision
+    finally:
+        await client.close()
+
+
+def test_a_replica_cut_off_while_etcd_compacts_lists_again_and_converges(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], etcd_cluster: EtcdCluster) -> None:  # noqa: F811
+    ups, url = scene(mesh_file, upstreams)
+    m0, m1, m2 = etcd_cluster.members
+    a = replicas("a")
+    c = replicas("c", store=f"etcd://127.0.0.1:{m2.client_port}")  # reaches etcd through m2 only
+    envoy_factory(c, "edge-1", "edge")
+    assert register(a, ups, "v2")[0] == 200
+    wait_for(lambda: serves(url, "v2"), "the Envoy on c to route to v2", 30)
+    with SteadyTraffic(url, interval=0.02) as traffic:
+        etcd_cluster.stop_member(m2)  # c is cut off: it keeps serving what it has
+        assert register(a, ups, "v3")[0] == 200
+        assert api(a, "/v1/deregister", {"service": "reviews", "instance_id": "v2"})[0] == 200
+        wait_for(lambda: all(x["instance_id"] != "v2" for x in api(a, "/v1/instances")[1]["instances"]),
+                 "v2 drained", 30)
+        compacted = asyncio.run(_compact(etcd_cluster))  # past every revision c has seen
+        assert serves(url, "v2", 20)  # c still serves its last state
+        etcd_cluster.start_member(m2)
+        wait_for(lambda: c.admin_get_json("/debug/replicas")["sync"]["relists"] >= 1, "c to list again", 60)
+        wait_for(lambda: serves(url, "v3", 20) and not serves(url, "v2", 30), "c to converge", 30)
+        assert c.admin_get_json("/debug/replicas")["sync"]["revision"] >= compacted
+    traffic.assert_no_failures(min_requests=50)
