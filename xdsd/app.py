@@ -41,13 +41,15 @@ from xdsd.observability.metrics import Metrics
 from xdsd.observability.processing import ProcessingMetrics
 from xdsd.observability.tracing import endpoint_from, make_tracing
 from xdsd.registry.api import RegistrationServicer, http_routes
+from xdsd.registry.ops import LocalRegistrations
 from xdsd.registry.registry import Registry
-from xdsd.registry.store import LocalStore
+from xdsd.registry.store import LocalStore, MemoryStore
 from xdsd.server.csds import ClientStatusServicer
 from xdsd.server.observer import FanOut, NackObserver
 from xdsd.server.xds import XdsServer
 from xdsd.serving_tls import ServingTls
 from xdsd.settings import ServeSettings
+from xdsd.shared import Shared
 from xdsd.sources.file import FileSource
 from xdsd.sources.history import History
 from xdsd.supervise import Supervisor
@@ -71,9 +73,10 @@ GRPC_OPTIONS = [
 
 
 class App:
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, shared: Shared | None = None, stop: asyncio.Event | None = None) -> None:
         self.settings = s = settings
-        self.stop = asyncio.Event()
+        self.shared = shared  # --store etcd://: this process is one replica of several
+        self.stop = stop or asyncio.Event()
         self.serving = False
         self.metrics = Metrics(role_of=lambda cluster: role_of(mesh, cluster) if (mesh := self.controller.file_mesh) else UNKNOWN)
         self.supervisor = Supervisor(self.stop, on_failure=lambda name: self.metrics.task_failures.labels(name).inc())
@@ -84,7 +87,7 @@ class App:
         else:
             ca = CertificateAuthority.load_or_create(s.state_dir, "mesh")
         self.tls = ServingTls(s, ca)
-        self.identities = IdentityStore(ca, dt.timedelta(hours=1))
+        self.identities = IdentityStore(ca, dt.timedelta(hours=1), aligned=shared is not None)
         self.cache = SnapshotCache(MeshGenerator(lambda: self.identities.credentials))
         if not s.auth_required:
             log.warning("--auth off: every port answers every caller; use only for experiments")
@@ -103,14 +106,20 @@ class App:
         self.processing = ProcessingServicer(
             make_runner(s.processor_pool), observer=ProcessingMetrics(self.metrics.registry).observe, access=self.access,
             span=self.tracing.processing_span if self.tracing.enabled else None)  # type: ignore[union-attr]
-        self.registry = Registry(LocalStore(s.state_dir), drain_seconds=s.drain_time,
-                                 max_per_service=s.max_instances_per_service, max_per_token=s.max_instances_per_service)
+        self.registry = Registry(MemoryStore() if shared else LocalStore(s.state_dir), drain_seconds=s.drain_time,
+                                 max_per_service=s.max_instances_per_service, max_per_token=s.max_instances_per_service,
+                                 expire_locally=shared is None)
+        mesh_file = shared.mesh_path if shared is not None else s.config
+        assert mesh_file is not None
         self.controller = Controller(
-            FileSource(s.config, debounce=s.debounce), self.cache, self.metrics, self.identities,
+            FileSource(mesh_file, debounce=s.debounce), self.cache, self.metrics, self.identities,
             on_mesh=self._on_mesh, registry=self.registry, registry_debounce=s.registry_debounce,
             tracing=self.tracing, health=self.supervisor, max_removal=s.max_removal, settle=s.settle,
             history=History(s.state_dir, s.history), fleet=self.server,
         )
+        if shared is not None:
+            shared.attach(self.registry, self.controller, self.server)
+        self.registrations = shared.ops if shared is not None and shared.ops is not None else LocalRegistrations(self.registry)
         self.loop_monitor = LoopMonitor(self.metrics.loop_stall.observe)
         self.gate = grpc_gate(self.access, self.server.refused)
         self._grpc: grpc.aio.Server | GrpcServer | None = None
@@ -131,7 +140,8 @@ class App:
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(self.authz, server)
         external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(self.processing, server)
         csds_pb2_grpc.add_ClientStatusDiscoveryServiceServicer_to_server(ClientStatusServicer(self.server), server)
-        registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationServicer(self.registry, self.access), server)
+        registration_pb2_grpc.add_RegistrationServicer_to_server(RegistrationServicer(self.registry, self.access,
+                                                                                                 self.registrations), server)
 
     async def _start_grpc(self) -> tuple[grpc.aio.Server | GrpcServer, int]:
         """The xDS port (not serving until ``start``): h2 on the loop, or grpcio's server."""
@@ -157,8 +167,9 @@ class App:
     async def _start_admin(self) -> None:
         host, port = self.settings.admin_address
         app = make_app(self.server, self.controller, self.metrics, lambda: self.serving, self.loop_monitor,
-                       access=self.access, debug_open=_is_loopback(host), supervisor=self.supervisor)
-        app.add_routes(http_routes(self.registry, self.access))
+                       access=self.access, debug_open=_is_loopback(host), supervisor=self.supervisor,
+                       shared=self.shared)
+        app.add_routes(http_routes(self.registry, self.access, self.registrations))
         self._admin = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_SECONDS)
         await self._admin.setup()
         try:
@@ -187,7 +198,11 @@ class App:
 
     def _start_tasks(self) -> None:
         sup, stop = self.supervisor, self.stop
-        sup.start("file-watch", self._watch)
+        if self.shared is not None and self.shared.sync is not None and self.shared.announcer is not None:
+            sup.start("etcd-watch", lambda: self.shared.sync.follow(stop))  # type: ignore[union-attr]
+            sup.start("replica-announce", lambda: self.shared.announcer.run(stop))  # type: ignore[union-attr]
+        else:
+            sup.start("file-watch", self._watch)
         sup.start("cert-rotation", lambda: self.identities.rotate_forever(stop, self.controller.refresh))
         sup.start("registry-sweep", lambda: self.registry.sweep_forever(stop))
         sup.start("token-enforcement", lambda: self.server.enforce_tokens(
@@ -200,12 +215,19 @@ class App:
 
     async def startup(self) -> None:
         """Load the config before any port opens (nothing is served before a valid config), open the
-        ports, start the background work."""
-        self.controller.reload()
+        ports, start the background work. With etcd: the admin port first (not ready), then etcd's
+        state, then the xDS port."""
+        if self.shared is not None:
+            await self._start_admin()
+            if not await self.shared.first_load(self.stop):
+                return
+        else:
+            self.controller.reload()
         await self.processing.ready()  # ext_proc worker processes, when the mesh has processing steps
         _tune_gc()
         self._grpc, bound = await self._start_grpc()
-        await self._start_admin()
+        if self.shared is None:
+            await self._start_admin()
         await self._start_authz_http()
         await self._grpc.start()
         self.serving = True
@@ -226,6 +248,8 @@ class App:
             await self._authz_http.close()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.shared is not None:
+            await self.shared.close()
         self.tracing.shutdown()  # write the last spans
 
     async def run(self) -> None:
@@ -290,6 +314,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), handlers=[handler])
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # The HTTP/2 libraries log every header at debug level: tokens included. Never.
+    logging.getLogger("grpc").setLevel(logging.WARNING)  # the etcd client's channel: noisy at debug
     for name in ("hpack", "h2", "hyperframe"):
         logging.getLogger(name).setLevel(logging.WARNING)
     prometheus_client.disable_created_metrics()
@@ -304,10 +329,18 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings.from_args(args)
 
     async def main() -> None:
-        app = App(settings)
+        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, app.stop.set)
+            loop.add_signal_handler(sig, stop.set)
+        shared = None
+        if settings.store.etcd:
+            shared = Shared(settings)
+            log.info("store: %s; replica %s", settings.store.describe(), shared.id)
+            if not await shared.fetch_secrets(stop):
+                await shared.close()
+                return
+        app = App(settings, shared, stop)
         await app.run()
 
     runner(main())

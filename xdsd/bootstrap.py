@@ -28,6 +28,9 @@ class BootstrapOptions:
     cluster: str
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
+    # More xdsd replicas (``--xds-address`` repeated): the xDS cluster reaches every one; a stream
+    # that breaks is opened again on another within a second.
+    xds_more: tuple[tuple[str, int], ...] = ()
     admin_address: str = "127.0.0.1"
     admin_port: int = 9901
     ads: bool = True
@@ -72,7 +75,8 @@ def _api_config_source(opts: BootstrapOptions) -> dict[str, Any]:
             "cluster_name": XDS_CLUSTER,
             # Reconnect quickly after a control-plane restart; Envoy keeps serving its last
             # config meanwhile.
-            "retry_policy": {"retry_back_off": {"base_interval": "0.25s", "max_interval": "5s"}},
+            "retry_policy": {"retry_back_off": {"base_interval": "0.25s",
+                                                "max_interval": "1s" if _several(opts) else "5s"}},
         }
     }
     if opts.token:
@@ -139,15 +143,25 @@ def _authz_cluster(opts: BootstrapOptions) -> dict[str, Any]:
     if opts.token:
         _protocol_options(cluster)["http_filters"] = token_filters(opts.token)
     cluster["load_assignment"]["cluster_name"] = AUTHZ_CLUSTER
-    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-    endpoint["address"]["socket_address"]["port_value"] = opts.authz_http_port
+    for lb in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]:  # every replica, its authz port
+        lb["endpoint"]["address"]["socket_address"]["port_value"] = opts.authz_http_port
     return cluster
 
 
+def _xds_addresses(opts: BootstrapOptions) -> list[tuple[str, int]]:
+    return [(opts.xds_host, opts.xds_port), *opts.xds_more]
+
+
+def _several(opts: BootstrapOptions) -> bool:
+    """More than one replica may be behind the xDS cluster."""
+    return bool(opts.xds_more) or not _is_ip(opts.xds_host)
+
+
 def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
+    addresses = _xds_addresses(opts)
     cluster: dict[str, Any] = {
         "name": XDS_CLUSTER,
-        "type": "STATIC" if _is_ip(opts.xds_host) else "STRICT_DNS",
+        "type": "STATIC" if all(_is_ip(h) for h, _ in addresses) else "STRICT_DNS",
         "connect_timeout": "1s",
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -162,12 +176,19 @@ def _xds_cluster(opts: BootstrapOptions) -> dict[str, Any]:
             "endpoints": [
                 {
                     "lb_endpoints": [
-                        {"endpoint": {"address": {"socket_address": {"address": opts.xds_host, "port_value": opts.xds_port}}}}
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in addresses
                     ]
                 }
             ],
         },
     }
+    if _several(opts):
+        # Several replicas (or a DNS name, which may have an address per replica): a replica that
+        # refuses connections is set aside at its first failure, so the next attempt goes to another.
+        cluster["outlier_detection"] = {"split_external_local_origin_errors": True,
+                                        "consecutive_local_origin_failure": 1, "max_ejection_percent": 100,
+                                        "base_ejection_time": "5s", "interval": "1s"}
     socket = _tls_socket(opts)
     if socket is not None:
         cluster["transport_socket"] = socket

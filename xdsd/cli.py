@@ -79,9 +79,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from xdsd.admin.client import AdminClient, fail, operator_token
-    from xdsd.status import render_node, render_table, safe
+    from xdsd.status import render_node, render_replicas, render_table, safe
 
-    status, proxies = AdminClient(args.admin_address, operator_token(args.token, args.state_dir)).get("/debug/proxies")
+    client = AdminClient(args.admin_address, operator_token(args.token, args.state_dir))
+    status, proxies = client.get("/debug/proxies")
     if status != 200 or not isinstance(proxies, list):
         return fail("status", status, proxies)
     if args.node:
@@ -92,6 +93,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(match[0], indent=2) if args.json else render_node(match[0]))
         return 0
     print(json.dumps(proxies, indent=2) if args.json else render_table(proxies))
+    if not args.json:
+        status, replicas = client.get("/debug/replicas")
+        if status == 200 and isinstance(replicas, dict) and replicas.get("store") != "file":
+            print(render_replicas(replicas))
     return 0
 
 
@@ -154,11 +159,13 @@ def _embedded_bundle(args: argparse.Namespace) -> bytes | None:
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
     from xdsd.bootstrap import BootstrapOptions, render_text
 
+    xds = args.xds_address or [("127.0.0.1", 18000)]
     opts = BootstrapOptions(
         node_id=args.node_id,
         cluster=args.cluster,
-        xds_host=args.xds_address[0],
-        xds_port=args.xds_address[1],
+        xds_host=xds[0][0],
+        xds_port=xds[0][1],
+        xds_more=tuple(xds[1:]),
         admin_address=args.admin_address,
         admin_port=args.admin_port,
         ads=not args.no_ads,
@@ -188,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the control plane")
-    p.add_argument("--config", required=True, help="mesh config file (YAML); watched for changes")
+    p.add_argument("--config", help="mesh config file (YAML); watched for changes. Required with --store file; "
+                                    "with --store etcd://... it only seeds an empty store")
     p.add_argument("--xds-address", type=_host_port, default=("0.0.0.0", 18000), metavar="HOST:PORT",
                    help="gRPC address for xDS (default 0.0.0.0:18000)")
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 19000), metavar="HOST:PORT",
@@ -249,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that points at xdsd")
     p.add_argument("--node-id", required=True, help="node.id: unique per Envoy")
     p.add_argument("--cluster", required=True, help="node.cluster: the service or gateway this Envoy serves")
-    p.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000), metavar="HOST:PORT",
-                   help="where xdsd's xDS port is (default 127.0.0.1:18000)")
+    p.add_argument("--xds-address", type=_host_port, action="append", default=None, metavar="HOST:PORT",
+                   help="where xdsd's xDS port is (default 127.0.0.1:18000); repeat it for every replica "
+                        "(or give a DNS name with one address per replica): Envoy fails over between them")
     p.add_argument("--admin-address", default="127.0.0.1", help="Envoy admin listen address (default 127.0.0.1)")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (default 9901)")
     p.add_argument("--no-ads", action="store_true",
@@ -364,7 +373,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="list: also expired, revoked and retired-key tokens")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
     p.set_defaults(func=_cmd_token)
+    from xdsd.store.spec import add_store_arguments
+
+    for name, sub_parser in sub.choices.items():
+        if name in STORE_COMMANDS:
+            add_store_arguments(sub_parser)
     return parser
+
+
+STORE_COMMANDS = ("serve", "bootstrap", "status", "config-dump", "diff", "apply", "history", "rollback", "register", "token")
+
+
+def _from_store(args: argparse.Namespace) -> int | None:
+    """A command other than serve with ``--store etcd://``: the mesh's CA and token key come from
+    etcd into the state directory first (so tokens are minted with the shared key), and ``token
+    revoke`` writes to etcd. Returns an exit code when the command is done or cannot run."""
+    from xdsd.store.spec import StoreSpecError, store_from_args
+
+    try:
+        spec = store_from_args(args)
+    except StoreSpecError as exc:
+        print(f"xdsd: {exc}", file=sys.stderr)
+        return 2
+    if not spec.etcd:
+        return None
+    import asyncio
+
+    from xdsd.errors import StoreUnavailable
+    from xdsd.store.etcd import EtcdClient
+    from xdsd.store.keys import Keys
+    from xdsd.store.secrets import NotInitialized, revoke, sync_secrets
+
+    async def run() -> int | None:
+        client, keys = EtcdClient(spec), Keys(spec.prefix)
+        try:
+            await sync_secrets(client, keys, args.state_dir, create=False)
+            if args.command == "token" and args.action == "revoke" and (args.id or args.node_id):
+                await revoke(client, keys, token_id=args.id, node_id=args.node_id)
+                what = [f"token {args.id}"] if args.id else []
+                what += [f"every token of node {args.node_id!r} issued until now"] if args.node_id else []
+                print(f"revoked {' and '.join(what)} in {client.where} (every replica ends their streams "
+                      f"within a second)")
+                return 0
+            if args.command == "token" and args.action in ("rotate-key", "retire-key"):
+                print(f"xdsd token {args.action}: not with --store etcd yet (the key in etcd is never overwritten)",
+                      file=sys.stderr)
+                return 2
+            return None
+        except (StoreUnavailable, NotInitialized) as exc:
+            print(f"xdsd: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from xdsd.settings import default_state_dir
 
         args.state_dir = default_state_dir()
+    if args.command != "serve" and getattr(args, "store", None) is not None:
+        done = _from_store(args)
+        if done is not None:
+            return done
     return int(args.func(args))
 
 

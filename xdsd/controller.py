@@ -492,6 +492,19 @@ class Controller:
             svids[sid] = self.identities.ca.issue(sid, dt.timedelta(seconds=mesh.mesh.cert_lifetime))
         return Credentials(mesh.mesh.trust_domain, creds.bundle_pem or self.identities.ca.bundle_pem, svids)
 
+    def precheck(self, content: bytes, allow_removal: bool = False) -> dict[str, object] | None:
+        """Why ``content`` may not replace the served mesh (invalid; removes most of it without
+        ``allow_removal``), or None. For a shared store, which is written before anything is served."""
+        try:
+            candidate = parse_bytes(content, "the new config")
+        except MeshError as exc:
+            return {"result": "rejected", "errors": _bounded([str(e) for e in exc.errors])}
+        removed = removal(self.file_mesh, candidate)
+        if removed.exceeds(self.max_removal) and not allow_removal:
+            return {"result": "rejected", "removes": removed.as_json(), "errors": [
+                f"removes {removed.summary()} at once: give --allow-removal to apply it"]}
+        return None
+
     def apply_content(self, content: bytes, how: str = "apply", allow_removal: bool = False) -> dict[str, object]:
         """Validate ``content``, write it over the mesh file atomically, and load it now (``xdsd
         apply``, ``xdsd rollback``). An invalid content writes nothing."""

@@ -35,3 +35,8 @@ def format_loc(loc: tuple[object, ...]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+class StoreUnavailable(Exception):
+    """The shared store (etcd) could not take or answer a request: unreachable, no quorum, timed
+    out. The message names it; callers are answered HTTP 503 / gRPC UNAVAILABLE, and nothing changed."""

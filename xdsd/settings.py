@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from xdsd.store.spec import StoreSpec, StoreSpecError, store_from_args
+
 
 def default_state_dir() -> Path:
     """``$XDSD_STATE_DIR``, else ``$XDG_STATE_HOME/xdsd``, else ``~/.local/state/xdsd``: the same
@@ -27,7 +29,7 @@ AUTHZ_HTTP_PORT = 18001
 
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
-    config: Path
+    config: Path | None = None  # the mesh file; with an etcd store, only what seeds an empty one
     xds_address: tuple[str, int] = ("0.0.0.0", 18000)
     admin_address: tuple[str, int] = ("127.0.0.1", 19000)
     # ext_authz over HTTP/1.1 (None: over gRPC only); from the command line, the host follows
@@ -59,12 +61,15 @@ class ServeSettings:
     otlp_endpoint: str | None = None
     # Where ext_proc processors run: worker "processes" or "threads" of xdsd (xdsd/extproc/runner.py).
     processor_pool: str = "threads"
+    store: StoreSpec = field(default_factory=StoreSpec)  # --store and the etcd options
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
         """The parsed ``xdsd serve`` command line (argparse holds the same defaults, for --help)."""
         values = {}
         for f in fields(cls):
+            if f.name == "store":
+                continue
             if hasattr(args, f.name) and getattr(args, f.name) is not None:
                 values[f.name] = getattr(args, f.name)
         if "config" in values:
@@ -78,6 +83,12 @@ class ServeSettings:
         elif "authz_http_address" not in values and hasattr(args, "authz_http_address"):
             host, port = values.get("xds_address", cls.xds_address)
             values["authz_http_address"] = (host, AUTHZ_HTTP_PORT if port else 0)
+        try:
+            values["store"] = store_from_args(args)
+        except StoreSpecError as exc:
+            raise SystemExit(f"xdsd serve: {exc}") from None
+        if not values["store"].etcd and values.get("config") is None:
+            raise SystemExit("xdsd serve: --config is required (with --store etcd://... it only seeds an empty store)")
         return cls(**values)
 
     @property

@@ -57,3 +57,18 @@ def render_node(p: dict[str, Any]) -> str:
         if t.get("last_nack"):
             lines.append(f"    NACK of {safe(t.get('nacked_version'))}: {safe(t['last_nack'])}")
     return "\n".join(lines)
+
+
+def render_replicas(data: dict[str, Any]) -> str:
+    """``/debug/replicas``: every replica sharing the store, and the proxies connected to each."""
+    lines = [f"\nreplicas ({safe(data.get('store'))}):"]
+    for r in data.get("replicas", []):
+        proxies = r.get("proxies") or []
+        mark = "*" if r.get("self") else " "
+        shown = ", ".join(safe(p) for p in proxies[:20]) + (f", ... ({len(proxies)})" if len(proxies) > 20 else "")
+        lines.append(f"{mark} {safe(r.get('id'))}  xds {safe(r.get('xds_address'))}  admin {safe(r.get('admin_address'))}  "
+                     f"{len(proxies)} proxies{': ' + shown if proxies else ''}")
+    sync = data.get("sync") or {}
+    if sync.get("last_error"):
+        lines.append(f"  etcd: {safe(sync['last_error'])} (serving the last state)")
+    return "\n".join(lines)

@@ -116,3 +116,32 @@ def test_identities_come_and_go_with_the_mesh(ca: CertificateAuthority) -> None:
     assert not store.ensure("example.org", {SID, other})  # nothing new: nothing reissued
     store.ensure("example.org", {SID})
     assert set(store.credentials.svids) == {SID}
+
+
+def test_aligned_svids_are_identical_across_replicas_and_rotate_per_period(tmp_path: Path) -> None:
+    """Replicas sharing one CA issue byte-identical SVIDs within a half-lifetime period (the same
+    SDS versions wherever an Envoy connects) and new ones at the period's end."""
+    import datetime as _dt
+
+    from xdsd.ca import CertificateAuthority as _Ca
+    from xdsd.ca.identities import IdentityStore
+
+    one = _Ca.load_or_create(tmp_path, "mesh")
+    two = _Ca.load_or_create(tmp_path, "mesh")  # another replica: the same root from the store
+    sid, life = "spiffe://mesh.local/service/reviews", _dt.timedelta(hours=1)
+    t = _dt.datetime(2026, 1, 1, 10, 7, 13, tzinfo=_dt.UTC)
+    a = one.issue(sid, life, t, aligned=True)
+    b = two.issue(sid, life, t + _dt.timedelta(minutes=20), aligned=True)
+    assert (a.cert_chain_pem, a.key_pem) == (b.cert_chain_pem, b.key_pem)
+    assert a.issued_at == _dt.datetime(2026, 1, 1, 10, 0, tzinfo=_dt.UTC) and a.rotate_at == a.issued_at + life / 2
+    c = one.issue(sid, life, a.rotate_at, aligned=True)
+    assert c.cert_chain_pem != a.cert_chain_pem and c.key_pem != a.key_pem and c.serial != a.serial
+    assert one.issue("spiffe://mesh.local/service/other", life, t, aligned=True).key_pem != a.key_pem
+    unaligned = one.issue(sid, life, t)
+    assert unaligned.key_pem != one.issue(sid, life, t).key_pem  # the default stays random
+    store = IdentityStore(one, life, aligned=True)
+    store.ensure("mesh.local", {sid})
+    due = store.credentials.svids[sid].rotate_at
+    assert store.rotate_due(due - _dt.timedelta(seconds=1)) == []
+    assert store.rotate_due(due) == [sid]
+    assert store.credentials.svids[sid].rotate_at == due + life / 2

@@ -38,6 +38,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
                       "xdsd.app", "xdsd.admin"),
     "xdsd.sources": ("xdsd.server", "xdsd.transport", "xdsd.cache", "xdsd.generators", "xdsd.controller",
                      "xdsd.app", "xdsd.admin", "xdsd.registry"),
+    "xdsd.store": ("xdsd.server", "xdsd.transport", "xdsd.cache", "xdsd.generators", "xdsd.controller",
+                   "xdsd.app", "xdsd.admin"),  # a source: feeds the controller, never reads what it builds
     "xdsd.observability": ("xdsd.app", "xdsd.controller", "xdsd.admin"),
     # Processors see only their API: nothing of the mesh, the generators or the servers.
     "xdsd.processing": ("xdsd.model", "xdsd.generators", "xdsd.cache", "xdsd.server", "xdsd.transport",

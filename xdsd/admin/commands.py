@@ -87,9 +87,16 @@ def apply(args: argparse.Namespace) -> int:
         return EXIT_INVALID
     client = _client(args)
     status, report = client.request("POST", "/v1/config/diff", content)
+    params = []
     if status == 200:
         _print_diff(report)
-    query = "?allow_removal=1" if args.allow_removal else ""
+        if isinstance(report.get("base"), int):
+            # A shared store: the write is a compare-and-swap on the revision this diff was made
+            # against; an apply that came first in between makes this one a conflict (409).
+            params.append(f"base={report['base']}")
+    if args.allow_removal:
+        params.append("allow_removal=1")
+    query = "?" + "&".join(params) if params else ""
     status, out = client.request("POST", f"/v1/config/apply{query}", content)
     return _outcome("apply", client, status, out, args)
 

@@ -6,6 +6,7 @@ Every route has an access rule in ``xdsd.auth.methods.ADMIN_ROUTES``; a route wi
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from aiohttp import web
 
@@ -13,7 +14,7 @@ from xdsd.admin.dump import node_config
 from xdsd.auth.access import Access, Denied, token_from_headers
 from xdsd.auth.methods import ADMIN_ROUTES, Rule, check
 from xdsd.controller import Controller
-from xdsd.errors import MeshError
+from xdsd.errors import MeshError, StoreUnavailable
 from xdsd.model.load import MAX_TEXT_BYTES
 from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
@@ -21,6 +22,16 @@ from xdsd.server.xds import XdsServer
 from xdsd.supervise import Supervisor
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class SharedMesh(Protocol):
+    """The mesh in a shared store (``xdsd serve --store etcd://``), as the admin API sees it."""
+
+    @property
+    def base(self) -> int: ...  # the store revision of the mesh served here
+    async def apply(self, content: bytes, how: str, allow_removal: bool, base: int | None) -> tuple[int, dict[str, object]]: ...
+    def replicas(self) -> dict[str, object]: ...
+    async def history(self) -> list[dict[str, object]]: ...  # oldest first, each with its "content" (bytes)
 
 
 def access_middleware(access: Access, debug_open: bool,
@@ -53,7 +64,8 @@ def access_middleware(access: Access, debug_open: bool,
 
 def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_serving: Callable[[], bool],
              loop_monitor: LoopMonitor | None = None, *, access: Access | None = None, debug_open: bool = True,
-             supervisor: Supervisor | None = None) -> web.Application:
+             supervisor: Supervisor | None = None, shared: SharedMesh | None = None) -> web.Application:
+    """``shared``: the mesh lives in a shared store (etcd): apply writes there, replicas are listed."""
     async def metrics_page(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -68,6 +80,8 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
             return web.json_response({"ready": True, "revision": controller.cache.revision})
         if not controller.cache.ready:
             reason = "no valid config loaded yet"
+            if shared is not None:
+                reason += " (waiting for the mesh from etcd)"
         elif not is_serving():
             reason = "xDS server not started"
         else:
@@ -128,36 +142,100 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
         if isinstance(content, web.Response):
             return content
         try:
-            return web.json_response(controller.diff(content))
+            report = controller.diff(content)
         except MeshError as exc:
             return web.json_response({"valid": False, "errors": [str(e) for e in exc.errors]}, status=400)
+        if shared is not None:
+            report["base"] = shared.base  # what `xdsd apply` swaps against
+        return web.json_response(report)
 
     async def config_apply(request: web.Request) -> web.Response:
         content = await candidate(request)
         if isinstance(content, web.Response):
             return content
-        out = controller.apply_content(content, "apply", request.query.get("allow_removal") in ("1", "true"))
+        allow_removal = request.query.get("allow_removal") in ("1", "true")
+        if shared is not None:
+            base = request.query.get("base")
+            if base is not None and not base.isdigit():
+                return web.json_response({"errors": ["base: must be an etcd revision number"]}, status=400)
+            try:
+                status, out = await shared.apply(content, "apply", allow_removal, int(base) if base is not None else None)
+            except StoreUnavailable as exc:
+                return web.json_response({"result": "unavailable", "errors": [f"not stored: {exc}"]}, status=503,
+                                         headers={"Retry-After": "1"})
+            return web.json_response(out, status=status)
+        out = controller.apply_content(content, "apply", allow_removal)
         return web.json_response(out, status=400 if out["result"] == "rejected" else 200)
 
+    async def shared_history() -> list[dict[str, object]] | web.Response:
+        assert shared is not None
+        try:
+            return await shared.history()
+        except StoreUnavailable as exc:
+            return web.json_response({"errors": [f"history: {exc}"]}, status=503, headers={"Retry-After": "1"})
+
     async def config_history(_: web.Request) -> web.Response:
+        if shared is not None:
+            entries = await shared_history()
+            if isinstance(entries, web.Response):
+                return entries
+            return web.json_response({"current": shared.base, "revisions": [
+                {k: v for k, v in e.items() if k != "content"} for e in entries]})
         history = controller.history
         entries = [e.as_json() for e in history.entries] if history is not None else []
         return web.json_response({"current": controller.status.history_revision, "revisions": entries})
 
     async def config_history_one(request: web.Request) -> web.Response:
         text = request.match_info["revision"]
+        if shared is not None:
+            entries = await shared_history()
+            if isinstance(entries, web.Response):
+                return entries
+            match = [e for e in entries if str(e["revision"]) == text]
+            if not match:
+                return web.json_response({"errors": [f"revision: no revision {text[:20]!r} in the history"]}, status=404)
+            return web.json_response({**match[0], "content": match[0]["content"].decode("utf-8", "replace")})  # type: ignore[attr-defined]
         found = controller.history.get(int(text)) if controller.history is not None and text.isdigit() else None
         if found is None:
             return web.json_response({"errors": [f"revision: no revision {text[:20]!r} in the history"]}, status=404)
         entry, content = found
         return web.json_response({**entry.as_json(), "content": content.decode("utf-8", "replace")})
 
+    async def shared_rollback(to: int | None) -> web.Response:
+        """Make an earlier revision kept in etcd the mesh again (through etcd, like an apply)."""
+        assert shared is not None
+        entries = await shared_history()
+        if isinstance(entries, web.Response):
+            return entries
+        older = [e for e in entries if int(e["revision"]) < shared.base]  # type: ignore[call-overload]
+        found = next((e for e in entries if e["revision"] == to), None) if to is not None else (older[-1] if older else None)
+        if found is None:
+            known = ", ".join(str(e["revision"]) for e in entries) or "none"
+            return web.json_response({"result": "rejected", "errors": [
+                f"no revision {to if to is not None else 'before the current one'} in the history (kept: {known})"]},
+                status=400)
+        try:
+            status, out = await shared.apply(found["content"], f"rollback to {found['revision']}", True, None)  # type: ignore[arg-type]
+        except StoreUnavailable as exc:
+            return web.json_response({"result": "unavailable", "errors": [f"not stored: {exc}"]}, status=503,
+                                     headers={"Retry-After": "1"})
+        out["to"] = found["revision"]
+        return web.json_response(out, status=status)
+
     async def config_rollback(request: web.Request) -> web.Response:
         to = request.query.get("to")
         if to is not None and not to.isdigit():
             return web.json_response({"errors": ["to: must be a revision number"]}, status=400)
+        if shared is not None:
+            return await shared_rollback(int(to) if to is not None else None)
         out = controller.rollback(int(to) if to is not None else None)
         return web.json_response(out, status=400 if out["result"] == "rejected" else 200)
+
+    async def replicas(_: web.Request) -> web.Response:
+        if shared is None:
+            here = sorted(n for nodes in server.clusters().values() for n in nodes)
+            return web.json_response({"store": "file", "replicas": [{"id": "local", "self": True, "proxies": here}]})
+        return web.json_response(shared.replicas())
 
     middlewares = [access_middleware(access or Access.off(), debug_open, server.refused)]
     # Bodies are read by their handlers, each with its own limit (registration 64 KiB, configs 32 MiB).
@@ -171,6 +249,7 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
     app.router.add_get("/debug/config_dump", config_dump)
     app.router.add_get("/debug/loop", loop_health)
     app.router.add_get("/debug/health", health)
+    app.router.add_get("/debug/replicas", replicas)
     app.router.add_post("/v1/config/diff", config_diff)
     app.router.add_post("/v1/config/apply", config_apply)
     app.router.add_get("/v1/config/history", config_history)

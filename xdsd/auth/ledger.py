@@ -90,6 +90,16 @@ class Revocations:
         return None
 
     @classmethod
+    def from_json(cls, data: object) -> Revocations:
+        """The ``{"ids": {...}, "nodes": {...}}`` form (revoked.json, or etcd's copy); junk is ignored."""
+        if not isinstance(data, dict):
+            return cls()
+        return cls(_times(data.get("ids")), _times(data.get("nodes")))
+
+    def as_json(self) -> dict[str, dict[str, float]]:
+        return {"ids": self.ids, "nodes": self.nodes}
+
+    @classmethod
     def load(cls, state_dir: Path) -> Revocations:
         try:
             data = json.loads((_ledger(state_dir) / REVOKED_FILE).read_text())

@@ -58,6 +58,7 @@ ADMIN_ROUTES: dict[tuple[str, str], Rule] = {
     ("GET", "/debug/config_dump"): Rule.LOCAL_OR_OPERATOR,
     ("GET", "/debug/loop"): Rule.LOCAL_OR_OPERATOR,
     ("GET", "/debug/health"): Rule.LOCAL_OR_OPERATOR,
+    ("GET", "/debug/replicas"): Rule.LOCAL_OR_OPERATOR,
     ("POST", "/v1/register"): Rule.SERVICE,
     ("POST", "/v1/heartbeat"): Rule.SERVICE,
     ("POST", "/v1/deregister"): Rule.SERVICE,

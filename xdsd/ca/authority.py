@@ -8,6 +8,8 @@ only sign (digitalSignature), and serves TLS in both directions (clientAuth and 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +44,13 @@ class Svid:
     not_before: dt.datetime
     not_after: dt.datetime
     issued_at: dt.datetime
+    rotate_after: dt.datetime | None = None  # aligned SVIDs: the end of their issuing period
 
     @property
     def rotate_at(self) -> dt.datetime:
         """Half-life: a fresh SVID is pushed while the current one has half its life left."""
+        if self.rotate_after is not None:
+            return self.rotate_after
         return self.issued_at + (self.not_after - self.issued_at) / 2
 
 
@@ -163,13 +168,38 @@ class CertificateAuthority:
                                     serialization.NoEncryption())
         return _pem(cert) + b"".join(_pem(c) for c in self.chain), key_pem
 
-    def issue(self, spiffe_id: str, lifetime: dt.timedelta, now: dt.datetime | None = None) -> Svid:
+    def _derived(self, spiffe_id: str, lifetime: dt.timedelta, epoch: int, what: bytes) -> bytes:
+        """Bytes only a holder of this CA's key can compute, the same in every replica."""
+        secret = self.signing_key.private_bytes(  # type: ignore[union-attr]
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key = hashlib.sha256(b"xdsd-svid-derivation:" + secret).digest()
+        msg = f"{spiffe_id}\n{lifetime.total_seconds()}\n{epoch}\n".encode() + what
+        return hmac.new(key, msg, hashlib.sha256).digest()
+
+    def issue(self, spiffe_id: str, lifetime: dt.timedelta, now: dt.datetime | None = None, *,
+              aligned: bool = False) -> Svid:
+        """A fresh SVID. ``aligned`` (replicas sharing one CA): issued at the start of the current
+        half-lifetime period, with a key, serial and signature derived from the CA key, the identity
+        and the period, so every replica issues byte-identical SVIDs (the same SDS versions: an Envoy
+        moving between replicas gets no new secret) and rotates them at the same moment."""
         now = now or _now()
         backdate = min(MAX_BACKDATE, lifetime / 4)
+        rotate_after = None
+        if aligned:
+            # Periods of half the lifetime, in whole milliseconds since the epoch: exact arithmetic.
+            step = max(1, int(lifetime.total_seconds() * 1000) // 2)
+            epoch = int(now.timestamp() * 1000) // step
+            now = dt.datetime.fromtimestamp(epoch * step / 1000, dt.UTC)
+            rotate_after = dt.datetime.fromtimestamp((epoch + 1) * step / 1000, dt.UTC)
+            order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256
+            scalar = int.from_bytes(self._derived(spiffe_id, lifetime, epoch, b"key") * 2, "big") % (order - 1) + 1
+            key = ec.derive_private_key(scalar, ec.SECP256R1())
+            serial = (int.from_bytes(self._derived(spiffe_id, lifetime, epoch, b"serial")[:19], "big") >> 1) | 1
+        else:
+            key = ec.generate_private_key(ec.SECP256R1())
+            serial = x509.random_serial_number()
         not_before = (now - backdate).replace(microsecond=0)
         not_after = now + lifetime
-        key = ec.generate_private_key(ec.SECP256R1())
-        serial = x509.random_serial_number()
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "xdsd")]))
@@ -195,8 +225,10 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        cert = builder.sign(self.signing_key, hashes.SHA256())  # type: ignore[arg-type]
+        deterministic = aligned and isinstance(self.signing_key, ec.EllipticCurvePrivateKey)
+        cert = builder.sign(self.signing_key, hashes.SHA256(),  # type: ignore[arg-type]
+                            ecdsa_deterministic=True if deterministic else None)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         chain_pem = _pem(cert) + b"".join(_pem(c) for c in self.chain)
-        return Svid(spiffe_id, chain_pem, key_pem, serial, not_before, cert.not_valid_after_utc, now)
+        return Svid(spiffe_id, chain_pem, key_pem, serial, not_before, cert.not_valid_after_utc, now, rotate_after)

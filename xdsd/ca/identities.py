@@ -33,9 +33,10 @@ class Credentials:
 
 
 class IdentityStore:
-    def __init__(self, ca: CertificateAuthority, lifetime: dt.timedelta) -> None:
+    def __init__(self, ca: CertificateAuthority, lifetime: dt.timedelta, *, aligned: bool = False) -> None:
         self.ca = ca
         self.lifetime = lifetime
+        self.aligned = aligned  # replicas: every replica issues the same SVIDs (CertificateAuthority.issue)
         self._svids: dict[str, Svid] = {}
         self.trust_domain = ""
         self.credentials = Credentials()
@@ -54,7 +55,7 @@ class IdentityStore:
             del self._svids[gone]
             changed = True
         for sid in spiffe_ids - set(self._svids):
-            self._svids[sid] = self.ca.issue(sid, self.lifetime)
+            self._svids[sid] = self.ca.issue(sid, self.lifetime, aligned=self.aligned)
             changed = True
         if changed:
             self._publish()
@@ -65,7 +66,7 @@ class IdentityStore:
         now = now or dt.datetime.now(dt.UTC)
         due = [sid for sid, svid in self._svids.items() if svid.rotate_at <= now]
         for sid in due:
-            self._svids[sid] = self.ca.issue(sid, self.lifetime, now)
+            self._svids[sid] = self.ca.issue(sid, self.lifetime, now, aligned=self.aligned)
         if due:
             self._publish()
         return due

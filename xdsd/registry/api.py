@@ -8,8 +8,9 @@ everyone may.
 Answers: bad input changes nothing and is answered 400 / INVALID_ARGUMENT naming each field (413
 for a body over ``body.MAX_BODY``); no or a bad token 401 / UNAUTHENTICATED, a token that does not
 allow it 403 / PERMISSION_DENIED; over a quota 429 / RESOURCE_EXHAUSTED; an unknown instance 404 /
-NOT_FOUND. Error bodies are ``{"errors": ["field: message", ...]}``. Nothing a client sends
-gets a 5xx: an unexpected exception is a bug, logged, and answered 500 / INTERNAL."""
+NOT_FOUND. Error bodies are ``{"errors": ["field: message", ...]}``. Nothing a client sends gets a
+5xx: an unexpected exception is a bug, logged, and answered 500 / INTERNAL; the one 5xx is the shared
+store (etcd) unable to take a write, 503 / UNAVAILABLE naming it (nothing changed; try again)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from google.protobuf import duration_pb2
 
 from xdsd.api.v1 import registration_pb2, registration_pb2_grpc
 from xdsd.auth.access import Access, Denied, token_from_headers, token_from_metadata
-from xdsd.errors import FieldError
+from xdsd.errors import FieldError, StoreUnavailable
 from xdsd.registry.body import MAX_BODY, BodyTooLarge, parse_body
 from xdsd.registry.instance import (
     Instance,
@@ -36,6 +37,7 @@ from xdsd.registry.instance import (
     instance_pb,
     key_path,
 )
+from xdsd.registry.ops import LocalRegistrations, Registrations
 from xdsd.registry.registry import NotRegistered, QuotaExceeded, Registry
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ def _grpc_status(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.INVALID_ARGUMENT, _details(exc.errors)
     if isinstance(exc, NotRegistered):
         return grpc.StatusCode.NOT_FOUND, str(exc.args[0])
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, f"not stored: {exc}"
     return None
 
 
@@ -91,14 +95,15 @@ def registration_of(request: registration_pb2.RegisterRequest) -> RegistrationIn
 
 
 class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
-    def __init__(self, registry: Registry, access: Access) -> None:
+    def __init__(self, registry: Registry, access: Access, ops: Registrations | None = None) -> None:
         self.registry = registry
         self.access = access
+        self.ops = ops or LocalRegistrations(registry)
 
-    async def _answer(self, context: grpc.aio.ServicerContext, op: Callable[[str | None], Any]) -> Any:
-        """``op(token)``; a client error becomes its status, anything else INTERNAL (logged)."""
+    async def _answer(self, context: grpc.aio.ServicerContext, op: Callable[[str | None], Awaitable[Any]]) -> Any:
+        """``await op(token)``; a client error becomes its status, anything else INTERNAL (logged)."""
         try:
-            return op(token_from_metadata(context.invocation_metadata()))
+            return await op(token_from_metadata(context.invocation_metadata()))
         except Exception as exc:
             status = _grpc_status(exc)
             if status is None:
@@ -107,32 +112,32 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
         await _abort(context, *status)
 
     async def Register(self, request: registration_pb2.RegisterRequest, context: grpc.aio.ServicerContext) -> registration_pb2.Instance:  # noqa: N802
-        def op(token: str | None) -> registration_pb2.Instance:
+        async def op(token: str | None) -> registration_pb2.Instance:
             self.access.caller(token)
             reg = registration_of(request)
             caller = self.access.service(token, reg.service)
-            return instance_pb(self.registry.register(reg, caller.token_id))
+            return instance_pb(await self.ops.register(reg, caller.token_id))
 
         return await self._answer(context, op)  # type: ignore[no-any-return]
 
     async def Heartbeat(self, request: registration_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext) -> registration_pb2.Instance:  # noqa: N802
-        return await self._answer(context, self._by_id(request, self.registry.heartbeat))  # type: ignore[no-any-return]
+        return await self._answer(context, self._by_id(request, self.ops.heartbeat))  # type: ignore[no-any-return]
 
     async def Deregister(self, request: registration_pb2.DeregisterRequest, context: grpc.aio.ServicerContext) -> registration_pb2.Instance:  # noqa: N802
-        return await self._answer(context, self._by_id(request, self.registry.deregister))  # type: ignore[no-any-return]
+        return await self._answer(context, self._by_id(request, self.ops.deregister))  # type: ignore[no-any-return]
 
     def _by_id(self, request: registration_pb2.HeartbeatRequest | registration_pb2.DeregisterRequest,
-               action: Callable[[str, str], Instance]) -> Callable[[str | None], registration_pb2.Instance]:
-        def op(token: str | None) -> registration_pb2.Instance:
+               action: Callable[[str, str], Awaitable[Instance]]) -> Callable[[str | None], Awaitable[registration_pb2.Instance]]:
+        async def op(token: str | None) -> registration_pb2.Instance:
             self.access.caller(token)
             service, instance_id = check_ids(request.service, request.instance_id)
             self.access.service(token, service)
-            return instance_pb(action(service, instance_id))
+            return instance_pb(await action(service, instance_id))
 
         return op
 
     async def List(self, request: registration_pb2.ListRequest, context: grpc.aio.ServicerContext) -> registration_pb2.ListResponse:  # noqa: N802
-        def op(token: str | None) -> registration_pb2.ListResponse:
+        async def op(token: str | None) -> registration_pb2.ListResponse:
             self.access.caller(token)
             service = check_service_filter(request.service)
             return registration_pb2.ListResponse(instances=[instance_pb(i) for i in self.registry.list(service)])
@@ -169,6 +174,8 @@ def _http_error(exc: Exception) -> web.Response | None:
         return _errors(400, [str(e) for e in exc.errors])
     if isinstance(exc, NotRegistered):
         return _errors(404, [str(exc.args[0])])
+    if isinstance(exc, StoreUnavailable):
+        return _errors(503, [f"not stored: {exc}"], {"Retry-After": "1"})
     return None
 
 
@@ -223,21 +230,23 @@ def _ids(data: dict[str, Any]) -> tuple[str, str]:
     return ids
 
 
-def http_routes(registry: Registry, access: Access) -> list[web.RouteDef]:
+def http_routes(registry: Registry, access: Access, ops: Registrations | None = None) -> list[web.RouteDef]:
+    store = ops or LocalRegistrations(registry)
+
     async def register(request: web.Request) -> web.Response:
         token = _token(request)
         access.caller(token)
         reg = RegistrationInput.parse(parse_body(await read_body(request)))
         caller = access.service(token, reg.service)
-        return web.json_response(instance_json(registry.register(reg, caller.token_id)))
+        return web.json_response(instance_json(await store.register(reg, caller.token_id)))
 
-    def by_id(action: Callable[[str, str], Instance]) -> Handler:
+    def by_id(action: Callable[[str, str], Awaitable[Instance]]) -> Handler:
         async def handle(request: web.Request) -> web.Response:
             token = _token(request)
             access.caller(token)
             service, instance_id = _ids(parse_body(await read_body(request)))
             access.service(token, service)
-            return web.json_response(instance_json(action(service, instance_id)))
+            return web.json_response(instance_json(await action(service, instance_id)))
 
         return handle
 
@@ -248,7 +257,7 @@ def http_routes(registry: Registry, access: Access) -> list[web.RouteDef]:
 
     return [
         web.post("/v1/register", _guarded(register)),
-        web.post("/v1/heartbeat", _guarded(by_id(registry.heartbeat))),
-        web.post("/v1/deregister", _guarded(by_id(registry.deregister))),
+        web.post("/v1/heartbeat", _guarded(by_id(store.heartbeat))),
+        web.post("/v1/deregister", _guarded(by_id(store.deregister))),
         web.get("/v1/instances", _guarded(instances)),
     ]

@@ -57,7 +57,7 @@ class QuotaExceeded(Exception):
 
 class Registry:
     def __init__(self, store: RegistryStore, drain_seconds: float = 5.0, clock: Callable[[], float] = time.time, *,
-                 max_per_service: int = DEFAULT_MAX_PER_SERVICE, max_per_token: int = DEFAULT_MAX_PER_TOKEN) -> None:
+                 max_per_service: int = DEFAULT_MAX_PER_SERVICE, max_per_token: int = DEFAULT_MAX_PER_TOKEN, expire_locally: bool = True) -> None:
         self.store = store
         self.drain_seconds = drain_seconds
         self.clock = clock
@@ -73,6 +73,9 @@ class Registry:
         self._dirty = False  # something not saved yet (heartbeats are saved at most every second)
         self._unsaved_change = False  # ... and it changes what is served
         self._saved_at = float("-inf")
+        # False with a shared store: an instance goes when its lease ends there, not by this clock
+        # (so no instance is dropped because its heartbeats could not be stored).
+        self.expire_locally = expire_locally
         self._load()
 
     def _load(self) -> None:
@@ -92,6 +95,11 @@ class Registry:
     def register(self, data: Mapping[str, Any] | RegistrationInput, token_id: str = "") -> Instance:
         """Adds or replaces an instance. RegistrationError (bad input, mesh rules, address taken),
         QuotaExceeded; nothing changes when either is raised."""
+        return self.admit(self.prepare(data, token_id)[0])
+
+    def prepare(self, data: Mapping[str, Any] | RegistrationInput, token_id: str = "") -> tuple[Instance, Instance | None]:
+        """The instance a registration makes and the one it replaces, checked against every rule;
+        nothing changes (a shared store writes it before ``admit``)."""
         reg = data if isinstance(data, RegistrationInput) else RegistrationInput.parse(data)
         errors = self.mesh_check(reg)
         inst = Instance.of(reg, self.clock() + reg.ttl, token_id)
@@ -108,16 +116,57 @@ class Registry:
             log.error("registration refused: %s/%s passed validation but cannot be served: %s",
                       show(inst.service), show(inst.instance_id), errors)
             raise RegistrationError(errors)
+        return inst, old
+
+    def admit(self, inst: Instance) -> Instance:
+        """Serve ``inst`` (checked by ``prepare``, or read from the shared store)."""
+        old = self._instances.get(inst.key)
         self._put(inst)
         if old is None or _serving_fields(old) != _serving_fields(inst):
-            log.info("registered %s/%s at %s:%d (ttl %ss)", inst.service, inst.instance_id, inst.address, inst.port, inst.ttl)
+            if inst.state == "ACTIVE":
+                log.info("registered %s/%s at %s:%d (ttl %ss)", inst.service, inst.instance_id, inst.address, inst.port,
+                         inst.ttl)
+            else:
+                log.info("draining %s/%s", inst.service, inst.instance_id)
             self._changed()
         else:
             self._dirty = True
         return inst
 
+    def forget(self, service: str, instance_id: str) -> Instance | None:
+        """Drop an instance the shared store no longer holds (its lease ended, or it drained)."""
+        inst = self._instances.get((service, instance_id))
+        if inst is None:
+            return None
+        self._drop(inst)
+        log.info("%s/%s %s", inst.service, inst.instance_id, "drained" if inst.state == "DRAINING" else "expired")
+        self._changed()
+        return inst
+
+    def replace_all(self, instances: list[Instance]) -> None:
+        """The shared store's full list (first list, or again after a compaction): one change."""
+        keep = {i.key for i in instances}
+        changed = False
+        for inst in [i for k, i in self._instances.items() if k not in keep]:
+            self._drop(inst)
+            changed = True
+        for inst in instances:
+            old = self._instances.get(inst.key)
+            holder = self._by_address.get(inst.address_key)
+            if holder is not None and holder != inst.key:
+                log.warning("registrations: %s/%s at %s:%d skipped: the address is %s/%s's", show(inst.service),
+                            show(inst.instance_id), show(inst.address), inst.port, *holder)
+                continue
+            self._put(inst)
+            changed = changed or old is None or _serving_fields(old) != _serving_fields(inst)
+        if changed:
+            self._changed()
+
     def heartbeat(self, service: str, instance_id: str) -> Instance:
-        inst = self._get(service, instance_id)
+        return self.touched(self.get(service, instance_id))
+
+    def touched(self, inst: Instance) -> Instance:
+        """``inst`` heart-beat now (its TTL starts again)."""
         if inst.state != "ACTIVE":
             return inst  # draining: the heartbeat does not bring it back
         inst = dataclasses.replace(inst, expires_at=self.clock() + inst.ttl)
@@ -126,14 +175,17 @@ class Registry:
         return inst
 
     def deregister(self, service: str, instance_id: str) -> Instance:
-        inst = self._get(service, instance_id)
+        inst = self.get(service, instance_id)
         if inst.state == "DRAINING":
             return inst
-        inst = dataclasses.replace(inst, state="DRAINING", expires_at=self.clock() + self.drain_seconds)
+        inst = self.draining(inst)
         self._put(inst)
         log.info("draining %s/%s for %ss", service, instance_id, self.drain_seconds)
         self._changed()
         return inst
+
+    def draining(self, inst: Instance) -> Instance:
+        return dataclasses.replace(inst, state="DRAINING", expires_at=self.clock() + self.drain_seconds)
 
     def list(self, service: str | None = None) -> list[Instance]:
         """Instances by (service, instance_id). Each service's order is sorted again only after its
@@ -164,7 +216,8 @@ class Registry:
     def sweep(self) -> list[Instance]:
         """Removes instances past their TTL (or drain period). Also flushes heartbeats to the store."""
         now = self.clock()
-        gone = [i for i in self._instances.values() if i.expires_at <= now]
+        # With a shared store its leases expire registrations (its watch drops them), not this clock.
+        gone = [i for i in self._instances.values() if i.expires_at <= now] if self.expire_locally else []
         for inst in gone:
             self._drop(inst)
             log.info("%s/%s %s", inst.service, inst.instance_id, "drained" if inst.state == "DRAINING" else "expired")
@@ -192,7 +245,7 @@ class Registry:
 
     # -- indexes ------------------------------------------------------------------------
 
-    def _get(self, service: str, instance_id: str) -> Instance:
+    def get(self, service: str, instance_id: str) -> Instance:
         inst = self._instances.get((service, instance_id))
         if inst is None:
             raise NotRegistered(f"{service}/{instance_id} is not registered")

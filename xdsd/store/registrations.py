@@ -1,0 +1,81 @@
+"""Registrations through etcd (``registry.ops.Registrations``, the operations the registration API
+calls): each registration is a key on an etcd lease whose TTL is the instance's; a heartbeat through any
+replica keeps that lease alive (no write to the keyspace); deregistering puts the instance in
+DRAINING on a lease of ``--drain-time``. A write is answered only once etcd took it: without
+quorum the API answers 503 / UNAVAILABLE naming etcd, and the registry is unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from xdsd.registry.instance import Instance, RegistrationInput
+from xdsd.registry.registry import NotRegistered, Registry
+from xdsd.store.etcd import EtcdClient, StoreUnavailable
+from xdsd.store.keys import Keys
+from xdsd.store.sync import EtcdSync
+
+log = logging.getLogger(__name__)
+
+# etcd grants no lease shorter than its minimum TTL (about 2 s with the default election timeout).
+MIN_LEASE_TTL = 2
+
+
+def lease_ttl(seconds: float) -> int:
+    return max(MIN_LEASE_TTL, math.ceil(seconds))
+
+
+class EtcdRegistrations:
+    def __init__(self, registry: Registry, client: EtcdClient, keys: Keys, sync: EtcdSync) -> None:
+        self.registry = registry
+        self.client = client
+        self.keys = keys
+        self.sync = sync
+        self._revoking: set[asyncio.Task[None]] = set()  # replaced leases being revoked (kept referenced)
+
+    async def _store(self, inst: Instance, ttl: float) -> None:
+        lease = await self.client.grant(lease_ttl(ttl))
+        value = json.dumps(inst.as_json(), separators=(",", ":")).encode()
+        revision = await self.client.put(self.keys.registration(inst.service, inst.instance_id), value, lease)
+        old = self.sync.leases.get(inst.key)
+        self.sync.leases[inst.key] = lease
+        self.sync.written[inst.key] = revision
+        if old and old != lease:
+            task = asyncio.ensure_future(self._revoke(old))  # the key is on the new lease already
+            self._revoking.add(task)
+            task.add_done_callback(self._revoking.discard)
+
+    async def _revoke(self, lease: int) -> None:
+        try:
+            await self.client.revoke(lease)
+        except StoreUnavailable as exc:  # it ends by itself at its TTL
+            log.debug("revoking a replaced lease: %s", exc)
+
+    async def register(self, reg: Mapping[str, Any] | RegistrationInput, token_id: str = "") -> Instance:
+        inst, _ = self.registry.prepare(reg, token_id)
+        await self._store(inst, inst.ttl)
+        return self.registry.admit(inst)
+
+    async def heartbeat(self, service: str, instance_id: str) -> Instance:
+        inst = self.registry.get(service, instance_id)
+        if inst.state != "ACTIVE":
+            return inst
+        lease = self.sync.leases.get(inst.key)
+        if not lease or await self.client.keepalive(lease) <= 0:
+            # Its lease ended (the watch is about to say so): register again.
+            self.registry.forget(service, instance_id)
+            raise NotRegistered(f"{service}/{instance_id} is not registered")
+        current = self.registry.get(service, instance_id)
+        return self.registry.touched(current)
+
+    async def deregister(self, service: str, instance_id: str) -> Instance:
+        inst = self.registry.get(service, instance_id)
+        if inst.state == "DRAINING":
+            return inst
+        draining = self.registry.draining(inst)
+        await self._store(draining, self.registry.drain_seconds)
+        return self.registry.admit(draining)
