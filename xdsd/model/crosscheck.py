@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from xdsd.errors import FieldError
+from xdsd.model.authentication import check_authentication
 from xdsd.model.fields import reserved_name_problem
 from xdsd.model.mesh import Mesh, Policy, Retries, Service
 from xdsd.model.telemetry import check_telemetry
@@ -66,6 +67,7 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
     for name, policy in mesh.authorization.items():
         errors.extend(_check_policy(mesh, name, policy))
     errors.extend(check_telemetry(mesh))
+    errors.extend(check_authentication(mesh))
 
     listens: dict[tuple[str, int], str] = {}
     for gname, gateway in mesh.gateways.items():

@@ -1,0 +1,255 @@
+"""End-user authentication (``authentication:``) with a real Envoy and an identity provider the test
+runs on loopback (tests.support.idp): JWTs signed here with RS256 and ES256, a rotatable key set,
+and the OIDC authorization code flow."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from tests.support.envoy import EnvoyFactory
+from tests.support.idp import IdentityProvider, SigningKey, jwks
+from tests.support.meshes import ADS, MeshFile
+from tests.support.procs import free_port, wait_for
+from tests.support.traffic import Client
+from tests.support.upstream import Upstreams
+from tests.support.xdsd_proc import XdsdProcess
+
+
+@pytest.fixture
+def idp() -> Iterator[IdentityProvider]:
+    with IdentityProvider() as provider:
+        yield provider
+
+
+def _mesh(idp: IdentityProvider, web: tuple[str, int], edge: int, inline: SigningKey, extra: str = "") -> str:
+    return f"""
+services:
+  web: {{endpoints: [{{address: {web[0]}, port: {web[1]}}}]}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: {edge}}}
+    routes:
+      - {{prefix: /, service: web}}
+authentication:
+  issuers:
+    corp:
+      issuer: {idp.issuer}
+      jwks_uri: {idp.base}/jwks
+      jwks_cache_duration: 1s
+      audiences: [shop]
+      forward_claims: {{sub: x-user, email: x-user-email}}
+    partner:
+      issuer: https://partner.example
+      jwks: '{json.dumps(jwks(inline))}'
+      audiences: [shop]
+  require:
+    edge: {{issuers: [corp, partner], paths: ["/api/*", "/admin/*"]}}
+authorization:
+  edge:
+    default: deny
+    rules:
+      - {{name: admins, allow: {{paths: ["/admin/*"], claims: {{groups: admins}}}}}}
+      - {{name: alice-me, allow: {{paths: ["/me"], request_principals: ["{idp.issuer}/alice"]}}}}
+      - {{name: open, allow: {{paths: ["/api/*", "/public/*"]}}}}
+{extra}"""
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def test_jwt_at_a_gateway(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+    idp: IdentityProvider,
+) -> None:
+    ups = upstreams({"web": "127.0.0.2"})
+    edge = free_port()
+    partner = SigningKey("ES256")
+    mesh_file.write(_mesh(idp, ups.address("web"), edge, partner))
+    server = xdsd()
+    envoy = envoy_factory(server, "edge-1", "edge", mode=ADS)
+    client = Client(f"http://127.0.0.1:{edge}/")
+    good = idp.token(sub="alice", email="alice@example.com")
+    envoy.wait_for(lambda: client.get("/api/x", _bearer(good)).status == 200, "a valid token passes", 30)
+
+    # Valid (RS256 from the fetched key set): claims forwarded as headers, a client's copy replaced.
+    seen = client.request("GET", "/api/orders", {**_bearer(good), "x-user": "mallory"}).json()["headers"]
+    assert seen["x-user"] == "alice"
+    assert seen["x-user-email"] == "alice@example.com"
+    # Valid ES256 from the inline key set.
+    es = partner.sign({**idp.claims(sub="bob"), "iss": "https://partner.example"})
+    assert client.request("GET", "/api/orders", _bearer(es)).status == 200
+
+    # Missing, expired, not yet valid, wrong issuer, tampered, unknown key: 401 with Envoy's reason.
+    # A wrong audience is Envoy's 403 (the token is authentic, for someone else), with its reason.
+    tampered = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    stranger = SigningKey("RS256")
+    cases = {
+        "missing": ({}, "Jwt is missing", 401),
+        "expired": (_bearer(idp.token(lifetime=-120)), "Jwt is expired", 401),
+        "not yet valid": (_bearer(idp.token(nbf=int(idp.claims()["iat"]) + 3600)), "Jwt not yet valid", 401),
+        "wrong audience": (_bearer(idp.token(aud="other")), "Audiences in Jwt are not allowed", 403),
+        "wrong issuer": (_bearer(stranger.sign({**idp.claims(), "iss": "https://evil.example"})),
+                         "Jwt issuer is not configured", 401),
+        "tampered": (_bearer(tampered), "Jwt verification fails", 401),
+        "unknown key": (_bearer(idp.token(key=stranger)), "Jwks doesn't have key to match kid or alg from Jwt", 401),
+    }
+    for name, (headers, reason, status) in cases.items():
+        resp = client.request("GET", "/api/orders", headers)
+        assert resp.status == status, (name, resp.status, resp.body)
+        assert reason in resp.body.decode(), (name, resp.body)
+    # ;parameters in a required path's segment do not dodge the requirement.
+    assert client.request("GET", "/api;x/orders").status == 401
+
+    # Not a required path: no token needed, and a client's x-user never reaches the app.
+    seen = client.request("GET", "/public/page", {"x-user": "mallory", "x-user-email": "m@x"}).json()["headers"]
+    assert "x-user" not in seen and "x-user-email" not in seen
+
+    # Authorization on claims: allowed with groups=admins (list-valued claim), denied without.
+    admin = idp.token(sub="carol", groups=["users", "admins"])
+    user = idp.token(sub="dave", groups=["users"])
+    assert client.request("GET", "/admin/panel", _bearer(admin)).status == 200
+    denied = client.request("GET", "/admin/panel", _bearer(user))
+    assert denied.status == 403 and denied.headers.get("x-xdsd-authz") == "deny; rule=default"
+    # request_principals: <iss>/<sub>; /me needs no token, but only alice's is allowed.
+    assert client.request("GET", "/me", _bearer(good)).status == 200
+    assert client.request("GET", "/me", _bearer(idp.token(sub="eve"))).status == 403
+    assert client.request("GET", "/me", {"x-user": "alice"}).status == 403  # a header is not an identity
+
+    # Key rotation at the provider: picked up without a restart (cache duration 1s).
+    old = idp.rotate()
+    fresh = idp.token(sub="alice")
+    wait_for(lambda: client.request("GET", "/api/x", _bearer(fresh)).status == 200, 30, "rotated key accepted")
+    assert client.request("GET", "/api/x", _bearer(idp.token(key=old))).status == 401
+    assert envoy.running
+
+
+def test_a_bad_authentication_edit_keeps_the_last_good_config(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+    idp: IdentityProvider,
+) -> None:
+    ups = upstreams({"web": "127.0.0.2"})
+    edge = free_port()
+    good_mesh = _mesh(idp, ups.address("web"), edge, SigningKey("ES256"))
+    mesh_file.write(good_mesh)
+    server = xdsd()
+    envoy = envoy_factory(server, "edge-1", "edge", mode=ADS)
+    client = Client(f"http://127.0.0.1:{edge}/")
+    token = idp.token()
+    envoy.wait_for(lambda: client.get("/api/x", _bearer(token)).status == 200, "serves", 30)
+    mesh_file.write(good_mesh.replace("issuers: [corp, partner]", "issuers: [corp, nobody]"))
+    server.wait_for(lambda: "authentication.require.edge.issuers[1]: unknown issuer 'nobody'" in server.log_tail(200), 30,
+             "the edit is refused with its field path")
+    assert client.request("GET", "/api/x", _bearer(token)).status == 200
+    assert client.request("GET", "/api/x").status == 401
+
+
+def _cookies(resp: http.client.HTTPResponse, jar: dict[str, str]) -> None:
+    for name, value in resp.getheaders():
+        if name.lower() == "set-cookie":
+            pair = value.split(";", 1)[0]
+            k, _, v = pair.partition("=")
+            if "expires=thu, 01 jan 1970" in value.lower() or "max-age=0" in value.lower():
+                jar.pop(k.strip(), None)
+            else:
+                jar[k.strip()] = v.strip()
+
+
+def _get(url: str, jar: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        headers = {"cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        _cookies(resp, jar)
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    finally:
+        conn.close()
+
+
+def test_oidc_login_at_a_gateway(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+    idp: IdentityProvider,
+    tmp_path: Path,
+) -> None:
+    ups = upstreams({"web": "127.0.0.2"})
+    host, port = ups.address("web")
+    edge = free_port()
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(idp.client_secret + "\n")
+    mesh_file.write(f"""
+services:
+  web: {{endpoints: [{{address: {host}, port: {port}}}]}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: {edge}}}
+    routes:
+      - prefix: /app
+        service: web
+        login: {{issuer: corp, client_id: {idp.client_id}, client_secret_file: {secret_file},
+                 redirect_path: /oauth2/callback, scopes: [openid, email]}}
+      - {{prefix: /, service: web}}
+authentication:
+  issuers:
+    corp:
+      issuer: {idp.issuer}
+      jwks_uri: {idp.base}/jwks
+      audiences: [shop]
+      forward_claims: {{sub: x-user}}
+      authorization_endpoint: {idp.base}/authorize
+      token_endpoint: {idp.base}/token
+""")
+    server = xdsd()
+    envoy = envoy_factory(server, "edge-1", "edge", mode=ADS)
+    base = f"http://127.0.0.1:{edge}"
+    envoy.wait_for(lambda: _get(f"{base}/other", {})[0] == 200, "the gateway serves", 30)
+    # The secret reached Envoy over SDS, never inline in the listener.
+    listeners = json.dumps(envoy.config_dump("dynamic_listeners"))
+    assert "envoy.filters.http.oauth2" in listeners and idp.client_secret not in listeners
+    assert "oauth2|edge|client" in listeners
+
+    jar: dict[str, str] = {}
+    status, headers, _ = _get(f"{base}/app/page", jar)
+    assert status == 302, (status, headers)
+    login = urlsplit(headers["location"])
+    assert f"{login.scheme}://{login.netloc}{login.path}" == f"{idp.base}/authorize"
+    query = parse_qs(login.query)
+    assert query["client_id"] == [idp.client_id] and "email" in query["scope"][0].split()
+    assert query["redirect_uri"] == [f"{base}/oauth2/callback"]
+
+    status, headers, _ = _get(headers["location"], {})  # the provider "logs alice in"
+    assert status == 302 and headers["location"].startswith(f"{base}/oauth2/callback?code=")
+    status, headers, body = _get(headers["location"], jar)  # Envoy exchanges the code for tokens
+    assert status == 302, (status, headers, body)
+    assert urlsplit(headers["location"]).path == "/app/page"
+    assert idp.token_requests and idp.token_requests[-1]["grant_type"] == ["authorization_code"]
+    assert "BearerToken" in jar and "OauthHMAC" in jar
+
+    status, _, body = _get(f"{base}/app/page", jar)
+    assert status == 200, (status, body)
+    seen = json.loads(body)["headers"]
+    assert seen["authorization"].startswith("Bearer ")
+    assert seen["x-user"] == "alice"  # the access token is a JWT of corp: verified, claims forwarded
+
+    status, headers, _ = _get(f"{base}/oauth2/signout", jar)
+    assert status == 302
+    assert "BearerToken" not in jar and "OauthHMAC" not in jar
+    status, _, _ = _get(f"{base}/app/page", jar)
+    assert status == 302  # logged out: back to the provider
