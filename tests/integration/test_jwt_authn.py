@@ -11,11 +11,13 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+import yaml
 
+from tests.support.certs import server_cert
 from tests.support.envoy import EnvoyFactory
 from tests.support.idp import IdentityProvider, SigningKey, jwks
-from tests.support.meshes import ADS, MeshFile
-from tests.support.procs import free_port, wait_for
+from tests.support.meshes import ADS, MeshFile, sidecar_mesh
+from tests.support.procs import free_port, free_port_on, wait_for
 from tests.support.traffic import Client
 from tests.support.upstream import Upstreams
 from tests.support.xdsd_proc import XdsdProcess
@@ -253,3 +255,90 @@ authentication:
     assert "BearerToken" not in jar and "OauthHMAC" not in jar
     status, _, _ = _get(f"{base}/app/page", jar)
     assert status == 302  # logged out: back to the provider
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_jwt_at_a_sidecar_with_claims_in_its_policy(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+    idp: IdentityProvider,
+    transport: str,
+) -> None:
+    """productpage's app calls reviews with the end user's token; reviews' sidecar verifies it and
+    xdsd decides on its claims. With an HTTP-checking bootstrap too: a policy on claims is asked
+    over gRPC, where the verified payload travels as metadata."""
+    ups = upstreams({"productpage": "127.0.0.2", "reviews": "127.0.0.3"})
+    inbound, pp_out = free_port_on("127.0.0.2", "127.0.0.3"), free_port()
+    mesh = sidecar_mesh(ups, inbound, {"productpage": {"reviews": pp_out}}, services=("productpage", "reviews"))
+    mesh_file.write({**mesh, **yaml.safe_load(f"""
+authentication:
+  issuers:
+    corp: {{issuer: "{idp.issuer}", jwks_uri: "{idp.base}/jwks", audiences: [shop], forward_claims: {{sub: x-user}}}}
+  require:
+    reviews: {{issuers: [corp], paths: ["/reviews/*"]}}
+authorization:
+  reviews:
+    default: deny
+    rules:
+      - {{name: readers, allow: {{from: [productpage], claims: {{groups: readers}}}}}}
+""")})
+    extra: list[str] = []
+    bootstrap: dict[str, int] = {}
+    if transport == "http":
+        port = free_port()
+        extra, bootstrap = ["--authz-http-address", f"127.0.0.1:{port}"], {"authz_http_port": port}
+    server = xdsd(extra_args=extra)
+    for name in ("productpage", "reviews"):
+        envoy_factory(server, f"{name}-1", name, mode=ADS, **bootstrap)
+    client = Client(f"http://127.0.0.1:{pp_out}/")
+    reader = idp.token(sub="alice", groups=["readers"])
+    wait_for(lambda: client.get("/reviews/1", _bearer(reader)).status == 200, 30, "a reader reaches reviews")
+    seen = client.request("GET", "/reviews/1", {**_bearer(reader), "x-user": "mallory"}).json()["headers"]
+    assert seen["x-user"] == "alice" and seen["x-forwarded-client-cert"]
+    missing = client.request("GET", "/reviews/1")
+    assert missing.status == 401 and "Jwt is missing" in missing.body.decode()
+    other = client.request("GET", "/reviews/1", _bearer(idp.token(sub="bob", groups=["writers"])))
+    assert other.status == 403 and other.headers.get("x-xdsd-authz") == "deny; rule=default"
+    assert client.request("GET", "/other", {"x-user": "alice"}).status == 403  # no token: no claims
+
+
+def test_keys_fetched_over_https_are_verified_against_the_ca(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+    tmp_path: Path,
+) -> None:
+    cert, key, bundle = server_cert(tmp_path)
+    wrong_ca = server_cert(tmp_path / "other")[2]
+    ups = upstreams({"web": "127.0.0.2"})
+    host, port = ups.address("web")
+    edge, other = free_port(), free_port()
+    with IdentityProvider(tls=(cert, key)) as idp:
+        assert idp.base.startswith("https://")
+        mesh_file.write(f"""
+services:
+  web: {{endpoints: [{{address: {host}, port: {port}}}]}}
+gateways:
+  edge: {{listen: {{address: 127.0.0.1, port: {edge}}}, routes: [{{prefix: /, service: web}}]}}
+  other: {{listen: {{address: 127.0.0.1, port: {other}}}, routes: [{{prefix: /, service: web}}]}}
+authentication:
+  issuers:
+    corp: {{issuer: "{idp.issuer}", jwks_uri: "{idp.base}/jwks", ca_file: "{bundle}"}}
+    untrusted: {{issuer: "{idp.issuer}", jwks_uri: "{idp.base}/jwks", ca_file: "{wrong_ca}"}}
+  require:
+    edge: {{issuers: [corp]}}
+    other: {{issuers: [untrusted]}}
+""")
+        server = xdsd()
+        envoy_factory(server, "edge-1", "edge", mode=ADS)
+        envoy_factory(server, "other-1", "other", mode=ADS)
+        token = idp.token()
+        edge_client, other_client = Client(f"http://127.0.0.1:{edge}/"), Client(f"http://127.0.0.1:{other}/")
+        wait_for(lambda: edge_client.get("/x", _bearer(token)).status == 200, 30, "keys fetched over https")
+        wait_for(lambda: other_client.get("/x").status == 401, 30, "the other gateway serves")
+        # The same provider behind a certificate the issuer's ca_file does not trust: no keys.
+        refused = other_client.request("GET", "/x", _bearer(token))
+        assert refused.status == 401 and "Jwks remote fetch is failed" in refused.body.decode(), refused.body

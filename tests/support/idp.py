@@ -12,9 +12,11 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
@@ -69,7 +71,9 @@ def jwks(*keys: SigningKey) -> dict[str, Any]:
 class IdentityProvider:
     """The provider's HTTP server runs in a thread on ``127.0.0.1`` (a free port)."""
 
-    def __init__(self, client_id: str = "shop-web", client_secret: str = "s3cret", host: str = "127.0.0.1") -> None:
+    def __init__(self, client_id: str = "shop-web", client_secret: str = "s3cret", host: str = "127.0.0.1",
+                 tls: tuple[Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key) to serve https with."""
         self.client_id = client_id
         self.client_secret = client_secret
         self.key = SigningKey("RS256")
@@ -129,7 +133,13 @@ class IdentityProvider:
 
         self._server = ThreadingHTTPServer((host, 0), Handler)
         self._server.daemon_threads = True
-        self.base = f"http://{host}:{self._server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+            scheme = "https"
+        self.base = f"{scheme}://{host}:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="idp", daemon=True)
 
     @property

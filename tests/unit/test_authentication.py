@@ -187,7 +187,9 @@ def test_a_gateway_gets_jwt_authn_after_stripping_forwarded_headers_and_before_e
     jwks_cluster = next(c for c in out[typeurls.CLUSTER] if c.name.startswith("authn|"))
     tls = tls_pb2.UpstreamTlsContext()
     jwks_cluster.transport_socket.typed_config.Unpack(tls)
-    assert tls.sni == "login.example.com" and tls.common_tls_context.validation_context.HasField("system_root_certs")
+    validation = tls.common_tls_context.validation_context
+    assert tls.sni == "login.example.com" and validation.trusted_ca.filename == "/etc/ssl/certs/ca-certificates.crt"
+    assert [m.matcher.exact for m in validation.match_typed_subject_alt_names] == ["login.example.com"]
     # The inline issuer is not the gateway's: it has no provider there.
     assert set(jwt.providers) == {"corp"}
 
@@ -287,3 +289,17 @@ def test_claims_and_request_principals_decide_and_deny_wins() -> None:
     assert _check(s, "/me", {"iss": "https://partner.example", "sub": "alice"}) == (False, "default")
     # An HTTP check cannot carry the verified payload: a policy on end users fails closed there.
     assert s.evaluate("edge", "", "GET", "/x", {"x-user": "alice"}, NO_METADATA).allowed is False
+
+
+def test_readme_authentication_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("### End-user authentication", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    secret = tmp_path / "shop-web.secret"
+    secret.write_text("s")
+    services = "services:\n  shop: {endpoints: [{address: 10.0.0.1, port: 80}]}\n" \
+               "  shop-web: {endpoints: [{address: 10.0.0.2, port: 80}]}\n"
+    mesh = load_mesh(services + block.replace("/etc/xdsd/shop-web.secret", str(secret)))
+    assert mesh.authentication.require["edge"].issuers == ["corp"]
+    out = generate(mesh, NodeGroup("edge"))
+    assert {f.name for f in _filters(out[typeurls.LISTENER][0])} >= {
+        "envoy.filters.http.oauth2", "envoy.filters.http.jwt_authn", "envoy.filters.http.ext_authz"}

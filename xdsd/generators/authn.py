@@ -53,8 +53,13 @@ def _port(url: str) -> int:
     return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-def url_cluster(url: str) -> cluster_pb2.Cluster:
-    """A cluster to the host of ``url``: TLS (SNI, the system's roots) when it is https."""
+# Where Debian, Ubuntu, Alpine and Envoy's images keep the system's trust anchors.
+SYSTEM_CA_FILE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def url_cluster(url: str, ca_file: str | None = None) -> cluster_pb2.Cluster:
+    """A cluster to the host of ``url``: when it is https, TLS with SNI, the server's certificate
+    verified against ``ca_file`` (default the system's trust anchors) and the URL's host."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     name = url_cluster_name(url)
@@ -71,7 +76,7 @@ def url_cluster(url: str) -> cluster_pb2.Cluster:
         if not is_ip(host):
             utc.sni = host
         validation = utc.common_tls_context.validation_context
-        validation.system_root_certs.SetInParent()
+        validation.trusted_ca.filename = ca_file or SYSTEM_CA_FILE
         if not is_ip(host):
             validation.match_typed_subject_alt_names.add(san_type=common_pb2.SubjectAltNameMatcher.DNS).matcher.exact = host
         else:
@@ -94,17 +99,17 @@ def issuers_of(mesh: Mesh, name: str) -> list[tuple[str, Issuer]]:
 
 def clusters_of(mesh: Mesh, name: str) -> list[cluster_pb2.Cluster]:
     """The clusters to the JWKS and token endpoints the node of ``name`` uses."""
-    urls: set[str] = set()
+    urls: dict[str, str | None] = {}  # url -> its issuer's ca_file
     for _, issuer in issuers_of(mesh, name):
         if issuer.jwks_uri is not None:
-            urls.add(issuer.jwks_uri)
+            urls[issuer.jwks_uri] = issuer.ca_file
     login = login_of(mesh.gateways.get(name))
     if login is not None:
-        token = mesh.authentication.issuers[login[1].issuer].token_endpoint
-        if token is not None:
-            urls.add(token)
+        issuer = mesh.authentication.issuers[login[1].issuer]
+        if issuer.token_endpoint is not None:
+            urls[issuer.token_endpoint] = issuer.ca_file
     by_name = {url_cluster_name(u): u for u in sorted(urls)}
-    return [url_cluster(by_name[n]) for n in sorted(by_name)]
+    return [url_cluster(by_name[n], urls[by_name[n]]) for n in sorted(by_name)]
 
 
 def login_of(gateway: Gateway | None) -> tuple[str, Login] | None:

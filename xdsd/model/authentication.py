@@ -152,6 +152,8 @@ class Issuer(_Model):
     forward_claims: dict[ClaimName, HeaderName] = Field(default_factory=dict)
     # How long Envoy keeps the keys fetched from jwks_uri; a rotated key is picked up after it.
     jwks_cache_duration: PositiveDuration = 300.0
+    # PEM trust anchors on the Envoy's machine that verify the https endpoints (None: the system's).
+    ca_file: Text | None = None
     # OIDC endpoints, needed by a gateway route's ``login`` only.
     authorization_endpoint: Url | None = None
     token_endpoint: Url | None = None
