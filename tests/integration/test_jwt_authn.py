@@ -242,6 +242,7 @@ authentication:
     assert status == 302, (status, headers, body)
     assert urlsplit(headers["location"]).path == "/app/page"
     assert idp.token_requests and idp.token_requests[-1]["grant_type"] == ["authorization_code"]
+    assert idp.token_requests[-1]["code_verifier"] and query["code_challenge_method"] == ["S256"]  # PKCE
     assert "BearerToken" in jar and "OauthHMAC" in jar
 
     status, _, body = _get(f"{base}/app/page", jar)

@@ -23,9 +23,8 @@ from xdsd.authz.contract import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 from xdsd.authz.servicer import NO_METADATA, AuthorizationServicer
 from xdsd.errors import MeshError
 from xdsd.generators import MeshGenerator, NodeGroup, generate
-from xdsd.generators.authn import path_regex
 from xdsd.model import load_mesh
-from xdsd.model.authentication import jwks_problem
+from xdsd.model.authentication import jwks_problem, path_regex
 from xdsd.redact import MARKER, redacted
 
 JWKS = json.dumps({"keys": [{"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "BBBB", "kid": "k1"}]})
@@ -97,6 +96,9 @@ def errors_of(text: str) -> list[str]:
      "authentication.require.edge.paths[0]: 'api': use an exact path, a prefix ending in '*', or '*'"),
     (f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{JWKS}', forward_claims: {{sub: X-User}}}}}}}}",
      "authentication.issuers.corp.forward_claims.sub: 'X-User' is not a lower-case HTTP header name"),
+    (f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{JWKS}'}}}}, require: {{edge: {{issuers: [corp], "
+     f"paths: [/{'/'.join(f'segment{i}' for i in range(12))}/*]}}}}}}",
+     "authentication.require.edge.paths[0]: '/segment0/segment1/"),
     ("authorization: {edge: {rules: [{name: a, allow: {claims: {groups: admins}}}]}}",
      "authorization.edge.rules[0].allow.claims: 'edge' verifies no tokens: add authentication.require.edge"),
 ])
@@ -287,6 +289,12 @@ def test_claims_and_request_principals_decide_and_deny_wins() -> None:
     assert _check(s, "/x", banned) == (False, "banned")  # deny wins over the admins allow
     assert _check(s, "/me", {"iss": iss, "sub": "alice"}) == (True, "alice")
     assert _check(s, "/me", {"iss": "https://partner.example", "sub": "alice"}) == (False, "default")
+    # Numbers and booleans compare as their JSON text, in rules and in tokens alike.
+    typed = load_mesh(BASE + AUTHN.replace("claims: {groups: admins}", "claims: {level: 3, staff: true}"))
+    s.set_mesh(typed)
+    assert typed.authorization["edge"].rules[0].allow.claims == {"level": "3", "staff": "true"}  # type: ignore[union-attr]
+    assert _check(s, "/x", {"iss": iss, "sub": "b", "level": 3, "staff": True}) == (True, "admins")
+    assert _check(s, "/x", {"iss": iss, "sub": "b", "level": 3, "staff": False}) == (False, "default")
     # An HTTP check cannot carry the verified payload: a policy on end users fails closed there.
     assert s.evaluate("edge", "", "GET", "/x", {"x-user": "alice"}, NO_METADATA).allowed is False
 

@@ -29,7 +29,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from xdsd.authz.contract import JWT_PAYLOAD_KEY
 from xdsd.generators.node import NodeGroup, config_source
 from xdsd.generators.tls import TLS_SOCKET
-from xdsd.model.authentication import Issuer, Login, Requirement
+from xdsd.model.authentication import Issuer, Login, Requirement, path_regex
 from xdsd.model.fields import is_ip
 from xdsd.model.mesh import Gateway, Mesh
 
@@ -39,7 +39,6 @@ HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 FETCH_TIMEOUT_S = 5
 # After a failed JWKS fetch, Envoy tries again this soon (and keeps the keys it had).
 FAILED_REFETCH_S = 1
-_PARAMS = "(?:;[^/]*)?"  # a segment's ;parameters, which servlet containers drop
 
 
 def url_cluster_name(url: str) -> str:
@@ -120,19 +119,6 @@ def login_of(gateway: Gateway | None) -> tuple[str, Login] | None:
         if route.login is not None and route.prefix is not None:
             return route.prefix, route.login
     return None
-
-
-def path_regex(path: str) -> str:
-    """A requirement path (exact, ``prefix*`` or ``*``) as an RE2 regex over the whole request path
-    that also matches when a segment carries ``;parameters`` (``/api;x/orders`` is ``/api/orders``
-    to servlet containers, so it must need a token as well)."""
-    if path == "*":
-        return "/.*"
-    prefix = path.endswith("*")
-    body = path[:-1] if prefix else path
-    segments = body.split("/")[1:]  # body starts with "/"
-    out = "".join("/" + re.escape(s) + (_PARAMS if s else "") for s in segments)
-    return out + ".*" if prefix else out + "/?" if body != "/" else out
 
 
 def _requirement(providers: list[str], optional: bool) -> jwt_pb2.JwtRequirement:

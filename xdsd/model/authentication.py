@@ -135,7 +135,20 @@ def _read_secret(path: str) -> str:
     return text
 
 
+def _claim_text(value: object) -> object:
+    """A claim value in a rule: text, or a number or boolean written as its JSON text (claims are
+    compared as text, ``authz.policy.claim_values``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return value
+
+
 Url = Annotated[StrictStr, AfterValidator(check_url)]
+ClaimValue = Annotated[Text, BeforeValidator(_claim_text)]
 ClaimName = Annotated[StrictStr, AfterValidator(_check_claim)]
 InlineJwks = Annotated[str, BeforeValidator(_jwks_text)]
 Audiences = Annotated[list[Text], AfterValidator(_check_audiences)]
@@ -200,7 +213,24 @@ class Login(_Model):
         return [(k, v) for k, v in super().__repr_args__() if k != "_client_secret"]
 
 
-def _path_problem(path: str) -> str | None:
+_PARAMS = "(?:;[^/]*)?"  # a segment's ;parameters, which servlet containers drop
+
+
+def path_regex(path: str) -> str:
+    """A requirement path (exact, ``prefix*`` or ``*``) as the RE2 regex Envoy matches the whole
+    request path with; it also matches when a segment carries ``;parameters`` (``/api;x/orders`` is
+    ``/api/orders`` to servlet containers, so it must need a token as well). An exact path matches
+    with or without a trailing ``/``."""
+    if path == "*":
+        return "/.*"
+    prefix = path.endswith("*")
+    body = path[:-1] if prefix else path
+    segments = body.split("/")[1:]  # body starts with "/"
+    out = "".join("/" + re.escape(s) + (_PARAMS if s else "") for s in segments)
+    return out + ".*" if prefix else out + "/?" if body != "/" else out
+
+
+def requirement_path_problem(path: str) -> str | None:
     from xdsd.authz.paths import rule_path_problem
 
     if path == "*":
@@ -234,7 +264,7 @@ def check_authentication(mesh: Mesh) -> list[FieldError]:
         if not req.paths:
             errors.append(FieldError(f"{path}.paths", "give at least one path (or '*' for every path)"))
         for i, p in enumerate(req.paths):
-            if (problem := _path_problem(p)) is not None:
+            if (problem := requirement_path_problem(p)) is not None:
                 errors.append(FieldError(f"{path}.paths[{i}]", problem))
     for gname, gateway in mesh.gateways.items():
         for i, route in enumerate(gateway.routes):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, StrictStr
 
-from xdsd.model.authentication import Authentication, ClaimName, Login
+from xdsd.model.authentication import Authentication, ClaimName, ClaimValue, Login
 from xdsd.model.base import FrozenModel as _Model
 from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, Text, TrustDomain, Weight
 from xdsd.model.telemetry import Telemetry
@@ -199,7 +199,7 @@ class Match(_Model):
     # End users (a verified JWT, see ``authentication``): ``<iss>/<sub>`` principals, and claims
     # with the value required (a list: any of them); a list-valued claim matches by any element.
     request_principals: list[Text] = Field(default_factory=list)
-    claims: dict[ClaimName, Text | list[Text]] = Field(default_factory=dict)
+    claims: dict[ClaimName, ClaimValue | list[ClaimValue]] = Field(default_factory=dict)
 
     def uses_request_auth(self) -> bool:
         return bool(self.request_principals or self.claims)
