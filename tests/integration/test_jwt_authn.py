@@ -317,7 +317,7 @@ def test_keys_fetched_over_https_are_verified_against_the_ca(
     ups = upstreams({"web": "127.0.0.2"})
     host, port = ups.address("web")
     edge, other = free_port(), free_port()
-    with IdentityProvider(tls=(cert, key)) as idp:
+    with IdentityProvider(tls=(cert, key)) as idp, IdentityProvider(tls=(cert, key)) as idp2:
         assert idp.base.startswith("https://")
         mesh_file.write(f"""
 services:
@@ -328,7 +328,7 @@ gateways:
 authentication:
   issuers:
     corp: {{issuer: "{idp.issuer}", jwks_uri: "{idp.base}/jwks", ca_file: "{bundle}"}}
-    untrusted: {{issuer: "{idp.issuer}", jwks_uri: "{idp.base}/jwks", ca_file: "{wrong_ca}"}}
+    untrusted: {{issuer: "{idp2.issuer}", jwks_uri: "{idp2.base}/jwks", ca_file: "{wrong_ca}"}}
   require:
     edge: {{issuers: [corp]}}
     other: {{issuers: [untrusted]}}
@@ -340,6 +340,6 @@ authentication:
         edge_client, other_client = Client(f"http://127.0.0.1:{edge}/"), Client(f"http://127.0.0.1:{other}/")
         wait_for(lambda: edge_client.get("/x", _bearer(token)).status == 200, 30, "keys fetched over https")
         wait_for(lambda: other_client.get("/x").status == 401, 30, "the other gateway serves")
-        # The same provider behind a certificate the issuer's ca_file does not trust: no keys.
-        refused = other_client.request("GET", "/x", _bearer(token))
+        # A provider behind a certificate the issuer's ca_file does not trust: no keys.
+        refused = other_client.request("GET", "/x", _bearer(idp2.token()))
         assert refused.status == 401 and "Jwks remote fetch is failed" in refused.body.decode(), refused.body

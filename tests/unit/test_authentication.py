@@ -99,6 +99,9 @@ def errors_of(text: str) -> list[str]:
     (f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{JWKS}'}}}}, require: {{edge: {{issuers: [corp], "
      f"paths: [/{'/'.join(f'segment{i}' for i in range(12))}/*]}}}}}}",
      "authentication.require.edge.paths[0]: '/segment0/segment1/"),
+    ("authentication: {issuers: {a: {issuer: x, jwks_uri: 'https://idp/k'}, "
+     "b: {issuer: y, jwks_uri: 'https://idp/k2', ca_file: /ca.pem}}}",
+     "authentication.issuers.b.ca_file: issuer 'a' reaches idp with ca_file None: give both the same"),
     ("authorization: {edge: {rules: [{name: a, allow: {claims: {groups: admins}}}]}}",
      "authorization.edge.rules[0].allow.claims: 'edge' verifies no tokens: add authentication.require.edge"),
 ])

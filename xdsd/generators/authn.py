@@ -37,7 +37,7 @@ JWT_FILTER = "envoy.filters.http.jwt_authn"
 OAUTH2_FILTER = "envoy.filters.http.oauth2"
 HEADER_MUTATION_FILTER = "envoy.filters.http.header_mutation"
 FETCH_TIMEOUT_S = 5
-# After a failed JWKS fetch, Envoy tries again this soon (and keeps the keys it had).
+# After a failed JWKS fetch, Envoy tries again this soon.
 FAILED_REFETCH_S = 1
 
 

@@ -245,10 +245,21 @@ def check_authentication(mesh: Mesh) -> list[FieldError]:
     an issuer has exactly one key source; a login names an issuer with OIDC endpoints."""
     auth = mesh.authentication
     errors: list[FieldError] = []
+    trusted: dict[tuple[str | None, int | None], tuple[str, str | None]] = {}  # https host -> issuer, ca_file
     for name, issuer in auth.issuers.items():
         path = f"authentication.issuers.{name}"
         if (issuer.jwks_uri is None) == (issuer.jwks is None):
             errors.append(FieldError(path, "give exactly one of jwks_uri (fetched by Envoy) or jwks (inline keys)"))
+        for url in (issuer.jwks_uri, issuer.token_endpoint):
+            if url is None or not url.startswith("https://"):
+                continue
+            parts = urlsplit(url)
+            host = (parts.hostname, parts.port or 443)
+            other, ca_file = trusted.setdefault(host, (name, issuer.ca_file))
+            if ca_file != issuer.ca_file:  # one cluster per host: one set of trust anchors
+                errors.append(FieldError(f"{path}.ca_file", f"issuer {other!r} reaches {parts.hostname} with "
+                                                            f"ca_file {ca_file!r}: give both the same"))
+                break
     for name, req in auth.require.items():
         path = f"authentication.require.{name}"
         service = mesh.services.get(name)
