@@ -288,6 +288,9 @@ def test_claims_and_request_principals_decide_and_deny_wins() -> None:
     assert _check(s, "/x", {"iss": iss, "sub": "bob", "groups": "admins"}) == (True, "admins")
     assert _check(s, "/x", {"iss": iss, "sub": "bob", "groups": ["users"]}) == (False, "default")
     assert _check(s, "/x", None) == (False, "default")  # no token, no claims
+    # At a gateway: 401 without a verified token (authenticate first), 403 with one.
+    assert s.evaluate("edge", "", "GET", "/x", {}).forbidden is False
+    assert s.evaluate("edge", "", "GET", "/x", {}, {"iss": iss, "sub": "bob"}).forbidden is True
     banned = {"iss": iss, "sub": "m", "groups": ["admins"], "email": "mallory@example.com"}
     assert _check(s, "/x", banned) == (False, "banned")  # deny wins over the admins allow
     assert _check(s, "/me", {"iss": iss, "sub": "alice"}) == (True, "alice")

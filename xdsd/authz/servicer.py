@@ -96,7 +96,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
             claims = None
         decision = policy.evaluate(principal, method.upper(), path.split("?", 1)[0], headers, claims)
         if policy.edge and not decision.allowed:
-            decision = Decision(False, decision.rule, decision.dry_run, forbidden=True)
+            # A gateway's caller has no mesh identity: 403, unless the policy asks for end users and
+            # the request carried no verified token (401: authenticate and try again).
+            anonymous = policy.uses_request_auth and not claims
+            decision = Decision(False, decision.rule, decision.dry_run, forbidden=not anonymous)
         return decision
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[str, Decision]:
