@@ -91,15 +91,15 @@ def test_jwt_at_a_gateway(
     es = partner.sign({**idp.claims(sub="bob"), "iss": "https://partner.example"})
     assert client.request("GET", "/api/orders", _bearer(es)).status == 200
 
-    # Missing, expired, not yet valid, wrong issuer, tampered, unknown key: 401 with Envoy's reason.
-    # A wrong audience is Envoy's 403 (the token is authentic, for someone else), with its reason.
+    # Missing, expired, not yet valid, wrong audience or issuer, tampered, unknown key: 401 with Envoy's reason.
+    # A wrong audience is Envoy's 403 (authentic, for someone else): the mesh answers it 401 too.
     tampered = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
     stranger = SigningKey("RS256")
     cases = {
         "missing": ({}, "Jwt is missing", 401),
         "expired": (_bearer(idp.token(lifetime=-120)), "Jwt is expired", 401),
         "not yet valid": (_bearer(idp.token(nbf=int(idp.claims()["iat"]) + 3600)), "Jwt not yet valid", 401),
-        "wrong audience": (_bearer(idp.token(aud="other")), "Audiences in Jwt are not allowed", 403),
+        "wrong audience": (_bearer(idp.token(aud="other")), "Audiences in Jwt are not allowed", 401),
         "wrong issuer": (_bearer(stranger.sign({**idp.claims(), "iss": "https://evil.example"})),
                          "Jwt issuer is not configured", 401),
         "tampered": (_bearer(tampered), "Jwt verification fails", 401),
@@ -109,6 +109,7 @@ def test_jwt_at_a_gateway(
         resp = client.request("GET", "/api/orders", headers)
         assert resp.status == status, (name, resp.status, resp.body)
         assert reason in resp.body.decode(), (name, resp.body)
+        assert resp.headers["www-authenticate"].startswith("Bearer "), name
     # ;parameters in a required path's segment do not dodge the requirement.
     assert client.request("GET", "/api;x/orders").status == 401
 

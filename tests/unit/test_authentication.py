@@ -188,6 +188,14 @@ def test_a_gateway_gets_jwt_authn_after_stripping_forwarded_headers_and_before_e
     filters[2].typed_config.Unpack(authz)
     assert authz.WhichOneof("services") == "grpc_service"
     assert list(authz.metadata_context_namespaces) == [JWT_METADATA_NAMESPACE]
+    # jwt_authn's 403 (a wrong audience) is answered 401 like every other bad token; nothing else is.
+    hcm = hcm_pb2.HttpConnectionManager()
+    out[typeurls.LISTENER][0].filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    [mapper] = hcm.local_reply_config.mappers
+    assert mapper.status_code.value == 401 and mapper.filter.extension_filter.name.endswith(".cel")
+    plain = hcm_pb2.HttpConnectionManager()
+    generate(load_mesh(BASE), NodeGroup("edge"))[typeurls.LISTENER][0].filter_chains[0].filters[0].typed_config.Unpack(plain)
+    assert not plain.HasField("local_reply_config")
     # The JWKS cluster: TLS to the host, verified with the system's roots.
     jwks_cluster = next(c for c in out[typeurls.CLUSTER] if c.name.startswith("authn|"))
     tls = tls_pb2.UpstreamTlsContext()

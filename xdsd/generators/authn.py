@@ -20,6 +20,7 @@ import re
 from urllib.parse import urlsplit
 
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
 from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.http.oauth2.v3 import oauth_pb2
@@ -119,6 +120,22 @@ def login_of(gateway: Gateway | None) -> tuple[str, Login] | None:
         if route.login is not None and route.prefix is not None:
             return route.prefix, route.login
     return None
+
+
+# Envoy answers a token for another audience with 403 (authentic, but not for this service); the
+# mesh answers it like every other token it cannot accept: 401, with Envoy's reason as the body. The
+# listener's local reply mapper rewrites jwt_authn's 403 (and nothing else) by its response code details.
+CEL_FILTER = "envoy.access_loggers.extension_filters.cel"
+JWT_DENIED_AS_401 = 'response.code == 403 && response.code_details.startsWith("jwt_authn_access_denied")'
+
+
+def audience_failure_as_401() -> hcm_pb2.ResponseMapper:
+    mapper = hcm_pb2.ResponseMapper()
+    ext = mapper.filter.extension_filter
+    ext.name = CEL_FILTER
+    ext.typed_config.Pack(cel_pb2.ExpressionFilter(expression=JWT_DENIED_AS_401))
+    mapper.status_code.value = 401
+    return mapper
 
 
 def _requirement(providers: list[str], optional: bool) -> jwt_pb2.JwtRequirement:

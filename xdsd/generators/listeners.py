@@ -14,6 +14,7 @@ from envoy.type.v3 import http_status_pb2
 from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER, JWT_METADATA_NAMESPACE
 from xdsd.authz.contract import XFCC as XFCC_HEADER
 from xdsd.authz.contract import path_prefix as authz_path_prefix
+from xdsd.generators import authn as authn_filters
 from xdsd.generators.node import NodeGroup, config_source
 from xdsd.generators.tls import downstream_socket
 from xdsd.model import Gateway
@@ -103,6 +104,8 @@ def http_connection_manager(stat_prefix: str, group: NodeGroup, *, rds: str | No
     if edge:
         hcm.use_remote_address.value = True
     hcm.http_filters.extend(authn)
+    if any(f.name == authn_filters.JWT_FILTER for f in authn):
+        hcm.local_reply_config.mappers.append(authn_filters.audience_failure_as_401())
     if authz is not None:
         hcm.http_filters.append(ext_authz_filter(group, authz, authz_headers, request_auth))
     if rds is not None:
