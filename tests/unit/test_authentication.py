@@ -23,6 +23,7 @@ from xdsd.authz.contract import JWT_METADATA_NAMESPACE, JWT_PAYLOAD_KEY
 from xdsd.authz.servicer import NO_METADATA, AuthorizationServicer
 from xdsd.errors import MeshError
 from xdsd.generators import MeshGenerator, NodeGroup, generate
+from xdsd.generators.authn import url_cluster, url_cluster_name
 from xdsd.model import load_mesh
 from xdsd.model.authentication import jwks_problem, path_regex
 from xdsd.redact import MARKER, redacted
@@ -102,6 +103,10 @@ def errors_of(text: str) -> list[str]:
     ("authentication: {issuers: {a: {issuer: x, jwks_uri: 'https://idp/k'}, "
      "b: {issuer: y, jwks_uri: 'https://idp/k2', ca_file: /ca.pem}}}",
      "authentication.issuers.b.ca_file: issuer 'a' reaches idp with ca_file None: give both the same"),
+    (f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{JWKS}', forward_claims: {{sub: authorization}}}}}}}}",
+     "authentication.issuers.corp.forward_claims: claim 'sub': 'authorization' cannot carry a claim"),
+    (f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{JWKS}', forward_claims: {{sub: x-u, email: x-u}}}}}}}}",
+     "authentication.issuers.corp.forward_claims: claims 'sub' and 'email' are both forwarded in 'x-u'"),
     ("authorization: {edge: {rules: [{name: a, allow: {claims: {groups: admins}}}]}}",
      "authorization.edge.rules[0].allow.claims: 'edge' verifies no tokens: add authentication.require.edge"),
 ])
@@ -325,3 +330,17 @@ def test_readme_authentication_example_is_valid(tmp_path: Path) -> None:
     out = generate(mesh, NodeGroup("edge"))
     assert {f.name for f in _filters(out[typeurls.LISTENER][0])} >= {
         "envoy.filters.http.oauth2", "envoy.filters.http.jwt_authn", "envoy.filters.http.ext_authz"}
+
+
+def test_key_and_token_clusters_by_host() -> None:
+    ip = url_cluster("https://10.0.0.7:8443/keys", "/etc/idp-ca.pem")
+    assert ip.name == url_cluster_name("https://10.0.0.7:8443/other") == "authn|https|10.0.0.7|8443"
+    assert ip.type == ip.STATIC and ip.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 8443
+    tls = tls_pb2.UpstreamTlsContext()
+    ip.transport_socket.typed_config.Unpack(tls)
+    validation = tls.common_tls_context.validation_context
+    assert not tls.sni and validation.trusted_ca.filename == "/etc/idp-ca.pem"
+    assert [(m.san_type, m.matcher.exact) for m in validation.match_typed_subject_alt_names] == [(4, "10.0.0.7")]
+    plain = url_cluster("http://idp.internal/keys")
+    assert plain.type == plain.STRICT_DNS and not plain.HasField("transport_socket")
+    assert plain.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 80

@@ -107,6 +107,28 @@ def _check_claim(value: str) -> str:
     return value
 
 
+# Headers a claim may not be forwarded in: the client's copy of a forwarded header is removed
+# before the token is read, and these carry the token itself, the caller's mesh identity, the node
+# token, the route, or the framing of the request.
+_RESERVED_HEADERS = frozenset({
+    "authorization", "cookie", "host", "x-forwarded-client-cert", "x-forwarded-for", "x-forwarded-proto",
+    "x-forwarded-host", "x-request-id", "traceparent", "tracestate", "content-length", "content-type",
+    "transfer-encoding", "connection", "te", "upgrade", "keep-alive", "proxy-connection",
+})
+
+
+def _check_forward_claims(value: dict[str, str]) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    for claim, header in value.items():
+        if header in _RESERVED_HEADERS or header.startswith(("x-envoy-", "x-xdsd-")):
+            raise ValueError(f"claim {claim!r}: {header!r} cannot carry a claim (Envoy or xdsd rely on it, or the "
+                             "client's copy is needed)")
+        if header in seen:
+            raise ValueError(f"claims {seen[header]!r} and {claim!r} are both forwarded in {header!r}")
+        seen[header] = claim
+    return value
+
+
 def _check_audiences(value: list[str]) -> list[str]:
     if not value:
         raise ValueError("give at least one audience, or leave audiences out to accept any")
@@ -162,7 +184,8 @@ class Issuer(_Model):
     jwks: InlineJwks | None = None
     audiences: Audiences | None = None  # None: any audience
     # claim -> request header that carries its value to the app (a client's copy is removed)
-    forward_claims: dict[ClaimName, HeaderName] = Field(default_factory=dict)
+    forward_claims: Annotated[dict[ClaimName, HeaderName], AfterValidator(_check_forward_claims)] = Field(
+        default_factory=dict)
     # How long Envoy keeps the keys fetched from jwks_uri; a rotated key is picked up after it.
     jwks_cache_duration: PositiveDuration = 300.0
     # PEM trust anchors on the Envoy's machine that verify the https endpoints (None: the system's).
