@@ -232,6 +232,10 @@ authentication:
     assert "envoy.filters.http.oauth2" in listeners and idp.client_secret not in listeners
     assert "oauth2|edge|client" in listeners
 
+    # Outside the login's prefix a bearer token (an API client) passes the oauth2 filter untouched.
+    api = Client(base).request("GET", "/other", _bearer(idp.token(sub="bob")))
+    assert api.status == 200 and api.json()["headers"]["x-user"] == "bob", api.body
+
     jar: dict[str, str] = {}
     status, headers, _ = _get(f"{base}/app/page", jar)
     assert status == 302, (status, headers)
