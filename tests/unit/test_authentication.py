@@ -344,3 +344,23 @@ def test_key_and_token_clusters_by_host() -> None:
     plain = url_cluster("http://idp.internal/keys")
     assert plain.type == plain.STRICT_DNS and not plain.HasField("transport_socket")
     assert plain.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 80
+
+
+def test_a_registration_patches_a_gateway_with_key_clusters_like_a_full_generation() -> None:
+    mesh = load_mesh(BASE + AUTHN)
+    group = NodeGroup("edge")
+    gen = MeshGenerator()
+    gen.begin(mesh)
+    gen.generate(group)
+    gen.end()
+    web = mesh.services["web"]
+    moved = web.model_copy(update={"endpoints": [web.endpoints[0].model_copy(update={"port": 8081})]})
+    registered = mesh.model_copy(update={"services": {**mesh.services, "web": moved}})
+    gen.begin(registered, hint=(mesh, frozenset({"web"})))
+    patched = gen.generate(group)
+    gen.end()
+    fresh = generate(registered, group)
+    for type_url in fresh:
+        assert [m.SerializeToString(deterministic=True) for m in fresh[type_url]] == [
+            m.SerializeToString(deterministic=True) for m in patched[type_url]], type_url
+    assert any(c.name.startswith("authn|") for c in patched[typeurls.CLUSTER])

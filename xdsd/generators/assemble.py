@@ -94,8 +94,9 @@ def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
                                            tuple(authn.filters(mesh, group.cluster, group)), request_auth))]
     out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster, authz is not None), (gateway, mesh.mesh),
                                     lambda: routes.gateway_routes(group.cluster, gateway, mesh), equal=policies)]
-    out[typeurls.CLUSTER] = [*out[typeurls.CLUSTER], *memo.get(("gw-authn-cds", group.cluster), (gateway, auth),
-                                                               lambda: authn.clusters_of(mesh, group.cluster))]
+    key_clusters = memo.get(("gw-authn-cds", group.cluster), (gateway, auth), lambda: authn.clusters_of(mesh, group.cluster))
+    if key_clusters:  # after the service clusters, whose positions the patch relies on
+        out[typeurls.CLUSTER] = [*out[typeurls.CLUSTER], *key_clusters]
     gateway_secrets = memo.get(("gw-authn-sds", group.cluster), (gateway, auth),
                                lambda: authn.login_secrets(mesh, group.cluster))
     if own_id is not None or gateway_secrets:
