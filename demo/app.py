@@ -35,7 +35,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         caller = self.headers.get("x-forwarded-client-cert", "")
         body: dict[str, object] = {"service": NAME, "version": VERSION, "path": self.path,
-                                   "caller": caller.split("URI=", 1)[-1] if "URI=" in caller else None}
+                                   "caller": caller.split("URI=", 1)[-1] if "URI=" in caller else None,
+                                   "user": self.headers.get("x-user")}  # a verified JWT's sub (forward_claims)
         status = 200
         if UPSTREAM:
             try:

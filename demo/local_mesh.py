@@ -6,12 +6,14 @@ Topology (each "machine" is a loopback address, each instance an app plus its En
                                                                  -> ratings (127.0.0.5)
 
 Instances join through the registration API (`xdsd register`), sidecars talk mTLS with SVIDs from
-xdsd's CA, and reviews/ratings authorize callers with xdsd's ext_authz. The demo prints what it
+xdsd's CA, and reviews/ratings authorize callers with xdsd's ext_authz; the gateway's /account
+needs an end user's JWT (signed by the demo with a key the mesh lists inline). The demo prints what it
 observed, then stops every process it started (also on Ctrl-C).
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -58,6 +60,14 @@ def http_get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def http_json(url: str, headers: dict[str, str]) -> dict[str, object]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
+            return json.loads(resp.read())  # type: ignore[no-any-return]
+    except (OSError, ValueError) as exc:
+        return {"error": str(exc)}
+
+
 def envoy_binary() -> str:
     candidate = Path(sys.executable).parent / "envoy"
     found = str(candidate) if candidate.exists() else shutil.which("envoy")
@@ -66,7 +76,41 @@ def envoy_binary() -> str:
     return found
 
 
-def mesh_yaml(p: dict[str, int]) -> str:
+class DemoIssuer:
+    """The demo's identity provider, reduced to its key: an ES256 key made at start, whose public
+    half the mesh lists inline (``authentication.issuers.demo.jwks``); the demo signs tokens with it."""
+
+    ISSUER = "https://login.demo.local"
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self._key = ec.generate_private_key(ec.SECP256R1())
+
+    def jwks(self) -> str:
+        pub = self._key.public_key().public_numbers()
+        key = {"kty": "EC", "crv": "P-256", "kid": "demo", "alg": "ES256",
+               "x": _b64(pub.x.to_bytes(32, "big")), "y": _b64(pub.y.to_bytes(32, "big"))}
+        return json.dumps({"keys": [key]})
+
+    def token(self, sub: str, lifetime: int = 600) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        now = int(time.time())
+        claims = {"iss": self.ISSUER, "sub": sub, "aud": "demo", "iat": now, "exp": now + lifetime}
+        head = _b64(json.dumps({"alg": "ES256", "kid": "demo", "typ": "JWT"}).encode())
+        data = f"{head}.{_b64(json.dumps(claims).encode())}".encode()
+        r, s = decode_dss_signature(self._key.sign(data, ec.ECDSA(hashes.SHA256())))
+        return f"{data.decode()}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def mesh_yaml(p: dict[str, int], jwks: str) -> str:
     return f"""\
 # Written by the xdsd demo. Edit it while the demo runs: changes apply live.
 mesh: {{trust_domain: demo.local}}
@@ -85,7 +129,17 @@ gateways:
   edge:
     listen: {{address: 127.0.0.1, port: {p['gateway']}}}
     routes:
+      - {{prefix: /account, service: productpage}}   # JWT-protected (authentication.require)
       - {{prefix: /, service: productpage}}
+authentication:
+  issuers:
+    demo:
+      issuer: {DemoIssuer.ISSUER}
+      jwks: '{jwks}'
+      audiences: [demo]
+      forward_claims: {{sub: x-user}}
+  require:
+    edge: {{issuers: [demo], paths: [/account, "/account/*"]}}
 authorization:
   reviews:
     default: deny
@@ -107,6 +161,7 @@ class Demo:
                   "to_reviews": free_port(),
                   "to_ratings": free_port(), "inbound": free_port("127.0.0.2"), "app": free_port("127.0.0.2")}
         self.state = self.work / "state"
+        self.issuer = DemoIssuer()
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.work / f"{name}.log", "wb")
@@ -155,7 +210,7 @@ class Demo:
     def run(self) -> int:
         p = self.p
         mesh = self.work / "mesh.yaml"
-        mesh.write_text(mesh_yaml(p))
+        mesh.write_text(mesh_yaml(p, self.issuer.jwks()))
         print(f"demo: xdsd serve --config {mesh}")
         self.spawn("xdsd", self.xdsd("serve", "--config", str(mesh), "--xds-address", f"127.0.0.1:{p['xds']}",
                                      "--admin-address", f"127.0.0.1:{p['admin']}", "--state-dir", str(self.state),
@@ -209,7 +264,16 @@ class Demo:
         denied, body = http_get(f"http://127.0.0.1:{p['to_ratings']}/admin")
         print(f"  authorization: productpage -> ratings GET /ratings/1: {ok}; GET /admin: {denied} ({body.strip()})")
 
-        mesh.write_text(mesh_yaml(p).replace(f"port: {p['gateway']}}}", "port: 0}"))
+        gateway = f"http://127.0.0.1:{p['gateway']}"
+        missing, reason = http_get(f"{gateway}/account")
+        token = self.issuer.token("alice")
+        signed_in = http_json(f"{gateway}/account", {"authorization": f"Bearer {token}", "x-user": "mallory"})
+        forged = http_json(f"{gateway}/", {"x-user": "mallory"})
+        print(f"  end users: GET /account without a token: {missing} ({reason.strip()}); with alice's JWT: "
+              f"productpage saw x-user: {signed_in.get('user')}; x-user sent by a client without a token: "
+              f"{forged.get('user') or 'removed'}")
+
+        mesh.write_text(mesh_yaml(p, self.issuer.jwks()).replace(f"port: {p['gateway']}}}", "port: 0}"))
         wait_until(lambda: not json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/config")[1])["valid"], "the rejection")
         error = json.loads(http_get(f"http://127.0.0.1:{p['admin']}/debug/config")[1])["last_error"][0]
         still = Counter(str(r.get("upstream", {}).get("version", r.get("status"))) for r in self.through_gateway(40))  # type: ignore[union-attr]

@@ -35,5 +35,7 @@ def test_demo_runs_the_mesh_and_reports_what_it_observed(tmp_path: Path) -> None
     retried = re.search(r"retries: .* (\d+) of 300 requests through the gateway succeeded", out)
     _, most_failures = binomial_bounds(300, 0.3**5)
     assert retried and int(retried.group(1)) >= 300 - most_failures, out
+    assert ("end users: GET /account without a token: 401 (Jwt is missing); with alice's JWT: productpage saw "
+            "x-user: alice; x-user sent by a client without a token: removed") in out, out
     assert "an invalid edit was refused" in out
     assert re.search(r"demo: 5 of 5 proxies fully SYNCED; stopping everything", out), out

@@ -13,6 +13,11 @@ XFCC = "x-forwarded-client-cert"
 # On a denial: ``deny; rule=<name>``. On any answer with dry-run matches: ``rule=allow,rule=deny``.
 DECISION_HEADER = "x-xdsd-authz"
 DRY_RUN_HEADER = "x-xdsd-authz-dry-run"
+# A verified JWT's payload: Envoy's jwt_authn filter writes it to this dynamic metadata namespace
+# under this key (``payload_in_metadata``), and ext_authz passes that namespace to gRPC checks
+# (``metadata_context_namespaces``). Never a request header: a client could send one.
+JWT_METADATA_NAMESPACE = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD_KEY = "xdsd_jwt_payload"
 
 
 def path_prefix(service: str) -> str:

@@ -36,6 +36,7 @@ from xdsd.auth.tokens import TOKEN_HEADER
 from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER, PATH_PREFIX, XFCC
 from xdsd.authz.policy import Decision
 from xdsd.authz.servicer import (
+    NO_METADATA,
     denial_body,
     denial_header,
     dry_run_text,
@@ -286,7 +287,7 @@ class AuthzHttpProtocol(asyncio.Protocol):
             headers[":authority"] = headers["host"]
         try:
             principal = principal_from_xfcc(headers.get(XFCC, ""))
-            decision = self._authz.evaluate(service, principal, method, path, headers) if service else (
+            decision = self._authz.evaluate(service, principal, method, path, headers, NO_METADATA) if service else (
                 Decision(False, "error"))
         except Exception:  # never let a bad request become a dropped connection (Envoy would fail closed silently)
             log.exception("authorization check failed; denying")

@@ -18,11 +18,37 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from xdsd.authz.paths import authz_path, literal_path
 from xdsd.ca import gateway_id, service_id
 from xdsd.model import Mesh
 from xdsd.model.mesh import Match, Policy
+
+# A verified JWT's payload (claims by name), or None when the request carries none.
+Claims = Mapping[str, Any] | None
+
+
+def claim_values(value: object) -> tuple[str, ...]:
+    """A claim's value(s) as strings: each element of a list, ``true``/``false``, whole numbers
+    without ``.0`` (JSON numbers arrive as floats); objects match nothing."""
+    items = value if isinstance(value, list | tuple) else (value,)
+    out = []
+    for v in items:
+        if isinstance(v, bool):
+            out.append("true" if v else "false")
+        elif isinstance(v, float) and v.is_integer():
+            out.append(str(int(v)))
+        elif isinstance(v, str | int | float):
+            out.append(str(v))
+    return tuple(out)
+
+
+def request_principal(claims: Claims) -> str | None:
+    """``<iss>/<sub>`` of a verified token, or None."""
+    if not claims or not isinstance(claims.get("iss"), str) or not isinstance(claims.get("sub"), str):
+        return None
+    return f"{claims['iss']}/{claims['sub']}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +59,30 @@ class CompiledMatch:
     prefixes: tuple[str, ...]
     any_path: bool
     headers: tuple[tuple[str, str], ...]
+    request_principals: frozenset[str] | None = None  # None: any end user, or none
+    claims: tuple[tuple[str, frozenset[str]], ...] = ()  # claim -> accepted values
 
-    def matches(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> bool:
-        """``path`` is already normalized the way the rule's paths are (see ``CompiledPolicy``)."""
+    def matches(self, principal: str, method: str, path: str, headers: Mapping[str, str],
+                claims: Claims = None) -> bool:
+        """``path`` is already normalized the way the rule's paths are (see ``CompiledPolicy``).
+        ``claims``: the verified JWT payload; rules on end users never match without one."""
         if self.principals is not None and principal not in self.principals:
             return False
         if self.methods is not None and method not in self.methods:
             return False
         if not self.any_path and path not in self.exact_paths and not path.startswith(self.prefixes):
             return False
-        return all(headers.get(k) == v for k, v in self.headers)
+        if not all(headers.get(k) == v for k, v in self.headers):
+            return False
+        if self.request_principals is not None and request_principal(claims) not in self.request_principals:
+            return False
+        if self.claims:
+            if not claims:
+                return False
+            for name, accepted in self.claims:
+                if name not in claims or accepted.isdisjoint(claim_values(claims[name])):
+                    return False
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,26 +112,28 @@ class CompiledPolicy:
     edge: bool = False
     case_insensitive: bool = False  # paths_case: insensitive (rule paths are compiled lower-case)
     uses_paths: bool = True  # False: no rule looks at the path, so it need not be normalized
+    uses_request_auth: bool = False  # some rule matches on a verified JWT (claims, request principals)
 
-    def evaluate(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
+    def evaluate(self, principal: str, method: str, path: str, headers: Mapping[str, str],
+                 claims: Claims = None) -> Decision:
         """The decision for a request path as Envoy passes it on (normalized here, see the module)."""
         if not self.uses_paths:
-            return self._decide(principal, method, path, headers)
+            return self._decide(principal, method, path, headers, claims)
         servlet = authz_path(path, self.case_insensitive)
-        decision = self._decide(principal, method, servlet, headers)
+        decision = self._decide(principal, method, servlet, headers, claims)
         if decision.allowed and ";" in path:  # only path parameters make a second reading (paths.readings)
             literal = literal_path(path, self.case_insensitive)
             if literal != servlet:
-                decision = _both(decision, self._decide(principal, method, literal, headers))
+                decision = _both(decision, self._decide(principal, method, literal, headers, claims))
         return decision
 
-    def _decide(self, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
-        dry = tuple((r.name, r.allow) for r in self.dry if r.match.matches(principal, method, path, headers))
+    def _decide(self, principal: str, method: str, path: str, headers: Mapping[str, str], claims: Claims) -> Decision:
+        dry = tuple((r.name, r.allow) for r in self.dry if r.match.matches(principal, method, path, headers, claims))
         for rule in self.deny:
-            if rule.match.matches(principal, method, path, headers):
+            if rule.match.matches(principal, method, path, headers, claims):
                 return Decision(False, rule.name, dry)
         for rule in self.allow:
-            if rule.match.matches(principal, method, path, headers):
+            if rule.match.matches(principal, method, path, headers, claims):
                 return Decision(True, rule.name, dry)
         return Decision(self.default_allow, "default", dry)
 
@@ -138,6 +180,8 @@ def _compile_match(mesh: Mesh, m: Match, case_insensitive: bool = False, deny: b
         prefixes=prefixes,
         any_path=not m.paths or "*" in m.paths,
         headers=tuple((k.lower(), v) for k, v in sorted(m.headers.items())),
+        request_principals=frozenset(m.request_principals) if m.request_principals else None,
+        claims=tuple((k, frozenset([v] if isinstance(v, str) else v)) for k, v in sorted(m.claims.items())),
     )
 
 
@@ -157,6 +201,7 @@ def compile_policy(mesh: Mesh, policy: Policy, edge: bool = False) -> CompiledPo
         edge=edge,
         case_insensitive=case_insensitive,
         uses_paths=any(not r.match.any_path for r in rules),
+        uses_request_auth=any(r.match.request_principals is not None or r.match.claims for r in rules),
     )
 
 

@@ -16,11 +16,18 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
 
 from xdsd.auth.access import Access, Denied, token_from_metadata
-from xdsd.authz.contract import DECISION_HEADER, DRY_RUN_HEADER, SERVICE_KEY
-from xdsd.authz.policy import NO_POLICY, CompiledPolicy, Decision, compile_mesh
+from xdsd.authz.contract import (
+    DECISION_HEADER,
+    DRY_RUN_HEADER,
+    JWT_METADATA_NAMESPACE,
+    JWT_PAYLOAD_KEY,
+    SERVICE_KEY,
+)
+from xdsd.authz.policy import NO_POLICY, Claims, CompiledPolicy, Decision, compile_mesh
 from xdsd.model import Mesh
 
 log = logging.getLogger(__name__)
@@ -30,6 +37,25 @@ log = logging.getLogger(__name__)
 DecisionObserver = Callable[[str, str, str, float], None]
 # Opens a span for one decision from the call's metadata (traceparent); None: tracing is off.
 SpanFactory = Callable[[Any], Any]
+
+
+class _NoClaims:
+    """The check's transport cannot carry Envoy's dynamic metadata (HTTP)."""
+
+
+NO_METADATA = _NoClaims()
+
+
+def jwt_payload(attrs: external_auth_pb2.AttributeContext) -> dict[str, Any] | None:
+    """The payload of the JWT Envoy's jwt_authn filter verified for this request, from the
+    dynamic metadata ext_authz passes on (``metadata_context``), or None."""
+    ns = attrs.metadata_context.filter_metadata.get(JWT_METADATA_NAMESPACE)
+    if ns is None or JWT_PAYLOAD_KEY not in ns.fields:
+        return None
+    value = ns.fields[JWT_PAYLOAD_KEY]
+    if value.WhichOneof("kind") != "struct_value":
+        return None
+    return json_format.MessageToDict(value.struct_value)
 
 
 def _service_of(attrs: external_auth_pb2.AttributeContext) -> str:
@@ -55,21 +81,33 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):
         self._policies = compile_mesh(mesh)  # swapped whole: a Check sees one revision
         self._known = frozenset(mesh.services) | frozenset(mesh.gateways)
 
-    def evaluate(self, service: str, principal: str, method: str, path: str, headers: Mapping[str, str]) -> Decision:
-        """The decision for one request; ``path`` is already normalized by Envoy's HTTP connection manager."""
+    def evaluate(self, service: str, principal: str, method: str, path: str, headers: Mapping[str, str],
+                 claims: Claims | _NoClaims = None) -> Decision:
+        """The decision for one request; ``path`` is already normalized by Envoy's HTTP connection manager.
+        ``claims``: the verified JWT payload from Envoy's dynamic metadata (None: no token);
+        ``NO_METADATA`` from a transport that cannot carry it (HTTP checks), where a policy that
+        matches on end users fails closed."""
         policy = self._policies.get(service)
         if policy is None:
             return NO_POLICY
-        decision = policy.evaluate(principal, method.upper(), path.split("?", 1)[0], headers)
+        if isinstance(claims, _NoClaims):
+            if policy.uses_request_auth:
+                return Decision(False, "error")
+            claims = None
+        decision = policy.evaluate(principal, method.upper(), path.split("?", 1)[0], headers, claims)
         if policy.edge and not decision.allowed:
-            decision = Decision(False, decision.rule, decision.dry_run, forbidden=True)
+            # A gateway's caller has no mesh identity: 403, unless the policy asks for end users and
+            # the request carried no verified token (401: authenticate and try again).
+            anonymous = policy.uses_request_auth and not claims
+            decision = Decision(False, decision.rule, decision.dry_run, forbidden=not anonymous)
         return decision
 
     def decide(self, request: external_auth_pb2.CheckRequest) -> tuple[str, Decision]:
         attrs = request.attributes
         http = attrs.request.http
         service = _service_of(attrs)
-        return service, self.evaluate(service, attrs.source.principal, http.method, http.path, http.headers)
+        return service, self.evaluate(service, attrs.source.principal, http.method, http.path, http.headers,
+                                      jwt_payload(attrs))
 
     def record(self, service: str, decision: Decision, principal: str, method: str, path: str,
                metadata: Any, start: float, elapsed: float) -> None:

@@ -7,7 +7,7 @@ from google.protobuf.message import Message
 
 from xdsd import typeurls
 from xdsd.ca import Credentials, gateway_id, service_id
-from xdsd.generators import clusters, listeners, routes, secrets, telemetry
+from xdsd.generators import authn, clusters, listeners, routes, secrets, telemetry
 from xdsd.generators.memo import Memo, NoMemo
 from xdsd.generators.patch import Generated, Layout, patch
 from xdsd.generators.reuse import (
@@ -85,12 +85,22 @@ def _gateway(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     # A gateway with a policy asks ext_authz (sending the headers its rules match on).
     policy = mesh.authorization.get(group.cluster)
     authz = None if policy is None else listeners.policy_headers(policy)
-    out[typeurls.LISTENER] = [memo.get(("gw-lds", group, authz), (gateway,),
-                                       lambda: listeners.gateway_listener(group.cluster, gateway, group, authz))]
+    # End users (mesh.authentication): JWT checks and a login before the authorization check.
+    auth = mesh.authentication
+    request_auth = listeners.uses_request_auth(policy)
+    out[typeurls.LISTENER] = [memo.get(
+        ("gw-lds", group, authz, request_auth), (gateway, auth, policy),
+        lambda: listeners.gateway_listener(group.cluster, gateway, group, authz,
+                                           tuple(authn.filters(mesh, group.cluster, group)), request_auth))]
     out[typeurls.ROUTE] = [memo.get(("gw-rds", group.cluster, authz is not None), (gateway, mesh.mesh),
                                     lambda: routes.gateway_routes(group.cluster, gateway, mesh), equal=policies)]
-    if own_id is not None:
-        out[typeurls.SECRET] = _secrets(credentials, own_id, memo)
+    key_clusters = memo.get(("gw-authn-cds", group.cluster), (gateway, auth), lambda: authn.clusters_of(mesh, group.cluster))
+    if key_clusters:  # after the service clusters, whose positions the patch relies on
+        out[typeurls.CLUSTER] = [*out[typeurls.CLUSTER], *key_clusters]
+    gateway_secrets = memo.get(("gw-authn-sds", group.cluster), (gateway, auth),
+                               lambda: authn.login_secrets(mesh, group.cluster))
+    if own_id is not None or gateway_secrets:
+        out[typeurls.SECRET] = [*(_secrets(credentials, own_id, memo) if own_id is not None else []), *gateway_secrets]
     return 0, targets, own_id
 
 
@@ -103,10 +113,12 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
     own_id = service_id(td, name)
     upstreams = sorted(sidecar.upstreams)
     app_cluster = f"inbound|{sidecar.app_port}|{name}"
+    policy = mesh.authorization.get(name)
     local_cluster, own_listeners = memo.get(
-        ("sidecar", group, own_id), (mesh.mesh,),
+        ("sidecar", group, own_id), (mesh.mesh, mesh.authentication, policy),
         lambda: _sidecar_own(name, service, group, own_id, td, app_cluster, upstreams,
-                             listeners.policy_headers(mesh.authorization.get(name))),
+                             listeners.policy_headers(policy), tuple(authn.filters(mesh, name, group)),
+                             listeners.uses_request_auth(policy)),
         equal=(policy_of(mesh, name, memo), service.processing),
     )
     # Each upstream's clusters: the whole service and the subsets its own routes send to.
@@ -119,12 +131,15 @@ def _sidecar(mesh: Mesh, group: NodeGroup, credentials: Credentials, out: dict[s
                  equal=policies_of(mesh, {u, *(s for s, _ in targets_of(mesh, mesh.services[u].routes, u))}, memo))
         for u in upstreams
     ]
+    out[typeurls.CLUSTER].extend(memo.get(("sidecar-authn-cds", name), (mesh.authentication,),
+                                          lambda: authn.clusters_of(mesh, name)))
     out[typeurls.SECRET] = _secrets(credentials, own_id, memo)
     return 1, targets, own_id  # after the local app cluster
 
 
 def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td: str, app_cluster: str,
-                 upstreams: list[str], authz_headers: tuple[str, ...]) -> tuple[Message, tuple[Message, ...]]:
+                 upstreams: list[str], authz_headers: tuple[str, ...], authn_filters: tuple[Message, ...] = (),
+                 request_auth: bool = False) -> tuple[Message, tuple[Message, ...]]:
     """What a sidecar holds for its own service: the local app cluster, its inbound listener and
     one outbound listener per upstream. Depends on its own service (and the group) only."""
     sidecar = service.sidecar
@@ -134,7 +149,7 @@ def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td:
     own_listeners = (
         listeners.inbound_listener(name, inbound_address, sidecar.inbound.port,
                                    routes.inbound_routes(name, app_cluster), group, own_id, td, authz_headers,
-                                   processing=service.processing),
+                                   authn_filters, request_auth, processing=service.processing),  # type: ignore[arg-type]
         *(
             listeners.outbound_listener(u, sidecar.upstreams[u], routes.outbound_route_name(u), group)
             for u in upstreams

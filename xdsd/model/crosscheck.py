@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 from xdsd.errors import FieldError
+from xdsd.model.authentication import check_authentication, path_regex, requirement_path_problem
 from xdsd.model.fields import reserved_name_problem
 from xdsd.model.mesh import Mesh, Policy, Retries, Service
 from xdsd.model.processing import check_processing
@@ -69,6 +70,12 @@ def cross_check(mesh: Mesh) -> list[FieldError]:
         errors.extend(_check_policy(mesh, name, policy))
     errors.extend(check_telemetry(mesh))
     errors.extend(check_processing(mesh))
+    errors.extend(check_authentication(mesh))
+    for name, req in mesh.authentication.require.items():
+        for i, p in enumerate(req.paths):  # each becomes an RE2 regex in Envoy's jwt_authn rules
+            if requirement_path_problem(p) is None and (problem := _check_regex(path_regex(p))) is not None:
+                errors.append(FieldError(f"authentication.require.{name}.paths[{i}]",
+                                         f"{p!r} is too long for Envoy's jwt_authn rules ({problem})"))
 
     listens: dict[tuple[str, int], str] = {}
     for gname, gateway in mesh.gateways.items():

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, StrictStr
 
+from xdsd.model.authentication import Authentication, ClaimName, ClaimValue, Login
 from xdsd.model.base import FrozenModel as _Model
 from xdsd.model.fields import Host, IPAddress, Name, Port, PositiveDuration, Text, TrustDomain, Weight
 from xdsd.model.processing import Processing
@@ -84,7 +85,10 @@ class Listen(_Model):
 
 class GatewayRoute(Route):
     """A gateway route: a match (prefix, exact path or regex; methods; headers) and a target
-    (a service, a subset of one, or a weighted split), with per-route policy (see ``Route``)."""
+    (a service, a subset of one, or a weighted split), with per-route policy (see ``Route``).
+    ``login``: browsers must log in with an OIDC issuer first (``model.authentication``)."""
+
+    login: Login | None = None
 
     # ext_proc for this route's requests (xdsd runs the processor).
     processing: Processing | None = None
@@ -135,6 +139,8 @@ class Mesh(_Model):
     gateways: dict[Name, Gateway] = Field(default_factory=dict)
     # Per destination service: who may call it, with which methods and paths (ext_authz).
     authorization: dict[Name, Policy] = Field(default_factory=dict)
+    # End users: JWT issuers, where a token is required (model.authentication).
+    authentication: Authentication = Field(default_factory=Authentication)
     # Stats listener, access logs and tracing pushed to every sidecar and gateway (model.telemetry).
     telemetry: Telemetry = Field(default_factory=Telemetry)
 
@@ -196,6 +202,13 @@ class Match(_Model):
     # Request headers that must be present with exactly these values (names are case-insensitive;
     # ``:authority``, ``:method`` and ``:path`` too; not those Envoy changes on the way, see above).
     headers: dict[AuthzHeaderName, Text] = Field(default_factory=dict)
+    # End users (a verified JWT, see ``authentication``): ``<iss>/<sub>`` principals, and claims
+    # with the value required (a list: any of them); a list-valued claim matches by any element.
+    request_principals: list[Text] = Field(default_factory=list)
+    claims: dict[ClaimName, ClaimValue | list[ClaimValue]] = Field(default_factory=dict)
+
+    def uses_request_auth(self) -> bool:
+        return bool(self.request_principals or self.claims)
 
 
 class Rule(_Model):

@@ -61,6 +61,8 @@ def intern(previous: Mesh | None, mesh: Mesh) -> tuple[Mesh, frozenset[str] | No
         "authorization": _same(previous.authorization, mesh.authorization),
         "mesh": previous.mesh if previous.mesh == mesh.mesh else mesh.mesh,
         "telemetry": previous.telemetry if previous.telemetry == mesh.telemetry else mesh.telemetry,
+        "authentication": (previous.authentication if previous.authentication == mesh.authentication
+                           else mesh.authentication),
     }
     shared = mesh.model_copy(update=update)
     same_shape = (
@@ -70,6 +72,7 @@ def intern(previous: Mesh | None, mesh: Mesh) -> tuple[Mesh, frozenset[str] | No
         and shared.authorization.keys() == previous.authorization.keys()
         and all(shared.authorization[n] is previous.authorization[n] for n in shared.authorization)
         and shared.mesh is previous.mesh and shared.telemetry is previous.telemetry
+        and shared.authentication is previous.authentication
     )
     if not same_shape:
         return shared, None
