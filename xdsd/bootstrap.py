@@ -250,8 +250,26 @@ def _tls_socket(opts: BootstrapOptions) -> dict[str, Any] | None:
     return {"name": "envoy.transport_sockets.tls", "typed_config": tls}
 
 
+# YAML 1.1 reads these plain scalars as booleans; PyYAML (which quotes the ones its own resolver
+# would misread) leaves y, n and their capitals plain, and Envoy's YAML reader takes them as false/true.
+_YAML11_BOOLEANS = frozenset({"y", "Y", "n", "N"})
+
+
+class _Dumper(yaml.SafeDumper):
+    """safe_dump, with strings that any YAML 1.1 reader could take for a boolean quoted."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if value in _YAML11_BOOLEANS:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+    return dumper.represent_str(value)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def render_text(opts: BootstrapOptions, fmt: str = "yaml") -> str:
     data = render(opts)
     if fmt == "json":
         return json.dumps(data, indent=2) + "\n"
-    return yaml.safe_dump(data, sort_keys=False)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)

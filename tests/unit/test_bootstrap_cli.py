@@ -175,3 +175,12 @@ def test_retire_key_with_a_kid_retires_only_that_key(tmp_path: Path) -> None:
     states = {line.split()[2]: line.split(None, 5)[-1] for line in
               xdsd("token", "list", "--all", "--state-dir", state).stdout.splitlines()[1:]}
     assert states == {"old-1": "key retired", "mid-1": "valid"}, states
+
+
+@pytest.mark.parametrize("node_id", ["n", "y", "N", "Y", "no", "on", "true", "null", "123"])
+def test_node_ids_that_yaml_could_misread_stay_strings(node_id: str, tmp_path: Path) -> None:
+    """Envoy reads a plain `id: n` as the boolean false (YAML 1.1): such ids are quoted."""
+    out = xdsd("bootstrap", "--node-id", node_id, "--cluster", "c", "--no-token", "--state-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert f"id: '{node_id}'" in out.stdout or f'id: "{node_id}"' in out.stdout, out.stdout
+    assert yaml.safe_load(out.stdout)["node"]["id"] == node_id
