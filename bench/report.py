@@ -410,28 +410,56 @@ HISTORY = [
 # -- soak ---------------------------------------------------------------------------------------
 
 
-def soak_section(plain: dict[str, Any] | None, traced: dict[str, Any] | None) -> str:
-    base = plain or traced
+# Issue 19's own measurement, before any of its memory work (same scenario, 7 min, the machine of then).
+SOAK_ISSUE_BEFORE = ("200 ADS streams, 50 services; 16 registrations/s over 7 min (TTL 3 s, at most 1,000 distinct "
+                     "instance ids, ~50 live at a time): RSS 100 → 150 MB, linear: ~7.7 KB per registration, no plateau")
+
+
+def _rss_by_minute(samples: list[dict[str, Any]]) -> list[tuple[int, float]]:
+    """The RSS sample nearest to each whole minute of a run."""
+    out = []
+    for minute in range(0, int(samples[-1]["t"] // 60) + 1):
+        nearest = min(samples, key=lambda p: abs(p["t"] - 60 * minute))
+        out.append((minute, nearest["rss_mb"]))
+    return out
+
+
+def soak_section(plain: dict[str, Any] | None, traced: dict[str, Any] | None,
+                 before: dict[str, Any] | None = None) -> str:
+    base = plain or traced or before
     assert base is not None
     lines = ["## Memory under churn (issue 19)", "",
              f"Command: `.venv/bin/python -m bench.soak --minutes {base['seconds'] / 60:.0f}` (and `--tracemalloc`). "
              f"{base['streams']} ADS streams (h2) on a",
              f"50-service mesh; {base['rate']:.0f} registrations a second (TTL {base['ttl']}, instance ids cycling through "
              f"{base['ids']:,}) and half as many heartbeats; xdsd's RSS every 5 s, the slope fitted over the second half.", "",
-             "| run | registrations | live at the end | RSS start → end MB | slope, second half | slope, whole run | xdsd CPU s |",
-             "|---|---|---|---|---|---|---|"]
-    for label, x in (("xdsd serve", plain), ("in-process with tracemalloc", traced)):
-        if not x:
-            continue
+             f"Issue 19 measured, before: {SOAK_ISSUE_BEFORE}.", "",
+             "| run | commit | registrations | live at the end | RSS start → end MB | slope, second half | slope, whole run | "
+             "xdsd CPU s | load average at the end |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    runs = [(label, x) for label, x in (("before the fix", before), ("xdsd serve", plain),
+                                        ("in-process with tracemalloc", traced)) if x]
+    for label, x in runs:
         c = x["churn"]
-        lines.append(f"| {label}, {x['seconds'] / 60:.0f} min | {c['registrations']:,} ({c.get('errors', 0)} errors) | "
+        load = x.get("load_average_end")
+        lines.append(f"| {label}, {x['seconds'] / 60:.0f} min | {x.get('commit', '?')} | "
+                     f"{c['registrations']:,} ({c.get('errors', 0)} errors) | "
                      f"{c.get('live_at_end', '?')} | {x['rss_start_mb']:.0f} → {x['rss_end_mb']:.0f} | "
-                     f"{x['slope_mb_per_minute']:.2f} MB/min, {x['slope_kib_per_registration']:.2f} KiB/registration | "
-                     f"{x['slope_kib_per_registration_whole_run']:.2f} KiB/registration | {x['cpu_s']:.1f} |")
-    if plain:
-        pts = plain["samples"]
-        step = max(1, len(pts) // 12)
-        lines += ["", "RSS over the plain run (s: MB): " + ", ".join(f"{s['t']:.0f}: {s['rss_mb']:.1f}" for s in pts[::step]) + "."]
+                     f"{x['slope_mb_per_minute'] * 1024:,.0f} KiB/min, {x['slope_kib_per_registration']:.2f} KiB/registration | "
+                     f"{x['slope_kib_per_registration_whole_run']:.2f} KiB/registration | {x['cpu_s']:.1f} | "
+                     f"{' '.join(f'{v:.1f}' for v in load) if load else '?'} |")
+    notes = [f"- {label}: {x['note']}" for label, x in runs if x.get("note")]
+    if notes:
+        lines += ["", *notes]
+    series = [(label, x) for label, x in runs if x is not traced]
+    if series:
+        minutes = [_rss_by_minute(x["samples"]) for _, x in series]
+        lines += ["", "RSS (MB) by minute:", "",
+                  "| minute | " + " | ".join(label for label, _ in series) + " |",
+                  "|---|" + "---|" * len(series)]
+        for i in range(max(len(m) for m in minutes)):
+            cells = [f"{m[i][1]:.1f}" if i < len(m) else "" for m in minutes]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
     if traced and "growth" in traced:
         g = traced["growth_after_collect"]
         regs = traced.get("registrations_between_snapshots", 0)
@@ -444,7 +472,9 @@ def soak_section(plain: dict[str, Any] | None, traced: dict[str, Any] | None) ->
         if len(gc) == 2:
             lines += ["", "Unreachable cycles left for the collector at each snapshot (`gc.collect()` found): "
                       f"{gc[0]['collected']:,} then {gc[1]['collected']:,} objects; tracked objects "
-                      f"{gc[0]['objects']:,} → {gc[1]['objects']:,}."]
+                      f"{gc[0]['objects']:,} → {gc[1]['objects']:,}; traced memory "
+                      f"{gc[0]['traced_after_collect'][0] / 2**20:.2f} → {gc[1]['traced_after_collect'][0] / 2**20:.2f} MiB "
+                      "(after the collection)."]
     lines.append("")
     return "\n".join(lines)
 
@@ -482,9 +512,9 @@ def main() -> None:
         xds = _load(name)
         if xds and "storm" in xds:
             parts.append(xds_section(xds))
-    plain, traced = _load("soak.json"), _load("soak-tracemalloc.json")
-    if plain or traced:
-        parts.append(soak_section(plain, traced))
+    plain, traced, before = _load("soak.json"), _load("soak-tracemalloc.json"), _load("soak-before.json")
+    if plain or traced or before:
+        parts.append(soak_section(plain, traced, before))
     parts += kept
     target.write_text("\n".join(parts))
 

@@ -1,7 +1,7 @@
 """Memory under churn (issue 19, item 5): registrations and heartbeats at a steady rate for minutes,
 with streams connected; xdsd's RSS over time and its slope once the live set is steady.
 
-    .venv/bin/python -m bench.soak [--minutes 7] [--tracemalloc] [--out bench/results/soak.json]
+    .venv/bin/python -m bench.soak [--minutes 7] [--tracemalloc] [--out bench/results/soak.json] [--note TEXT]
 
 Mesh: 50 services x 4 endpoints, sidecars calling 5 services each; 200 ADS streams (bench.h2grpc).
 Load: 16 registrations a second (instance ids cycle through 1,000, TTL 3 s, each service in turn),
@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import tempfile
 import time
 import tracemalloc
@@ -91,8 +92,12 @@ async def _churn(admin: str, tokens: dict[str, str], seconds: float, samples: li
             await asyncio.sleep(max(0.0, start + k / rate - loop.time()))
         if pending:
             await asyncio.wait(pending, timeout=10)
-        async with session.get(admin + "/v1/instances", headers={"x-xdsd-token": tokens[services[0]]}) as r:
-            stats["live_at_end"] = len((await r.json()).get("instances", [])) if r.status == 200 else -1
+        try:  # a slow xdsd (tracemalloc, a busy machine) costs this figure, not the run's
+            async with session.get(admin + "/v1/instances", headers={"x-xdsd-token": tokens[services[0]]},
+                                   timeout=aiohttp.ClientTimeout(total=60)) as r:
+                stats["live_at_end"] = len((await r.json()).get("instances", [])) if r.status == 200 else -1
+        except (aiohttp.ClientError, TimeoutError):
+            stats["live_at_end"] = -1
     return stats
 
 
@@ -204,6 +209,19 @@ def soak(workdir: Path, seconds: float = 420.0, streams: int = 200, trace: bool 
     return out
 
 
+def _commit() -> str:
+    """The commit measured, ``+dirty`` when the work tree differs from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=7.0)
@@ -211,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tracemalloc", action="store_true")
     p.add_argument("--no-pin", action="store_true")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--note", default="", help="what was measured (e.g. a commit before a fix), shown by bench.report")
     a = p.parse_args(argv)
     from bench.profiling import split_cpus
 
@@ -218,8 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     if cpus[1]:
         os.sched_setaffinity(0, cpus[1])
     out = a.out or Path(__file__).resolve().parent / "results" / ("soak-tracemalloc.json" if a.tracemalloc else "soak.json")
+    commit = _commit()  # what xdsd loads now (an editable install reads the work tree)
     with tempfile.TemporaryDirectory(prefix="xdsd-soak-") as tmp:
         result = soak(Path(tmp), a.minutes * 60, a.streams, a.tracemalloc, cpus)
+    result["note"] = a.note
+    result["commit"] = commit
+    result["load_average_end"] = os.getloadavg()  # the machine may be shared: what else ran shows here
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))
 

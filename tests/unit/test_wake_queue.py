@@ -99,6 +99,27 @@ def test_every_stream_is_woken_exactly_once_and_in_order() -> None:
     asyncio.run(main())
 
 
+def test_a_stream_woken_again_before_its_turn_is_queued_once() -> None:
+    """Revisions faster than the passes (a burst of registrations, a slow machine): the queue holds
+    each stream once, not once per revision, and a stream woken after its pass is queued again."""
+    async def main() -> None:
+        queue = WakeQueue()
+        streams = [_Fake() for _ in range(200)]
+        for _ in range(50):  # 50 revisions, each concerning every stream, before the loop runs
+            for s in streams:
+                queue.add(s)  # type: ignore[arg-type]
+        assert len(queue) == len(streams)
+        await asyncio.wait_for(asyncio.gather(*(s.wake.wait() for s in streams)), 5)
+        assert len(queue) == 0
+        for s in streams:
+            s.wake.clear()
+        queue.add(streams[7])  # type: ignore[arg-type]
+        assert len(queue) == 1
+        await asyncio.wait_for(streams[7].wake.wait(), 5)
+
+    asyncio.run(main())
+
+
 def test_snapshot_building_has_a_budget_per_loop_iteration() -> None:
     async def main() -> None:
         queue = WakeQueue()

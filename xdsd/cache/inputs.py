@@ -24,13 +24,20 @@ class Encoded:
 
 class Patched(list):  # type: ignore[type-arg]
     """A generated list equal to ``base`` (an earlier generated list) but at positions ``changed``:
-    lets the cache patch a snapshot without comparing every position."""
+    lets the cache patch a snapshot without comparing every position.
+
+    One step back only: the cache compares ``base`` with the list it built the last snapshot from,
+    never what that list was patched from. So a Patched made from a Patched cuts its base's own
+    ``base``: otherwise every registration would add a link (a copy of the list, and the messages
+    it held) to a chain that lives as long as the group is patched."""
 
     __slots__ = ("base", "changed")
 
     def __init__(self, items: list[object], base: list[object], changed: list[int]) -> None:
         super().__init__(items)
-        self.base = base
+        if isinstance(base, Patched):
+            base.base = None
+        self.base: list[object] | None = base
         self.changed = changed
 
 

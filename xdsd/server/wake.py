@@ -3,6 +3,10 @@
 A revision can concern thousands of streams at once; woken together, their passes would all run in
 one loop iteration and hold the loop (timers, new connections, ACKs) for the whole fan-out. In
 batches, other work interleaves and no single iteration is long.
+
+A stream is in the queue once however often it is woken before its turn: its pass serves whatever
+snapshot is current then. (Queued once per wake, a backlog grew by every affected stream at every
+revision while the server lagged behind a burst of registrations.)
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class WakeQueue:
 
     def __init__(self, clock: object = time.perf_counter) -> None:
         self._queue: deque[Stream] = deque()
+        self._queued: set[Stream] = set()  # what ``_queue`` holds: each stream once
         self._scheduled = False
         self.batch = self.BATCH
         self._clock = clock
@@ -42,7 +47,13 @@ class WakeQueue:
     def built(self, seconds: float) -> None:
         self._build.charge(seconds)
 
+    def __len__(self) -> int:
+        return len(self._queue)
+
     def add(self, stream: Stream) -> None:
+        if stream in self._queued:
+            return  # already owed a pass, which will serve the newest snapshot
+        self._queued.add(stream)
         self._queue.append(stream)
         if self._scheduled:
             return
@@ -50,7 +61,7 @@ class WakeQueue:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (unit tests): wake at once
             while self._queue:
-                self._queue.popleft().wake.set()
+                self._pop().wake.set()
             return
         self._scheduled = True
         loop.call_soon(self._drain, loop)
@@ -65,10 +76,15 @@ class WakeQueue:
             elif took < self.TARGET_SECONDS / 2:
                 self.batch = min(self.BATCH, self.batch * 2)
         for _ in range(min(self.batch, len(self._queue))):
-            self._queue.popleft().wake.set()
+            self._pop().wake.set()
         if self._queue:
             self._drained_at = now
             loop.call_soon(self._drain, loop)
         else:
             self._drained_at = 0.0
             self._scheduled = False
+
+    def _pop(self) -> Stream:
+        stream = self._queue.popleft()
+        self._queued.discard(stream)
+        return stream
