@@ -364,3 +364,17 @@ def test_a_registration_patches_a_gateway_with_key_clusters_like_a_full_generati
         assert [m.SerializeToString(deterministic=True) for m in fresh[type_url]] == [
             m.SerializeToString(deterministic=True) for m in patched[type_url]], type_url
     assert any(c.name.startswith("authn|") for c in patched[typeurls.CLUSTER])
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ({"kty": "oct", "k": "c2VjcmV0", "kid": "hs"}, "keys[0] (kid 'hs') is a symmetric key (kty 'oct')"),
+    ({"kty": "oct", "k": "c2VjcmV0"}, "keys[0] is a symmetric key (kty 'oct')"),
+    ({"kty": "RSA", "n": "AQAB", "e": "AQAB", "d": "AQAB", "kid": "r1"}, "keys[0] (kid 'r1') holds private key material ('d')"),
+    ({"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "BBBB", "d": "CCCC"}, "keys[0] holds private key material ('d')"),
+])
+def test_inline_keys_that_could_sign_a_token_are_refused(key: dict[str, str], expected: str) -> None:
+    """Inline keys are pushed in the listener and shown by every config view: a symmetric or private
+    key there would let anyone who reads them mint tokens."""
+    snippet = f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{json.dumps({'keys': [key]})}'}}}}}}"
+    errors = errors_of(BASE + snippet)
+    assert any(e.startswith(f"authentication.issuers.corp.jwks: {expected}") for e in errors), errors

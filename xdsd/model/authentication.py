@@ -35,8 +35,12 @@ if TYPE_CHECKING:
 
 # A client secret file is read whole; anything larger is not a client secret.
 MAX_SECRET_BYTES = 64 * 1024
-# Key types Envoy's jwt_authn verifies (RFC 7518 §6; OKP for EdDSA).
-_KEY_TYPES = frozenset({"RSA", "EC", "oct", "OKP"})
+# Key types Envoy's jwt_authn verifies with a public key (RFC 7518 §6; OKP for EdDSA). A symmetric
+# key (``oct``) is refused: inline keys are part of the listener, which every node of the gateway or
+# service holds and config dumps, diffs, history and CSDS show, so its ``k`` would let anyone mint tokens.
+_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
+# Private key members (RFC 7518 §6.2.2, §6.3.2; RFC 8037 §2): a key set holds public keys only.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _CLAIM_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
@@ -77,9 +81,17 @@ def jwks_problem(value: object) -> str | None:
         if not isinstance(key, dict):
             return f"keys[{i}] must be an object, got {type(key).__name__}"
         kty = key.get("kty")
+        named = f"keys[{i}]" + (f" (kid {safe_repr(key['kid'])})" if isinstance(key.get("kid"), str) else "")
+        if kty == "oct":
+            return (f"{named} is a symmetric key (kty 'oct'): anyone who can read the mesh's config could sign "
+                    "tokens with it; give the issuer's public keys (RSA, EC or OKP)")
         if kty not in _KEY_TYPES:
             return f"keys[{i}].kty must be one of {', '.join(sorted(_KEY_TYPES))}, got {kty!r}"
-        needed = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}[kty]
+        private = [m for m in _PRIVATE_MEMBERS if m in key]
+        if private:
+            return (f"{named} holds private key material ({', '.join(repr(m) for m in private)}): give the "
+                    "public key only")
+        needed = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}[kty]
         for member in needed:
             if not isinstance(key.get(member), str) or not key[member]:
                 return f"keys[{i}] ({kty}) needs the member {member!r}"
