@@ -378,3 +378,18 @@ def test_inline_keys_that_could_sign_a_token_are_refused(key: dict[str, str], ex
     snippet = f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{json.dumps({'keys': [key]})}'}}}}}}"
     errors = errors_of(BASE + snippet)
     assert any(e.startswith(f"authentication.issuers.corp.jwks: {expected}") for e in errors), errors
+
+
+@pytest.mark.parametrize(("paths_case", "path", "required"), [
+    ("insensitive", "/API/orders", True), ("insensitive", "/Api;x/orders", True), ("insensitive", "/EXACT", True),
+    ("insensitive", "/other", False), ("sensitive", "/API/orders", False), ("sensitive", "/api/orders", True),
+])
+def test_required_paths_follow_the_policys_paths_case(paths_case: str, path: str, required: bool) -> None:
+    """An app that ignores case serves /API/x as /api/x: with ``paths_case: insensitive`` the token
+    that /api/* needs is needed there too (Envoy's safe_regex is RE2, whose (?i) Python's re shares)."""
+    mesh = load_mesh(BASE + AUTHN.replace("    default: deny\n", f"    default: deny\n    paths_case: {paths_case}\n"))
+    assert mesh.authorization["edge"].paths_case == paths_case
+    jwt = jwt_pb2.JwtAuthentication()
+    _filters(generate(mesh, NodeGroup("edge", authz_cluster="xdsd_authz"))[typeurls.LISTENER][0])[1].typed_config.Unpack(jwt)
+    first = next((r for r in jwt.rules if r.match.HasField("safe_regex") and re.fullmatch(r.match.safe_regex.regex, path)), None)
+    assert (first is not None and first.requires.provider_name == "corp") is required

@@ -171,7 +171,9 @@ def _provider(issuer: Issuer) -> jwt_pb2.JwtProvider:
 
 def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb2.HttpFilter | None:
     """``jwt_authn`` for the gateway or service ``name``: a token from one of the requirement's
-    issuers on its paths; elsewhere a token is verified if sent, never required."""
+    issuers on its paths; elsewhere a token is verified if sent, never required. When ``name``'s
+    policy says ``paths_case: insensitive`` (an app that ignores case), so do the required paths:
+    ``/API/x`` needs the token ``/api/*`` needs."""
     issuers = issuers_of(mesh, name)
     if not issuers:
         return None
@@ -181,9 +183,11 @@ def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb
     all_names = [n for n, _ in issuers]
     if requirement is not None:
         required = _requirement(sorted(requirement.issuers), optional=False)
+        policy = mesh.authorization.get(name)
+        flags = "(?i)" if policy is not None and policy.paths_case == "insensitive" else ""
         for path in requirement.paths:
             rule = config.rules.add()
-            rule.match.safe_regex.regex = path_regex(path)
+            rule.match.safe_regex.regex = flags + path_regex(path)
             rule.requires.CopyFrom(required)
     rest = config.rules.add()
     rest.match.prefix = "/"
