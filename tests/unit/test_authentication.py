@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.http.oauth2.v3 import oauth_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -393,3 +394,31 @@ def test_required_paths_follow_the_policys_paths_case(paths_case: str, path: str
     _filters(generate(mesh, NodeGroup("edge", authz_cluster="xdsd_authz"))[typeurls.LISTENER][0])[1].typed_config.Unpack(jwt)
     first = next((r for r in jwt.rules if r.match.HasField("safe_regex") and re.fullmatch(r.match.safe_regex.regex, path)), None)
     assert (first is not None and first.requires.provider_name == "corp") is required
+
+
+def _removed(listener: object) -> list[str]:
+    strip = next((f for f in _filters(listener) if f.name == "envoy.filters.http.header_mutation"), None)
+    if strip is None:
+        return []
+    config = header_mutation_pb2.HeaderMutation()
+    strip.typed_config.Unpack(config)
+    return [m.remove for m in config.mutations.request_mutations]
+
+
+def test_every_gateway_and_inbound_listener_removes_every_issuers_claim_headers() -> None:
+    """A gateway (or sidecar) that verifies no token must not pass a client's ``x-user`` to an app
+    that another gateway's verified claims reach in that header."""
+    mesh = load_mesh(BASE.replace("gateways:\n", "gateways:\n  partner:\n    listen: {address: 127.0.0.1, port: 10001}\n"
+                                              "    routes: [{prefix: /, service: web}]\n") + AUTHN)
+    assert "partner" not in mesh.authentication.require
+    everyone = ["x-user", "x-user-email"]
+    partner = generate(mesh, NodeGroup("partner"))[typeurls.LISTENER][0]
+    assert _removed(partner) == everyone
+    assert _filters(partner)[0].name == "envoy.filters.http.header_mutation"  # first, before anything reads them
+    # api's sidecar verifies corp and partner (inline keys, no forwarded claims): still removes corp's headers.
+    inbound = next(x for x in generate(mesh, NodeGroup("api"))[typeurls.LISTENER] if x.name.startswith("inbound"))
+    assert _removed(inbound) == everyone
+    assert _removed(generate(mesh, NodeGroup("edge", authz_cluster="xdsd_authz"))[typeurls.LISTENER][0]) == everyone
+    # No issuer forwards a claim: nothing to remove, no filter.
+    assert _removed(generate(load_mesh(BASE), NodeGroup("edge"))[typeurls.LISTENER][0]) == []
+

@@ -1,7 +1,8 @@
 """End-user authentication for a gateway or a sidecar's inbound listener (``mesh.authentication``):
 
 - ``envoy.filters.http.header_mutation`` first: removes every header a verified claim is forwarded
-  in (``forward_claims``), so a client cannot send its own ``x-user``;
+  in (``forward_claims`` of every issuer, on every gateway and inbound listener, whichever issuers it
+  verifies), so a client cannot send its own ``x-user``;
 - ``envoy.filters.http.oauth2`` (gateways with a route ``login``): the OIDC authorization code flow,
   its client secret and HMAC key over SDS;
 - ``envoy.filters.http.jwt_authn``: a token is required on the requirement's paths (a missing or
@@ -197,8 +198,13 @@ def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb
     return f
 
 
-def forwarded_headers(mesh: Mesh, name: str) -> list[str]:
-    return sorted({h for _, issuer in issuers_of(mesh, name) for h in issuer.forward_claims.values()})
+def forwarded_headers(mesh: Mesh) -> list[str]:
+    """Every header any issuer forwards a claim in. Every gateway and every sidecar's inbound
+    listener removes a client's copies of all of them, not only of the issuers it verifies itself:
+    an app reached through a gateway (or from a mesh peer) that verifies no token must never read a
+    client's ``x-user`` as a verified claim. A listener that verifies an issuer sets its headers
+    again from the verified token (``jwt_authn`` runs after the removal)."""
+    return sorted({h for issuer in mesh.authentication.issuers.values() for h in issuer.forward_claims.values()})
 
 
 def strip_filter(headers: list[str]) -> hcm_pb2.HttpFilter | None:
@@ -277,7 +283,7 @@ def filters(mesh: Mesh, name: str, group: NodeGroup) -> list[hcm_pb2.HttpFilter]
     """The authentication filters of the gateway or service ``name``, in order (before ext_authz)."""
     requirement = mesh.authentication.require.get(name)
     found = [
-        strip_filter(forwarded_headers(mesh, name)),
+        strip_filter(forwarded_headers(mesh)),
         oauth2_filter(mesh, name, group) if name in mesh.gateways else None,
         jwt_filter(mesh, name, requirement),
     ]
