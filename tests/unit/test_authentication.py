@@ -4,7 +4,9 @@ becomes, and end users in authorization decisions (claims from Envoy's dynamic m
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -422,3 +424,78 @@ def test_every_gateway_and_inbound_listener_removes_every_issuers_claim_headers(
     # No issuer forwards a claim: nothing to remove, no filter.
     assert _removed(generate(load_mesh(BASE), NodeGroup("edge"))[typeurls.LISTENER][0]) == []
 
+
+def _login_mesh(secret: Path) -> str:
+    return f"""
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: 10000}}
+    routes:
+      - {{prefix: /app, service: web, login: {{issuer: corp, client_id: shop, client_secret_file: "{secret}"}}}}
+services:
+  web: {{endpoints: [{{address: 127.0.0.1, port: 8080}}]}}
+authentication:
+  issuers:
+    corp: {{issuer: https://login.example.com, jwks: '{JWKS}', authorization_endpoint: https://login.example.com/auth,
+            token_endpoint: https://attacker.example/token}}
+"""
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    from xdsd.model.authentication import protect_secret_files
+
+    state, password = tmp_path / "state", tmp_path / "etc" / "etcd.password"
+    state.mkdir()
+    password.parent.mkdir()
+    (state / "token.key").write_text("dG9rZW4ta2V5LWJ5dGVz\n")
+    password.write_text("etcd-pass\n")
+    protect_secret_files([state, password])
+    try:
+        yield state, password
+    finally:
+        protect_secret_files([])
+
+
+def test_a_client_secret_is_never_one_of_xdsds_files_or_a_key(protected: tuple[Path, Path], tmp_path: Path) -> None:
+    """What client_secret_file names goes over SDS and then to the token endpoint the mesh names:
+    never xdsd's state, keys or passwords, never a PEM key, only one line of text."""
+    state, password = protected
+    field = "gateways.edge.routes[0].login.client_secret_file: "
+    (tmp_path / "link").symlink_to(password)
+    os.link(state / "token.key", tmp_path / "hard")
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB0zb3J0LW9mLWEta2V5\n-----END EC PRIVATE KEY-----\n")
+    lines = tmp_path / "lines"
+    lines.write_text("first-line-secret\nsecond\n")
+    for path, expected in [
+        (state / "token.key", "is one of xdsd's own key, password or state files"),
+        (state / ".." / "state" / "token.key", "is one of xdsd's own key, password or state files"),
+        (password, "is one of xdsd's own key, password or state files"),
+        (tmp_path / "link", "is one of xdsd's own key, password or state files"),
+        (tmp_path / "hard", "has other hard links"),
+        (pem, "holds a PEM block"),
+        (lines, "holds several lines"),
+    ]:
+        errors = errors_of(_login_mesh(path))
+        assert any(e.startswith(field) and expected in e for e in errors), (path, errors)
+        assert not any(word in e for e in errors for word in ("etcd-pass", "dG9rZW4", "MHcCAQ", "second")), errors
+    good = tmp_path / "client-secret"
+    good.write_text("s3cret-value\n")
+    login = load_mesh(_login_mesh(good)).gateways["edge"].routes[0].login
+    assert login is not None and login.client_secret == "s3cret-value"
+
+
+def test_serve_protects_its_state_dir_tls_ca_and_etcd_key_files(tmp_path: Path) -> None:
+    from xdsd.cli import build_parser
+    from xdsd.settings import ServeSettings
+
+    for name in ("tls.key", "ca.key", "ca.pem", "etcd.key", "etcd.pem", "etcd.password"):
+        (tmp_path / name).write_text("x\n")
+    args = build_parser().parse_args([
+        "serve", "--config", "mesh.yaml", "--state-dir", str(tmp_path / "state"), "--xds-tls-key", str(tmp_path / "tls.key"),
+        "--ca-key", str(tmp_path / "ca.key"), "--store", "etcd://127.0.0.1:2379", "--etcd-cacert", str(tmp_path / "ca.pem"),
+        "--etcd-cert", str(tmp_path / "etcd.pem"), "--etcd-key", str(tmp_path / "etcd.key"),
+        "--etcd-user", "u", "--etcd-password-file", str(tmp_path / "etcd.password")])
+    own = ServeSettings.from_args(args).own_secret_files()
+    assert {str(p) for p in own} == {str(tmp_path / n) for n in ("state", "tls.key", "ca.key", "etcd.key", "etcd.password")}
