@@ -499,3 +499,19 @@ def test_serve_protects_its_state_dir_tls_ca_and_etcd_key_files(tmp_path: Path) 
         "--etcd-user", "u", "--etcd-password-file", str(tmp_path / "etcd.password")])
     own = ServeSettings.from_args(args).own_secret_files()
     assert {str(p) for p in own} == {str(tmp_path / n) for n in ("state", "tls.key", "ca.key", "etcd.key", "etcd.password")}
+
+
+@pytest.mark.parametrize("paths_case", ["sensitive", "insensitive"])
+def test_a_login_guards_its_prefix_in_every_case_when_the_policy_ignores_case(paths_case: str, tmp_path: Path) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("s3cret\n")
+    mesh = load_mesh(_login_mesh(secret) + f"authorization:\n  edge: {{default: allow, paths_case: {paths_case}}}\n")
+    oauth = next(f for f in _filters(generate(mesh, NodeGroup("edge"))[typeurls.LISTENER][0])
+                 if f.name == "envoy.filters.http.oauth2")
+    config = oauth_pb2.OAuth2()
+    oauth.typed_config.Unpack(config)
+    [matcher] = config.config.pass_through_matcher
+    assert matcher.invert_match  # what the regex matches needs a login
+    regex = matcher.string_match.safe_regex.regex
+    assert re.fullmatch(regex, "/app/page") and not re.fullmatch(regex, "/other")
+    assert bool(re.fullmatch(regex, "/APP/page")) is (paths_case == "insensitive")

@@ -170,6 +170,13 @@ def _provider(issuer: Issuer) -> jwt_pb2.JwtProvider:
     return provider
 
 
+def _case_flags(mesh: Mesh, name: str) -> str:
+    """``(?i)`` (RE2) when ``name``'s policy says its app ignores case (``paths_case: insensitive``):
+    a path that must carry a token or a login then does in every case (``/API/x`` as ``/api/x``)."""
+    policy = mesh.authorization.get(name)
+    return "(?i)" if policy is not None and policy.paths_case == "insensitive" else ""
+
+
 def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb2.HttpFilter | None:
     """``jwt_authn`` for the gateway or service ``name``: a token from one of the requirement's
     issuers on its paths; elsewhere a token is verified if sent, never required. When ``name``'s
@@ -184,8 +191,7 @@ def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb
     all_names = [n for n, _ in issuers]
     if requirement is not None:
         required = _requirement(sorted(requirement.issuers), optional=False)
-        policy = mesh.authorization.get(name)
-        flags = "(?i)" if policy is not None and policy.paths_case == "insensitive" else ""
+        flags = _case_flags(mesh, name)
         for path in requirement.paths:
             rule = config.rules.add()
             rule.match.safe_regex.regex = flags + path_regex(path)
@@ -257,7 +263,7 @@ def oauth2_filter(mesh: Mesh, gateway_name: str, group: NodeGroup) -> hcm_pb2.Ht
     # Only the login's prefix (and its callback and sign-out paths) needs a logged-in browser.
     guarded = "|".join(re.escape(p) for p in (login.redirect_path, login.signout_path)) + "|" + re.escape(prefix)
     passthrough = c.pass_through_matcher.add(name=":path", invert_match=True)
-    passthrough.string_match.safe_regex.regex = f"(?:{guarded}).*"
+    passthrough.string_match.safe_regex.regex = _case_flags(mesh, gateway_name) + f"(?:{guarded}).*"
     f = hcm_pb2.HttpFilter(name=OAUTH2_FILTER)
     f.typed_config.Pack(config)
     return f
