@@ -140,6 +140,9 @@ authentication:
       forward_claims: {{sub: x-user}}
   require:
     edge: {{issuers: [demo], paths: [/account, "/account/*"]}}
+    # productpage's sidecar verifies the token the gateway passes on and sets x-user from it (every
+    # sidecar removes a client's x-user; only a verification puts it back).
+    productpage: {{issuers: [demo], paths: [/account, "/account/*"]}}
 authorization:
   reviews:
     default: deny

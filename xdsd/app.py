@@ -36,6 +36,7 @@ from xdsd.extproc.servicer import ProcessingServicer
 from xdsd.generators import MeshGenerator
 from xdsd.generators.roles import UNKNOWN, role_of
 from xdsd.model import Mesh
+from xdsd.model.authentication import protect_secret_files
 from xdsd.observability.loop import LoopMonitor
 from xdsd.observability.metrics import Metrics
 from xdsd.observability.processing import ProcessingMetrics
@@ -75,6 +76,7 @@ GRPC_OPTIONS = [
 class App:
     def __init__(self, settings: ServeSettings, shared: Shared | None = None, stop: asyncio.Event | None = None) -> None:
         self.settings = s = settings
+        protect_secret_files(s.own_secret_files())  # before any mesh is loaded
         self.shared = shared  # --store etcd://: this process is one replica of several
         self.stop = stop or asyncio.Event()
         self.serving = False
@@ -327,6 +329,7 @@ def run_serve(args: argparse.Namespace) -> int:
         runner = asyncio.run
 
     settings = ServeSettings.from_args(args)
+    protect_secret_files(settings.own_secret_files())
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -36,7 +36,10 @@ def _port(value: str) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from xdsd.errors import MeshError
     from xdsd.model import load_mesh_file
+    from xdsd.model.authentication import protect_secret_files
+    from xdsd.settings import default_state_dir
 
+    protect_secret_files([default_state_dir()])  # a login's secret is never one of xdsd's files
     try:
         mesh = load_mesh_file(args.file)
     except MeshError as exc:

@@ -8,7 +8,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -22,6 +22,7 @@ from xdsd.model import Mesh
 from xdsd.model.mesh import Rollout as RolloutSettings
 from xdsd.observability.metrics import Metrics
 from xdsd.observability.tracing import NO_TRACING, NULL_REVISION, AnyRevisionTrace, AnyTracing
+from xdsd.registry.instance import Instance
 from xdsd.registry.merge import Merger, mesh_check
 from xdsd.registry.registry import Registry
 from xdsd.rollout import Fleet, Rollout, choose_canaries
@@ -105,6 +106,17 @@ class Held:
     since: float
     removal: Removal
     timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _DiffInputs:
+    """The served state a diff compares a candidate against, copied on the loop for a worker thread."""
+
+    served: Mesh | None
+    registrations: list[Instance] | None
+    current: list[tuple[Hashable, Snapshot | None]]
+    credentials: Credentials | None
+    digest: str | None
 
 
 class Controller:
@@ -466,27 +478,46 @@ class Controller:
     def diff(self, content: bytes) -> dict[str, object]:
         """What serving ``content`` as the mesh file would change, per connected node group.
         Raises MeshError if it is not a valid mesh."""
-        candidate = parse_bytes(content, "the candidate")
-        served = self.file_mesh
-        merged = Merger().merge(candidate, self.registry.list()) if self.registry is not None else candidate
-        credentials = self._candidate_credentials(candidate)
+        return self._diff_report(parse_bytes(content, "the candidate"), content, self._diff_inputs())
+
+    async def diff_off_loop(self, content: bytes) -> dict[str, object]:
+        """``diff`` with its work (validation, which imports processors and reads files; SVIDs for
+        new identities; generating every group) in a worker thread: only the served state is read
+        on the loop, and the thread gets immutable copies of it (snapshots, mesh, registrations)."""
+        candidate = await asyncio.to_thread(parse_bytes, content, "the candidate")
+        return await asyncio.to_thread(self._diff_report, candidate, content, self._diff_inputs())
+
+    def _diff_inputs(self) -> _DiffInputs:
+        """What a diff compares against, read on the loop (the registry and cache are the loop's)."""
+        groups = sorted(self.cache.groups(), key=str)
+        return _DiffInputs(
+            served=self.file_mesh,
+            registrations=self.registry.list() if self.registry is not None else None,
+            current=[(g, self.cache.current(g)) for g in groups],
+            credentials=self.identities.credentials if self.identities is not None else None,
+            digest=self.source.digest(),
+        )
+
+    def _diff_report(self, candidate: Mesh, content: bytes, inputs: _DiffInputs) -> dict[str, object]:
+        """Pure of the loop's state: runs in a worker thread (``diff_off_loop``)."""
+        merged = Merger().merge(candidate, inputs.registrations) if inputs.registrations is not None else candidate
+        credentials = self._candidate_credentials(candidate, inputs.credentials)
         groups: dict[str, object] = {}
-        for group in sorted(self.cache.groups(), key=str):
+        for group, current in inputs.current:
             new = Snapshot.build(group, 0, generate(merged, group, credentials), Encoder())
-            changes = snapshot_diff(self.cache.current(group), new)
+            changes = snapshot_diff(current, new)
             if changes:
                 groups[str(group)] = changes
-        removed = removal(served, candidate)
+        removed = removal(inputs.served, candidate)
         return {"valid": True, "groups": groups, "summary": candidate.summary(),
                 "removes": removed.as_json(), "would_hold": removed.exceeds(self.max_removal),
-                "unchanged": hashlib.sha256(content).hexdigest() == self.source.digest()}
+                "unchanged": hashlib.sha256(content).hexdigest() == inputs.digest}
 
-    def _candidate_credentials(self, mesh: Mesh) -> Credentials:
+    def _candidate_credentials(self, mesh: Mesh, creds: Credentials | None) -> Credentials:
         """The current SVIDs, plus throw-away ones for identities the candidate adds (so its
         secrets appear in a diff by name; nothing is kept)."""
-        if self.identities is None:
+        if self.identities is None or creds is None:
             return Credentials()
-        creds = self.identities.credentials
         svids = dict(creds.svids)
         for sid in required_identities(mesh) - svids.keys():
             svids[sid] = self.identities.ca.issue(sid, dt.timedelta(seconds=mesh.mesh.cert_lifetime))

@@ -63,6 +63,12 @@ class ServeSettings:
     processor_pool: str = "threads"
     store: StoreSpec = field(default_factory=StoreSpec)  # --store and the etcd options
 
+    def own_secret_files(self) -> tuple[Path, ...]:
+        """xdsd's own keys and passwords (and the state directory that holds more of them): never a
+        mesh's ``client_secret_file`` (``xdsd.model.authentication.protect_secret_files``)."""
+        found = (self.state_dir, self.xds_tls_key, self.ca_key, self.store.key, self.store.password_file)
+        return tuple(p for p in found if p is not None)
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
         """The parsed ``xdsd serve`` command line (argparse holds the same defaults, for --help)."""

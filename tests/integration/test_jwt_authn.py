@@ -354,3 +354,60 @@ authentication:
         # A provider behind a certificate the issuer's ca_file does not trust: no keys.
         refused = other_client.request("GET", "/x", _bearer(idp2.token()))
         assert refused.status == 401 and "Jwks remote fetch is failed" in refused.body.decode(), refused.body
+
+
+def test_no_gateway_passes_a_clients_claim_headers(
+    mesh_file: MeshFile,
+    xdsd: Callable[..., XdsdProcess],
+    envoy_factory: EnvoyFactory,
+    upstreams: Callable[..., Upstreams],
+    idp: IdentityProvider,
+) -> None:
+    """edge verifies corp's tokens and forwards ``sub`` in x-user; partner, routing to the same app,
+    verifies none: a client's x-user must not reach the app through either. And edge's policy says
+    its app ignores case: /API/x needs the token /api/* needs."""
+    ups = upstreams({"web": "127.0.0.2"})
+    host, port = ups.address("web")
+    edge, partner = free_port(), free_port()
+    mesh_file.write(f"""
+services:
+  web: {{endpoints: [{{address: {host}, port: {port}}}]}}
+gateways:
+  edge: {{listen: {{address: 127.0.0.1, port: {edge}}}, routes: [{{prefix: /, service: web}}]}}
+  partner: {{listen: {{address: 127.0.0.1, port: {partner}}}, routes: [{{prefix: /, service: web}}]}}
+authentication:
+  issuers:
+    corp:
+      issuer: {idp.issuer}
+      jwks_uri: {idp.base}/jwks
+      audiences: [shop]
+      forward_claims: {{sub: x-user, email: x-user-email}}
+  require:
+    edge: {{issuers: [corp], paths: ["/api/*"]}}
+authorization:
+  edge: {{default: allow, paths_case: insensitive}}
+""")
+    server = xdsd()
+    envoy_factory(server, "edge-1", "edge", mode=ADS)
+    envoy_factory(server, "partner-1", "partner", mode=ADS)
+    edge_client, partner_client = Client(f"http://127.0.0.1:{edge}/"), Client(f"http://127.0.0.1:{partner}/")
+    token = idp.token(sub="alice", email="alice@example.com")
+    wait_for(lambda: edge_client.get("/api/x", _bearer(token)).status == 200, 30, "edge verifies tokens")
+    wait_for(lambda: partner_client.get("/x").status == 200, 30, "partner routes")
+    forged = {"x-user": "admin", "x-user-email": "admin@example.com"}
+
+    seen = partner_client.request("GET", "/admin", forged).json()["headers"]
+    assert "x-user" not in seen and "x-user-email" not in seen, seen
+    # partner verifies nothing: a valid token does not turn into claim headers there either.
+    seen = partner_client.request("GET", "/admin", {**forged, **_bearer(token)}).json()["headers"]
+    assert "x-user" not in seen and "x-user-email" not in seen, seen
+    seen = edge_client.request("GET", "/public", forged).json()["headers"]
+    assert "x-user" not in seen and "x-user-email" not in seen, seen
+    seen = edge_client.request("GET", "/api/x", {**forged, **_bearer(token)}).json()["headers"]
+    assert seen["x-user"] == "alice" and seen["x-user-email"] == "alice@example.com", seen
+
+    # paths_case: insensitive: the required paths are too.
+    for path in ("/API/x", "/Api/x", "/api/x"):
+        resp = edge_client.request("GET", path)
+        assert resp.status == 401 and b"Jwt is missing" in resp.body, (path, resp.status, resp.body)
+    assert edge_client.request("GET", "/API/x", _bearer(token)).status == 200

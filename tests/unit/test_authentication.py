@@ -4,11 +4,14 @@ becomes, and end users in authorization decisions (claims from Envoy's dynamic m
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.jwt_authn.v3 import config_pb2 as jwt_pb2
 from envoy.extensions.filters.http.oauth2.v3 import oauth_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -364,3 +367,151 @@ def test_a_registration_patches_a_gateway_with_key_clusters_like_a_full_generati
         assert [m.SerializeToString(deterministic=True) for m in fresh[type_url]] == [
             m.SerializeToString(deterministic=True) for m in patched[type_url]], type_url
     assert any(c.name.startswith("authn|") for c in patched[typeurls.CLUSTER])
+
+
+@pytest.mark.parametrize(("key", "expected"), [
+    ({"kty": "oct", "k": "c2VjcmV0", "kid": "hs"}, "keys[0] (kid 'hs') is a symmetric key (kty 'oct')"),
+    ({"kty": "oct", "k": "c2VjcmV0"}, "keys[0] is a symmetric key (kty 'oct')"),
+    ({"kty": "RSA", "n": "AQAB", "e": "AQAB", "d": "AQAB", "kid": "r1"}, "keys[0] (kid 'r1') holds private key material ('d')"),
+    ({"kty": "EC", "crv": "P-256", "x": "AAAA", "y": "BBBB", "d": "CCCC"}, "keys[0] holds private key material ('d')"),
+])
+def test_inline_keys_that_could_sign_a_token_are_refused(key: dict[str, str], expected: str) -> None:
+    """Inline keys are pushed in the listener and shown by every config view: a symmetric or private
+    key there would let anyone who reads them mint tokens."""
+    snippet = f"authentication: {{issuers: {{corp: {{issuer: x, jwks: '{json.dumps({'keys': [key]})}'}}}}}}"
+    errors = errors_of(BASE + snippet)
+    assert any(e.startswith(f"authentication.issuers.corp.jwks: {expected}") for e in errors), errors
+
+
+@pytest.mark.parametrize(("paths_case", "path", "required"), [
+    ("insensitive", "/API/orders", True), ("insensitive", "/Api;x/orders", True), ("insensitive", "/EXACT", True),
+    ("insensitive", "/other", False), ("sensitive", "/API/orders", False), ("sensitive", "/api/orders", True),
+])
+def test_required_paths_follow_the_policys_paths_case(paths_case: str, path: str, required: bool) -> None:
+    """An app that ignores case serves /API/x as /api/x: with ``paths_case: insensitive`` the token
+    that /api/* needs is needed there too (Envoy's safe_regex is RE2, whose (?i) Python's re shares)."""
+    mesh = load_mesh(BASE + AUTHN.replace("    default: deny\n", f"    default: deny\n    paths_case: {paths_case}\n"))
+    assert mesh.authorization["edge"].paths_case == paths_case
+    jwt = jwt_pb2.JwtAuthentication()
+    _filters(generate(mesh, NodeGroup("edge", authz_cluster="xdsd_authz"))[typeurls.LISTENER][0])[1].typed_config.Unpack(jwt)
+    first = next((r for r in jwt.rules if r.match.HasField("safe_regex") and re.fullmatch(r.match.safe_regex.regex, path)), None)
+    assert (first is not None and first.requires.provider_name == "corp") is required
+
+
+def _removed(listener: object) -> list[str]:
+    strip = next((f for f in _filters(listener) if f.name == "envoy.filters.http.header_mutation"), None)
+    if strip is None:
+        return []
+    config = header_mutation_pb2.HeaderMutation()
+    strip.typed_config.Unpack(config)
+    return [m.remove for m in config.mutations.request_mutations]
+
+
+def test_every_gateway_and_inbound_listener_removes_every_issuers_claim_headers() -> None:
+    """A gateway (or sidecar) that verifies no token must not pass a client's ``x-user`` to an app
+    that another gateway's verified claims reach in that header."""
+    mesh = load_mesh(BASE.replace("gateways:\n", "gateways:\n  partner:\n    listen: {address: 127.0.0.1, port: 10001}\n"
+                                              "    routes: [{prefix: /, service: web}]\n") + AUTHN)
+    assert "partner" not in mesh.authentication.require
+    everyone = ["x-user", "x-user-email"]
+    partner = generate(mesh, NodeGroup("partner"))[typeurls.LISTENER][0]
+    assert _removed(partner) == everyone
+    assert _filters(partner)[0].name == "envoy.filters.http.header_mutation"  # first, before anything reads them
+    # api's sidecar verifies corp and partner (inline keys, no forwarded claims): still removes corp's headers.
+    inbound = next(x for x in generate(mesh, NodeGroup("api"))[typeurls.LISTENER] if x.name.startswith("inbound"))
+    assert _removed(inbound) == everyone
+    assert _removed(generate(mesh, NodeGroup("edge", authz_cluster="xdsd_authz"))[typeurls.LISTENER][0]) == everyone
+    # No issuer forwards a claim: nothing to remove, no filter.
+    assert _removed(generate(load_mesh(BASE), NodeGroup("edge"))[typeurls.LISTENER][0]) == []
+
+
+def _login_mesh(secret: Path) -> str:
+    return f"""
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: 10000}}
+    routes:
+      - {{prefix: /app, service: web, login: {{issuer: corp, client_id: shop, client_secret_file: "{secret}"}}}}
+services:
+  web: {{endpoints: [{{address: 127.0.0.1, port: 8080}}]}}
+authentication:
+  issuers:
+    corp: {{issuer: https://login.example.com, jwks: '{JWKS}', authorization_endpoint: https://login.example.com/auth,
+            token_endpoint: https://attacker.example/token}}
+"""
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    from xdsd.model.authentication import protect_secret_files
+
+    state, password = tmp_path / "state", tmp_path / "etc" / "etcd.password"
+    state.mkdir()
+    password.parent.mkdir()
+    (state / "token.key").write_text("dG9rZW4ta2V5LWJ5dGVz\n")
+    password.write_text("etcd-pass\n")
+    protect_secret_files([state, password])
+    try:
+        yield state, password
+    finally:
+        protect_secret_files([])
+
+
+def test_a_client_secret_is_never_one_of_xdsds_files_or_a_key(protected: tuple[Path, Path], tmp_path: Path) -> None:
+    """What client_secret_file names goes over SDS and then to the token endpoint the mesh names:
+    never xdsd's state, keys or passwords, never a PEM key, only one line of text."""
+    state, password = protected
+    field = "gateways.edge.routes[0].login.client_secret_file: "
+    (tmp_path / "link").symlink_to(password)
+    os.link(state / "token.key", tmp_path / "hard")
+    pem = tmp_path / "key.pem"
+    pem.write_text("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEEIB0zb3J0LW9mLWEta2V5\n-----END EC PRIVATE KEY-----\n")
+    lines = tmp_path / "lines"
+    lines.write_text("first-line-secret\nsecond\n")
+    for path, expected in [
+        (state / "token.key", "is one of xdsd's own key, password or state files"),
+        (state / ".." / "state" / "token.key", "is one of xdsd's own key, password or state files"),
+        (password, "is one of xdsd's own key, password or state files"),
+        (tmp_path / "link", "is one of xdsd's own key, password or state files"),
+        (tmp_path / "hard", "has other hard links"),
+        (pem, "holds a PEM block"),
+        (lines, "holds several lines"),
+    ]:
+        errors = errors_of(_login_mesh(path))
+        assert any(e.startswith(field) and expected in e for e in errors), (path, errors)
+        assert not any(word in e for e in errors for word in ("etcd-pass", "dG9rZW4", "MHcCAQ", "second")), errors
+    good = tmp_path / "client-secret"
+    good.write_text("s3cret-value\n")
+    login = load_mesh(_login_mesh(good)).gateways["edge"].routes[0].login
+    assert login is not None and login.client_secret == "s3cret-value"
+
+
+def test_serve_protects_its_state_dir_tls_ca_and_etcd_key_files(tmp_path: Path) -> None:
+    from xdsd.cli import build_parser
+    from xdsd.settings import ServeSettings
+
+    for name in ("tls.key", "ca.key", "ca.pem", "etcd.key", "etcd.pem", "etcd.password"):
+        (tmp_path / name).write_text("x\n")
+    args = build_parser().parse_args([
+        "serve", "--config", "mesh.yaml", "--state-dir", str(tmp_path / "state"), "--xds-tls-key", str(tmp_path / "tls.key"),
+        "--ca-key", str(tmp_path / "ca.key"), "--store", "etcd://127.0.0.1:2379", "--etcd-cacert", str(tmp_path / "ca.pem"),
+        "--etcd-cert", str(tmp_path / "etcd.pem"), "--etcd-key", str(tmp_path / "etcd.key"),
+        "--etcd-user", "u", "--etcd-password-file", str(tmp_path / "etcd.password")])
+    own = ServeSettings.from_args(args).own_secret_files()
+    assert {str(p) for p in own} == {str(tmp_path / n) for n in ("state", "tls.key", "ca.key", "etcd.key", "etcd.password")}
+
+
+@pytest.mark.parametrize("paths_case", ["sensitive", "insensitive"])
+def test_a_login_guards_its_prefix_in_every_case_when_the_policy_ignores_case(paths_case: str, tmp_path: Path) -> None:
+    secret = tmp_path / "client-secret"
+    secret.write_text("s3cret\n")
+    mesh = load_mesh(_login_mesh(secret) + f"authorization:\n  edge: {{default: allow, paths_case: {paths_case}}}\n")
+    oauth = next(f for f in _filters(generate(mesh, NodeGroup("edge"))[typeurls.LISTENER][0])
+                 if f.name == "envoy.filters.http.oauth2")
+    config = oauth_pb2.OAuth2()
+    oauth.typed_config.Unpack(config)
+    [matcher] = config.config.pass_through_matcher
+    assert matcher.invert_match  # what the regex matches needs a login
+    regex = matcher.string_match.safe_regex.regex
+    assert re.fullmatch(regex, "/app/page") and not re.fullmatch(regex, "/other")
+    assert bool(re.fullmatch(regex, "/APP/page")) is (paths_case == "insensitive")

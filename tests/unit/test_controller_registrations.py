@@ -90,3 +90,36 @@ def test_a_registry_loaded_from_a_poisoned_file_is_served(tmp_path: Path) -> Non
     body = snap.get("type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment").resources["reviews"].body
     assert b"10.0.0.1" in body and b"10.0.0.4" in body and "zürich".encode() in body
     assert b"10.0.0.2" not in body and b"10.0.0.3" not in body
+
+
+async def test_a_diff_validates_and_generates_off_the_loop(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """POST /v1/config/diff imports processors, reads files, signs SVIDs and generates every group:
+    in a worker thread, with the same report as on the loop."""
+    import threading
+
+    import xdsd.controller as controller_mod
+
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(MESH))
+    ids = IdentityStore(CertificateAuthority.load_or_create(tmp_path, "mesh"), dt.timedelta(hours=1))
+    cache = SnapshotCache(MeshGenerator(lambda: ids.credentials))
+    registry = Registry(MemoryStore())
+    ctl = Controller(FileSource(path), cache, Metrics(), ids, registry=registry)
+    cache.watch(NodeGroup("shop"), lambda snap, types: None)
+    assert ctl.reload()
+    registry.register({"service": "reviews", "address": "10.0.0.1", "port": 15006, "instance_id": "r1"})
+    candidate = {**MESH, "services": {**MESH["services"], "ratings": {"sidecar": {"inbound": {"port": 15006}, "app_port": 9080}}}}
+    candidate["services"]["shop"] = {"sidecar": {"inbound": {"port": 15006}, "app_port": 9080,
+                                                 "upstreams": {"reviews": 9081, "ratings": 9082}}}
+    content = yaml.safe_dump(candidate).encode()
+    threads: list[str] = []
+    for name in ("parse_bytes", "generate"):
+        real = getattr(controller_mod, name)
+        monkeypatch.setattr(controller_mod, name, lambda *a, _real=real, **k: threads.append(threading.current_thread().name) or _real(*a, **k))
+    off = await ctl.diff_off_loop(content)
+    assert threads and threading.main_thread().name not in threads, threads
+    threads.clear()
+    on = ctl.diff(content)
+    assert threads and set(threads) == {threading.main_thread().name}
+    assert json.dumps(off, sort_keys=True) == json.dumps(on, sort_keys=True)
+    assert off["groups"] and off["valid"], off  # shop gets a listener and clusters for ratings

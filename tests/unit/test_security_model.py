@@ -165,3 +165,33 @@ def test_a_non_ascii_token_is_refused_and_counted(tmp_path: Path) -> None:
     # HTTP/2 header values arrive as latin-1 text: the bytes of "v1.e30.é".
     code, _ = gate(ads, (("x-xdsd-token", "v1.e30.\xc3\xa9"),), "ipv4:1.2.3.4:5")  # type: ignore[misc]
     assert code == grpc.StatusCode.UNAUTHENTICATED and refused == ["bad-token"]
+
+
+async def test_diff_needs_an_operator_token_even_on_a_loopback_admin_address(tmp_path: Path) -> None:
+    """A diff imports processor modules, reads files, signs SVIDs and generates every group: like
+    apply, never anonymous (the read-only debug pages stay open on loopback)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from xdsd.admin.http import access_middleware
+
+    access = Access.from_state_dir(tmp_path)
+    signer = TokenSigner.load_or_create(tmp_path)
+    reached: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        reached.append(request.path)
+        return web.json_response({})
+
+    app = web.Application(middlewares=[access_middleware(access, debug_open=True)])
+    app.router.add_post("/v1/config/diff", handler)
+    app.router.add_get("/debug/config", handler)
+    async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+        assert (await client.post("/v1/config/diff", data=b"services: {}\n")).status == 401
+        node = {"x-xdsd-token": signer.issue("n", "reviews")}
+        assert (await client.post("/v1/config/diff", data=b"services: {}\n", headers=node)).status == 403
+        assert reached == []
+        assert (await client.get("/debug/config")).status == 200  # loopback: read-only pages stay open
+        operator = {"x-xdsd-token": signer.operator()}
+        assert (await client.post("/v1/config/diff", data=b"services: {}\n", headers=operator)).status == 200
+    assert reached == ["/debug/config", "/v1/config/diff"]

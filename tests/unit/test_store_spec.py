@@ -63,3 +63,18 @@ def test_bootstrap_reaches_every_replica(tmp_path: Path) -> None:
     args = build_parser().parse_args(["bootstrap", "--node-id", "n", "--cluster", "c", "--xds-address", "a:1",
                                       "--xds-address", "b:2"])
     assert args.xds_address == [("a", 1), ("b", 2)]
+
+
+@pytest.mark.parametrize("store", ["etcd://10.0.0.5:2379", "etcd://127.0.0.1:2379,10.0.0.5:2379",
+                                   "etcd://etcd.internal:2379", "etcd://[fd00::5]:2379"])
+def test_a_remote_etcd_needs_tls_or_an_explicit_plaintext_flag(store: str) -> None:
+    """The CA root key, the token key and the etcd password must not cross a network in clear by default."""
+    with pytest.raises(StoreSpecError, match="is not on loopback: give --etcd-cacert"):
+        store_from_args(build_parser().parse_args(["serve", "--store", store]))
+    assert store_from_args(build_parser().parse_args(["serve", "--store", store, "--etcd-plaintext"])).etcd
+    assert store_from_args(build_parser().parse_args(["serve", "--store", store, "--etcd-cacert", "/etc/hostname"])).etcd
+
+
+@pytest.mark.parametrize("store", ["etcd://127.0.0.1:2379,127.0.0.2:2379", "etcd://localhost:2379", "etcd://[::1]:2379"])
+def test_a_loopback_etcd_may_be_plaintext(store: str) -> None:
+    assert store_from_args(build_parser().parse_args(["serve", "--store", store])).etcd

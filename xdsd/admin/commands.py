@@ -22,6 +22,13 @@ EXIT_INVALID = 2
 EXIT_HELD = 3
 
 
+def _protect(args: argparse.Namespace) -> None:
+    """The local check refuses a login's secret among this host's xdsd files, as the server will."""
+    from xdsd.model.authentication import protect_secret_files
+
+    protect_secret_files([args.state_dir])
+
+
 def _client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(args.admin_address, operator_token(args.token, args.state_dir))
 
@@ -65,6 +72,7 @@ def _print_diff(report: dict[str, Any]) -> bool:
 
 
 def diff(args: argparse.Namespace) -> int:
+    _protect(args)
     content = _read(args.file)
     if content is None or not _validate(args.file, content):
         return EXIT_INVALID
@@ -82,6 +90,7 @@ def diff(args: argparse.Namespace) -> int:
 
 
 def apply(args: argparse.Namespace) -> int:
+    _protect(args)
     content = _read(args.file)
     if content is None or not _validate(args.file, content):
         return EXIT_INVALID

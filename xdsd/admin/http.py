@@ -142,7 +142,7 @@ def make_app(server: XdsServer, controller: Controller, metrics: Metrics, is_ser
         if isinstance(content, web.Response):
             return content
         try:
-            report = controller.diff(content)
+            report = await controller.diff_off_loop(content)  # validation and generation off the loop
         except MeshError as exc:
             return web.json_response({"valid": False, "errors": [str(e) for e in exc.errors]}, status=400)
         if shared is not None:

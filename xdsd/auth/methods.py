@@ -63,7 +63,7 @@ ADMIN_ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/heartbeat"): Rule.SERVICE,
     ("POST", "/v1/deregister"): Rule.SERVICE,
     ("GET", "/v1/instances"): Rule.MESH,
-    ("POST", "/v1/config/diff"): Rule.LOCAL_OR_OPERATOR,
+    ("POST", "/v1/config/diff"): Rule.OPERATOR,
     ("POST", "/v1/config/apply"): Rule.OPERATOR,
     ("GET", "/v1/config/history"): Rule.LOCAL_OR_OPERATOR,
     ("GET", "/v1/config/history/{revision}"): Rule.LOCAL_OR_OPERATOR,

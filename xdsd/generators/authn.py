@@ -1,7 +1,8 @@
 """End-user authentication for a gateway or a sidecar's inbound listener (``mesh.authentication``):
 
 - ``envoy.filters.http.header_mutation`` first: removes every header a verified claim is forwarded
-  in (``forward_claims``), so a client cannot send its own ``x-user``;
+  in (``forward_claims`` of every issuer, on every gateway and inbound listener, whichever issuers it
+  verifies), so a client cannot send its own ``x-user``;
 - ``envoy.filters.http.oauth2`` (gateways with a route ``login``): the OIDC authorization code flow,
   its client secret and HMAC key over SDS;
 - ``envoy.filters.http.jwt_authn``: a token is required on the requirement's paths (a missing or
@@ -169,9 +170,18 @@ def _provider(issuer: Issuer) -> jwt_pb2.JwtProvider:
     return provider
 
 
+def _case_flags(mesh: Mesh, name: str) -> str:
+    """``(?i)`` (RE2) when ``name``'s policy says its app ignores case (``paths_case: insensitive``):
+    a path that must carry a token or a login then does in every case (``/API/x`` as ``/api/x``)."""
+    policy = mesh.authorization.get(name)
+    return "(?i)" if policy is not None and policy.paths_case == "insensitive" else ""
+
+
 def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb2.HttpFilter | None:
     """``jwt_authn`` for the gateway or service ``name``: a token from one of the requirement's
-    issuers on its paths; elsewhere a token is verified if sent, never required."""
+    issuers on its paths; elsewhere a token is verified if sent, never required. When ``name``'s
+    policy says ``paths_case: insensitive`` (an app that ignores case), so do the required paths:
+    ``/API/x`` needs the token ``/api/*`` needs."""
     issuers = issuers_of(mesh, name)
     if not issuers:
         return None
@@ -181,9 +191,10 @@ def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb
     all_names = [n for n, _ in issuers]
     if requirement is not None:
         required = _requirement(sorted(requirement.issuers), optional=False)
+        flags = _case_flags(mesh, name)
         for path in requirement.paths:
             rule = config.rules.add()
-            rule.match.safe_regex.regex = path_regex(path)
+            rule.match.safe_regex.regex = flags + path_regex(path)
             rule.requires.CopyFrom(required)
     rest = config.rules.add()
     rest.match.prefix = "/"
@@ -193,8 +204,13 @@ def jwt_filter(mesh: Mesh, name: str, requirement: Requirement | None) -> hcm_pb
     return f
 
 
-def forwarded_headers(mesh: Mesh, name: str) -> list[str]:
-    return sorted({h for _, issuer in issuers_of(mesh, name) for h in issuer.forward_claims.values()})
+def forwarded_headers(mesh: Mesh) -> list[str]:
+    """Every header any issuer forwards a claim in. Every gateway and every sidecar's inbound
+    listener removes a client's copies of all of them, not only of the issuers it verifies itself:
+    an app reached through a gateway (or from a mesh peer) that verifies no token must never read a
+    client's ``x-user`` as a verified claim. A listener that verifies an issuer sets its headers
+    again from the verified token (``jwt_authn`` runs after the removal)."""
+    return sorted({h for issuer in mesh.authentication.issuers.values() for h in issuer.forward_claims.values()})
 
 
 def strip_filter(headers: list[str]) -> hcm_pb2.HttpFilter | None:
@@ -247,7 +263,7 @@ def oauth2_filter(mesh: Mesh, gateway_name: str, group: NodeGroup) -> hcm_pb2.Ht
     # Only the login's prefix (and its callback and sign-out paths) needs a logged-in browser.
     guarded = "|".join(re.escape(p) for p in (login.redirect_path, login.signout_path)) + "|" + re.escape(prefix)
     passthrough = c.pass_through_matcher.add(name=":path", invert_match=True)
-    passthrough.string_match.safe_regex.regex = f"(?:{guarded}).*"
+    passthrough.string_match.safe_regex.regex = _case_flags(mesh, gateway_name) + f"(?:{guarded}).*"
     f = hcm_pb2.HttpFilter(name=OAUTH2_FILTER)
     f.typed_config.Pack(config)
     return f
@@ -273,7 +289,7 @@ def filters(mesh: Mesh, name: str, group: NodeGroup) -> list[hcm_pb2.HttpFilter]
     """The authentication filters of the gateway or service ``name``, in order (before ext_authz)."""
     requirement = mesh.authentication.require.get(name)
     found = [
-        strip_filter(forwarded_headers(mesh, name)),
+        strip_filter(forwarded_headers(mesh)),
         oauth2_filter(mesh, name, group) if name in mesh.gateways else None,
         jwt_filter(mesh, name, requirement),
     ]

@@ -19,7 +19,10 @@ Field rules live here; rules that span sections (known issuers, gateways, sideca
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
@@ -35,8 +38,12 @@ if TYPE_CHECKING:
 
 # A client secret file is read whole; anything larger is not a client secret.
 MAX_SECRET_BYTES = 64 * 1024
-# Key types Envoy's jwt_authn verifies (RFC 7518 §6; OKP for EdDSA).
-_KEY_TYPES = frozenset({"RSA", "EC", "oct", "OKP"})
+# Key types Envoy's jwt_authn verifies with a public key (RFC 7518 §6; OKP for EdDSA). A symmetric
+# key (``oct``) is refused: inline keys are part of the listener, which every node of the gateway or
+# service holds and config dumps, diffs, history and CSDS show, so its ``k`` would let anyone mint tokens.
+_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
+# Private key members (RFC 7518 §6.2.2, §6.3.2; RFC 8037 §2): a key set holds public keys only.
+_PRIVATE_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
 _CLAIM_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
@@ -77,9 +84,17 @@ def jwks_problem(value: object) -> str | None:
         if not isinstance(key, dict):
             return f"keys[{i}] must be an object, got {type(key).__name__}"
         kty = key.get("kty")
+        named = f"keys[{i}]" + (f" (kid {safe_repr(key['kid'])})" if isinstance(key.get("kid"), str) else "")
+        if kty == "oct":
+            return (f"{named} is a symmetric key (kty 'oct'): anyone who can read the mesh's config could sign "
+                    "tokens with it; give the issuer's public keys (RSA, EC or OKP)")
         if kty not in _KEY_TYPES:
             return f"keys[{i}].kty must be one of {', '.join(sorted(_KEY_TYPES))}, got {kty!r}"
-        needed = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "oct": ("k",), "OKP": ("crv", "x")}[kty]
+        private = [m for m in _PRIVATE_MEMBERS if m in key]
+        if private:
+            return (f"{named} holds private key material ({', '.join(repr(m) for m in private)}): give the "
+                    "public key only")
+        needed = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}[kty]
         for member in needed:
             if not isinstance(key.get(member), str) or not key[member]:
                 return f"keys[{i}] ({kty}) needs the member {member!r}"
@@ -140,7 +155,46 @@ def _check_secret_file(value: str) -> str:
     return value
 
 
+# Files and directories a client secret is never read from: xdsd's own keys and passwords (its
+# state directory, its TLS, CA and etcd key and password files). The secret goes over SDS to the
+# gateway and from there to the issuer's token endpoint, which the mesh file names: without this, a
+# mesh author could have xdsd send any file it can read to a server of their choice. Set by the
+# process that knows them (``xdsd serve``, the commands with a ``--state-dir``) before it loads a mesh.
+_protected: tuple[Path, ...] = ()
+
+
+def protect_secret_files(paths: Iterable[str | Path | None]) -> None:
+    """Refuse ``client_secret_file`` inside any of ``paths`` (directories) or naming one (files)."""
+    global _protected
+    _protected = tuple(Path(p) for p in paths if p is not None and str(p))
+
+
+def _protected_problem(path: str) -> str | None:
+    try:
+        real = Path(path).resolve()
+        st = os.stat(path)
+    except (OSError, ValueError, RuntimeError):
+        return None  # not readable: reading it says why
+    for p in _protected:
+        try:
+            other = p.resolve()
+            pst = os.stat(p)
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if real == other or real.is_relative_to(other) or (pst.st_dev, pst.st_ino) == (st.st_dev, st.st_ino):
+            return (f"{safe_repr(path)} is one of xdsd's own key, password or state files ({p}); the secret is sent "
+                    "to the issuer's token endpoint: give a file holding only the client secret")
+    if st.st_nlink > 1:  # a hard link makes a file look like another one: never a client secret's
+        return f"{safe_repr(path)} has other hard links; give a client secret file of its own"
+    return None
+
+
 def _read_secret(path: str) -> str:
+    """The client secret in ``path``: one line of printable text, not a PEM block, not one of xdsd's
+    own files (what is read goes over SDS and then to the issuer's token endpoint). Errors never
+    quote the file's content."""
+    if (problem := _protected_problem(path)) is not None:
+        raise ValueError(problem)
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_SECRET_BYTES + 1)
@@ -154,6 +208,12 @@ def _read_secret(path: str) -> str:
         raise ValueError(f"{safe_repr(path)} is not UTF-8 text") from None
     if not text:
         raise ValueError(f"{safe_repr(path)} is empty")
+    if "-----BEGIN" in text or "PRIVATE KEY" in text:
+        raise ValueError(f"{safe_repr(path)} holds a PEM block (a key or a certificate), not a client secret")
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"{safe_repr(path)} holds several lines; a client secret is one line")
+    if not text.isprintable():
+        raise ValueError(f"{safe_repr(path)} holds control characters; a client secret is one line of printable text")
     return text
 
 

@@ -80,6 +80,9 @@ def add_store_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--etcd-key", type=Path, metavar="PEM", help="private key of --etcd-cert")
     g.add_argument("--etcd-user", metavar="NAME", help="etcd user (with --etcd-password-file)")
     g.add_argument("--etcd-password-file", type=Path, metavar="FILE", help="file holding the etcd user's password")
+    g.add_argument("--etcd-plaintext", action="store_true",
+                   help="talk to etcd members that are not on loopback without TLS (the CA and token keys and the "
+                        "etcd password then travel in clear); without it such a --store needs --etcd-cacert")
 
 
 def store_from_args(args: argparse.Namespace) -> StoreSpec:
@@ -102,7 +105,21 @@ def store_from_args(args: argparse.Namespace) -> StoreSpec:
                        ("--etcd-password-file", password_file)):
         if path is not None and not Path(path).is_file():
             raise StoreSpecError(f"{flag}: {path} is not a readable file")
+    remote = [_show(h, p) for h, p in endpoints if not is_loopback_host(h)]
+    if cacert is None and remote and not getattr(args, "etcd_plaintext", False):
+        raise StoreSpecError(f"--store: {', '.join(remote)} is not on loopback: give --etcd-cacert (TLS), or "
+                             "--etcd-plaintext to send the mesh's CA and token keys and the etcd password in clear")
     return StoreSpec("etcd", endpoints, prefix, cacert, cert, key, user, password_file)
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback address: the only etcd members reached without TLS by default."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def grpc_target(endpoints: tuple[tuple[str, int], ...]) -> str:
