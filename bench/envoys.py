@@ -67,7 +67,7 @@ class FastUpstreams:
     """Named apps on their own loopback addresses (``{"blue": "127.0.0.2"}``), in a child process."""
 
     def __init__(self, hosts: dict[str, str]) -> None:
-        self.apps = {name: (host, free_port()) for name, host in hosts.items()}
+        self.apps = {name: (host, free_port(host)) for name, host in hosts.items()}
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_apps_main, args=(child, self.apps), daemon=True)
