@@ -305,3 +305,99 @@ async def test_only_nodes_of_the_steps_gateway_or_service_may_run_it(tmp_path: P
         assert await run(None) == (grpc.StatusCode.UNAUTHENTICATED, 0)
     finally:
         servicer.close()
+
+
+async def test_another_owners_step_and_an_unknown_step_get_the_same_refusal(tmp_path: Path) -> None:
+    """The caller's ownership is checked before the step's existence: no oracle of step keys."""
+    from xdsd.auth.access import Access
+    from xdsd.auth.tokens import TOKEN_HEADER
+
+    access = Access.from_state_dir(tmp_path)
+    assert access.signer is not None
+    servicer = ProcessingServicer(ThreadRunner(1), access=access)
+    servicer.set_mesh(load_mesh(MESH))
+    edge_key = next(k for k, step in servicer._steps.items() if step.path == "gateways.edge.routes[1].processing")
+    token = access.signer.issue("web-1", "web")
+
+    async def refusal(key: str, token: str | None) -> tuple[grpc.StatusCode | None, str]:
+        context = Context(key)
+        if token is not None:
+            context.metadata += ((TOKEN_HEADER, token),)
+        assert [r async for r in servicer.Process(_requests(), context)] == []  # type: ignore[arg-type]
+        assert context.aborted is not None
+        return context.aborted[0], context.aborted[1].replace(key, "KEY")
+
+    try:
+        other = await refusal(edge_key, token)
+        unknown = await refusal("gateways.edge.routes[9].processing#000000000000", token)
+        assert other[0] == grpc.StatusCode.PERMISSION_DENIED
+        assert unknown == other
+        assert (await refusal("gateways.edge.routes[9].processing#0", None))[0] == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        servicer.close()
+
+
+def _spec(name: str) -> Any:
+    from xdsd.extproc.phase import StepSpec
+
+    return StepSpec(name, f"{USER}:{name}", {}, identity=False, buffered=False)
+
+
+async def test_a_broken_worker_pool_is_replaced_once_whatever_the_number_of_calls_in_flight(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from xdsd.extproc import runner as runner_module
+    from xdsd.extproc.phase import StreamState
+
+    pools: list[ProcessPoolExecutor] = []
+
+    class Counting(ProcessPoolExecutor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(runner_module, "ProcessPoolExecutor", Counting)
+    runner = ProcessRunner(2)
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/"))
+
+    async def call(name: str, timeout: float) -> str:
+        outcome = await runner.phase(lambda m: None, _spec(name), StreamState(), "request_headers", request, timeout)
+        return outcome.kind
+
+    try:
+        runner.start()
+        await runner.ready()
+        # one worker dies while the other sleeps and two calls wait: every one of them sees the breakage
+        kinds = await asyncio.wait_for(asyncio.gather(
+            call("die", 20), call("sleepy", 20), call("shout", 20), call("shout", 20)), 60)
+        assert kinds[0] == "error" and "error" in kinds[1:]
+        assert len(pools) == 2  # the first pool and one replacement, not one per call that saw it broken
+        await runner.ready()
+        assert await call("shout", 20) == "ok"
+        assert len(pools) == 2
+    finally:
+        runner.close()
+
+
+async def test_a_call_whose_pool_is_shut_down_before_it_runs_is_an_error_not_a_cancellation() -> None:
+    from xdsd.extproc.phase import StreamState
+
+    runner = ProcessRunner(1)
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/"))
+    try:
+        runner.start()
+        await runner.ready()
+        busy = asyncio.create_task(runner.phase(lambda m: None, _spec("sleepy"), StreamState(), "request_headers",
+                                                request, 20))
+        queued = [asyncio.create_task(runner.phase(lambda m: None, _spec("shout"), StreamState(), "request_headers",
+                                                   request, 20)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        runner.close()  # cancels the calls still queued
+        outcomes = await asyncio.wait_for(asyncio.gather(*queued), 30)
+        assert "error" in [o.kind for o in outcomes]
+        assert all(o.kind in ("ok", "error") for o in outcomes)
+        busy.cancel()
+        await asyncio.gather(busy, return_exceptions=True)
+    finally:
+        runner.close()

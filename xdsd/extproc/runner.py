@@ -128,11 +128,12 @@ class ProcessRunner:
         if self._warming:
             await self.ready()
         start = time.perf_counter()
+        pool = self._executor()
         try:
-            submitted = self._executor().submit(remote_phase, spec, stream, phase, request.SerializeToString(),
-                                                time.time() + timeout)
+            submitted = pool.submit(remote_phase, spec, stream, phase, request.SerializeToString(),
+                                    time.time() + timeout)
         except BrokenProcessPool as exc:
-            self._replace()
+            self._replace(pool)
             return Outcome("error", exc, time.perf_counter() - start)
         future = asyncio.wrap_future(submitted)
         try:
@@ -142,8 +143,15 @@ class ProcessRunner:
             submitted.cancel()
             return Outcome("timeout", None, time.perf_counter() - start)
         except BrokenProcessPool as exc:  # a worker died (os._exit, a crash in C): start new ones
-            self._replace()
+            self._replace(pool)
             return Outcome("error", exc, time.perf_counter() - start)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not submitted.cancelled() or (task is not None and task.cancelling()):
+                raise  # this call itself was cancelled (its stream ended)
+            # the pool was shut down (replaced after a breakage, or closed) before running it
+            return Outcome("error", BrokenProcessPool("the worker pool was replaced before this call ran"),
+                           time.perf_counter() - start)
         except Exception as exc:
             return Outcome("error", exc, time.perf_counter() - start)
         seconds = time.perf_counter() - start
@@ -153,11 +161,14 @@ class ProcessRunner:
             return Outcome("timeout", None, seconds)
         return Outcome("error", RemoteError(a, b), seconds)
 
-    def _replace(self) -> None:
-        old, self._pool = self._pool, None
-        if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
-            self.start()
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """New workers for ``broken``, once: every call that was in flight on a broken pool sees
+        BrokenProcessPool; only the first replaces it (the others find it replaced already)."""
+        if self._pool is not broken:
+            return
+        self._pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
+        self.start()
 
     def close(self) -> None:
         old, self._pool = self._pool, None

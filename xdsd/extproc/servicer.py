@@ -25,6 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from xdsd.auth.access import Access, Denied, token_from_metadata
+from xdsd.auth.tokens import NODE
 from xdsd.extproc.phase import StepSpec, StreamState, continue_, immediate
 from xdsd.extproc.runner import Outcome, ProcessRunner, Runner, ThreadRunner
 from xdsd.model import Mesh
@@ -103,16 +104,25 @@ class ProcessingServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         metadata = context.invocation_metadata() or ()
         key = next((str(v) for k, v in metadata if k == PROCESSING_METADATA), "")
         step = self._steps.get(key) or self._previous.get(key)
-        if step is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"xdsd: no processing step {key[:200]!r} in the mesh")
-            return
         if self.access is not None and self.access.required:
+            # Who calls is checked before whether the step exists: another owner's step key and an
+            # unknown one get the same answer (no oracle for which steps, or owners, there are).
             try:
-                self.access.service(token_from_metadata(metadata), step.owner)
+                caller = self.access.caller(token_from_metadata(metadata))
+                if caller.kind != NODE:
+                    raise Denied("not-a-node", "this needs a node token, not an operator token",
+                                 unauthenticated=False)
             except Denied as exc:
                 code = grpc.StatusCode.UNAUTHENTICATED if exc.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
                 await context.abort(code, f"xdsd: {exc}")
                 return
+            if step is None or step.owner != caller.cluster:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"xdsd: {caller.cluster!r} has no processing step {key[:200]!r}")
+                return
+        if step is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"xdsd: no processing step {key[:200]!r} in the mesh")
+            return
         stream = StreamState()
         async for request in request_iterator:
             yield await self._phase(step, stream, request, metadata)
