@@ -41,7 +41,7 @@ gateways:
         service: web
         processing:
           processor: json-redact
-          phases: [response_body]
+          phases: [response_headers, response_body]
           args: {{drop: [headers.x-secret], mask: [method]}}
       - prefix: /schema
         service: web

@@ -4,6 +4,7 @@ pool's timeout, and the Envoy config generated for ``processing:``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -401,3 +402,51 @@ async def test_a_call_whose_pool_is_shut_down_before_it_runs_is_an_error_not_a_c
         await asyncio.gather(busy, return_exceptions=True)
     finally:
         runner.close()
+
+
+async def test_a_backtracking_schema_pattern_neither_stalls_the_loop_nor_outlives_its_timeout() -> None:
+    """The review's probe: ``^([a-z]+)+$`` against 28 letters and ``!`` takes Python's re about
+    2**28 steps with the GIL held (the loop froze, the timeout was not kept). With RE2 the body is
+    answered 400 by the processor, and the loop keeps ticking meanwhile."""
+    mesh = load_mesh("""
+services:
+  web: {endpoints: [{address: 127.0.0.2, port: 9080}]}
+gateways:
+  edge:
+    listen: {address: 127.0.0.1, port: 10000}
+    routes:
+      - prefix: /
+        service: web
+        processing:
+          processor: json-schema
+          phases: [request_headers, request_body]
+          timeout: 5s
+          args: {schema: {type: object, properties: {name: {type: string, pattern: '^([a-z]+)+$'}}}}
+""")
+    servicer = ProcessingServicer(ThreadRunner(2))
+    servicer.set_mesh(mesh)
+    [key] = servicer._steps
+    longest_gap = 0.0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal longest_gap
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            longest_gap, last = max(longest_gap, now - last), now
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        body = json.dumps({"name": "a" * 28 + "!"}).encode()
+        _, answer = await asyncio.wait_for(_run(
+            servicer, key, ep.ProcessingRequest(request_headers=_headers(_method="POST", _path="/")),
+            ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=True))), 60)
+        assert answer.immediate_response.status.code == 400  # the processor's answer, not a timeout's 504
+        assert b"does not match" in answer.immediate_response.body
+        assert longest_gap < 3.0, longest_gap  # Python's re held the loop for the whole match (~16 s here)
+    finally:
+        stop.set()
+        await ticking
+        servicer.close()
