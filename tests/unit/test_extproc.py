@@ -450,3 +450,74 @@ gateways:
         stop.set()
         await ticking
         servicer.close()
+
+
+async def test_the_admission_holds_a_slot_until_the_pool_is_done_and_bounds_each_line() -> None:
+    from xdsd.extproc.admission import Admission
+
+    admission = Admission(4, per_owner=1, waiting=1, total=3)
+    assert await admission.enter("a", 1) == "ok"
+    waiter = asyncio.create_task(admission.enter("a", 30))
+    await asyncio.sleep(0)
+    assert await admission.enter("a", 1) == "overloaded"  # a's line is full
+    assert await admission.enter("b", 1) == "ok"  # another owner is not held up by a
+    assert await admission.enter("c", 1) == "overloaded"  # three phases in all
+    admission.leave("a")  # the pool is done with a's call: its slot goes to the one in line
+    assert await asyncio.wait_for(waiter, 10) == "ok"
+    assert admission.in_pool("a") == 1
+    assert await admission.enter("a", 0.05) == "timeout"  # waited in line, no slot came
+    admission.leave("a")
+    admission.leave("b")
+    assert admission.in_pool("a") == admission.in_pool("b") == 0 and admission._count == 0
+
+
+async def test_one_owners_heavy_bodies_do_not_starve_another_owners_steps() -> None:
+    from xdsd.extproc.admission import Admission
+
+    mesh = load_mesh(f"""
+services:
+  web:
+    endpoints: [{{address: 127.0.0.2, port: 15006}}]
+    sidecar: {{inbound: {{address: 127.0.0.2, port: 15006}}, app_port: 9080}}
+    processing: {{processor: "{USER}:shout", timeout: 20s}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: 10000}}
+    routes:
+      - {{prefix: /open, service: web, processing: {{processor: "{USER}:slow", timeout: 20s, failure: open}}}}
+      - {{prefix: /, service: web, processing: {{processor: "{USER}:slow", timeout: 20s}}}}
+""")
+    seen: list[tuple[str, str, str, float]] = []
+    servicer = ProcessingServicer(ThreadRunner(2), observer=lambda *a: seen.append(a),
+                                  admission=Admission(2, per_owner=1, waiting=1))
+    servicer.set_mesh(mesh)
+    keys = {step.path: key for key, step in servicer._steps.items()}
+    closed, opened = keys["gateways.edge.routes[1].processing"], keys["gateways.edge.routes[0].processing"]
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/", x_word="hi"))
+    finished: list[str] = []
+
+    async def run(name: str, key: str) -> ep.ProcessingResponse:
+        [answer] = await _run(servicer, key, request)
+        finished.append(name)
+        return answer
+
+    try:
+        first = asyncio.create_task(run("first", closed))  # in the pool (2 s of Python)
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(run("second", closed))  # in edge's line
+        await asyncio.sleep(0.05)
+        third = await asyncio.wait_for(run("third", closed), 10)  # line full: refused at once
+        fourth = await asyncio.wait_for(run("fourth", opened), 10)
+        web = await asyncio.wait_for(run("web", keys["services.web.processing"]), 15)
+        assert third.immediate_response.status.code == 503
+        assert [h.header.raw_value for h in third.immediate_response.headers.set_headers
+                if h.header.key == PROCESSING_METADATA] == [b"overloaded"]
+        assert fourth.WhichOneof("response") == "request_headers"  # failure: open lets it pass
+        [shouted] = [h for h in web.request_headers.response.header_mutation.set_headers if h.header.key == "x-shouted"]
+        assert shouted.header.raw_value == b"HI"
+        await asyncio.wait_for(asyncio.gather(first, second), 60)
+        assert finished.index("web") < finished.index("first")  # not queued behind edge's busy worker
+        overloaded = [o for _, _, o, _ in seen if o == "overloaded"]
+        assert len(overloaded) == 2
+    finally:
+        servicer.close()
