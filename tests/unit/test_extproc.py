@@ -521,3 +521,20 @@ gateways:
         assert len(overloaded) == 2
     finally:
         servicer.close()
+
+
+def test_routes_with_a_response_redaction_ask_the_app_for_uncompressed_bodies() -> None:
+    """json-redact refuses compressed bodies (502): its routes drop the client's accept-encoding."""
+    mesh = load_mesh(MESH.replace(f'processing: {{processor: "{USER}:caller"}}',
+                                  "processing: {processor: json-redact, phases: [response_headers, response_body], "
+                                  "args: {mask: [a]}}"))
+    [rc] = generate(mesh, NodeGroup("edge"))[typeurls.ROUTE]
+    removed = [list(r.request_headers_to_remove) for r in rc.virtual_hosts[0].routes]
+    assert removed == [[], [], [], ["accept-encoding"], []]  # only /redact's route
+    listener = next(m for m in generate(mesh, NodeGroup("web"))[typeurls.LISTENER] if m.name == "inbound|15006")
+    from envoy.extensions.filters.network.http_connection_manager.v3 import (
+        http_connection_manager_pb2 as hcm_pb2,
+    )
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    assert list(hcm.route_config.virtual_hosts[0].routes[0].request_headers_to_remove) == ["accept-encoding"]
