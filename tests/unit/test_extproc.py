@@ -538,3 +538,37 @@ def test_routes_with_a_response_redaction_ask_the_app_for_uncompressed_bodies() 
     hcm = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     assert list(hcm.route_config.virtual_hosts[0].routes[0].request_headers_to_remove) == ["accept-encoding"]
+
+
+async def test_by_default_one_owner_never_holds_every_worker() -> None:
+    """Two threads; edge sends two phases of 2 s of Python: with the default admission (half the
+    workers per owner) the second waits in edge's line and web's phase takes the free worker."""
+    mesh = load_mesh(f"""
+services:
+  web:
+    endpoints: [{{address: 127.0.0.2, port: 15006}}]
+    sidecar: {{inbound: {{address: 127.0.0.2, port: 15006}}, app_port: 9080}}
+    processing: {{processor: "{USER}:shout", timeout: 30s}}
+gateways:
+  edge:
+    listen: {{address: 127.0.0.1, port: 10000}}
+    routes: [{{prefix: /, service: web, processing: {{processor: "{USER}:slow", timeout: 30s}}}}]
+""")
+    servicer = ProcessingServicer(ThreadRunner(2))
+    servicer.set_mesh(mesh)
+    keys = {step.path: key for key, step in servicer._steps.items()}
+    request = ep.ProcessingRequest(request_headers=_headers(_path="/", x_word="hi"))
+    finished: list[str] = []
+
+    async def run(name: str, key: str) -> None:
+        await _run(servicer, key, request)
+        finished.append(name)
+
+    try:
+        slow = [asyncio.create_task(run(f"slow{i}", keys["gateways.edge.routes[0].processing"])) for i in range(2)]
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(run("web", keys["services.web.processing"]), 30)
+        await asyncio.wait_for(asyncio.gather(*slow), 60)
+        assert finished[0] == "web", finished  # without the admission: queued behind both slow phases
+    finally:
+        servicer.close()
