@@ -41,7 +41,7 @@ gateways:
         service: web
         processing:
           processor: json-redact
-          phases: [response_body]
+          phases: [response_headers, response_body]
           args: {{drop: [headers.x-secret], mask: [method]}}
       - prefix: /schema
         service: web
@@ -49,7 +49,7 @@ gateways:
           processor: json-schema
           phases: [request_headers, request_body]
           args:
-            schema: {{type: object, required: [name], properties: {{name: {{type: string}}}}}}
+            schema: {{type: object, required: [name], properties: {{name: {{type: string, pattern: '^([a-z]+)+$'}}}}}}
       - {{prefix: /user, service: web, processing: {{processor: "{USER}:shout", args: {{greeting: hi}}}}}}
       - {{prefix: /closed, service: web, processing: {{processor: "{USER}:boom", failure: closed}}}}
       - {{prefix: /open, service: web, processing: {{processor: "{USER}:boom", failure: open}}}}
@@ -98,6 +98,13 @@ def test_gateway_routes_run_their_processors(
     assert client.request("POST", "/schema", body=b"not json").status == 400
     good = client.request("POST", "/schema", headers={"content-type": "application/json"}, body=b'{"name": "x"}')
     assert good.status == 200 and good.json()["method"] == "POST"
+    # The review's probe: a pattern that backtracks exponentially in Python's re (which held the GIL,
+    # stalling xdsd's loop for seconds past the 200 ms timeout) is matched by RE2: answered 400 at once.
+    server.admin_get("/debug/loop?reset=1")
+    evil = client.request("POST", "/schema", headers={"content-type": "application/json"},
+                          body=json.dumps({"name": "a" * 30 + "!"}).encode())
+    assert evil.status == 400 and "does not match" in evil.json()["error"], evil.body
+    assert json.loads(server.admin_get("/debug/loop"))["max_stall_seconds"] < 2.0  # Python's re: ~60 s
 
     # A user processor from a module of the test tree, with its args.
     seen = client.request("GET", "/user", headers={"x-word": "quiet"}).json()["headers"]

@@ -72,9 +72,9 @@ gateways:
 @pytest.mark.parametrize(("processing", "error"), [
     ("{processor: nope}", "gateways.edge.routes[0].processing.processor: unknown processor 'nope'"),
     ("{processor: 'no_such_mod:f'}", "gateways.edge.routes[0].processing.processor: cannot import 'no_such_mod'"),
-    ("{processor: json-redact, phases: [response_body], args: {drop: [a..b]}}",
+    ("{processor: json-redact, phases: [response_headers, response_body], args: {drop: [a..b]}}",
      "gateways.edge.routes[0].processing.args: drop: empty segment in path 'a..b'"),
-    ("{processor: json-redact, phases: [response_body], body: streamed, args: {drop: [a]}}",
+    ("{processor: json-redact, phases: [response_headers, response_body], body: streamed, args: {drop: [a]}}",
      "gateways.edge.routes[0].processing.body: processor 'json-redact' reads whole bodies"),
     ("{processor: set-headers, phases: [request_body], body: none}",
      "gateways.edge.routes[0].processing.body: phase request_body needs body: buffered or streamed"),
@@ -87,6 +87,15 @@ gateways:
      "gateways.edge.routes[0].processing.args: request: set: x-a: unknown variable {nope}"),
     ("{processor: json-schema, phases: [request_body], args: {schema: {type: 5}}}",
      "gateways.edge.routes[0].processing.args: schema: not a valid JSON Schema"),
+    ("{processor: json-redact, phases: [response_body], args: {drop: [a]}}",
+     "gateways.edge.routes[0].processing.phases: processor 'json-redact' reads the headers of the bodies it is "
+     "given: list response_headers with response_body"),
+    # patterns RE2 cannot match in linear time are refused with the schema, where they are
+    ("{processor: json-schema, phases: [request_body], args: {schema: {properties: {a: {pattern: '(x)\\1'}}}}}",
+     "gateways.edge.routes[0].processing.args: schema: properties.a.pattern: '(x)\\\\1' is not supported by "
+     "xdsd's linear-time regex engine (RE2)"),
+    ("{processor: json-schema, phases: [request_body], args: {schema: {patternProperties: {'^(?=a)': {}}}}}",
+     "gateways.edge.routes[0].processing.args: schema: patternProperties['^(?=a)']: '^(?=a)' is not supported"),
 ])
 def test_bad_processing_is_a_field_path_error(processing: str, error: str) -> None:
     with pytest.raises(MeshError) as exc:
@@ -96,7 +105,8 @@ def test_bad_processing_is_a_field_path_error(processing: str, error: str) -> No
 
 def test_a_valid_processing_step_on_a_route_and_on_a_service() -> None:
     mesh = load_mesh(_mesh("{processor: set-headers}",
-                           "    processing: {processor: json-redact, phases: [response_body], args: {mask: [a]}}"))
+                           "    processing: {processor: json-redact, phases: [response_headers, response_body], "
+                           "args: {mask: [a]}}"))
     route = mesh.gateways["edge"].routes[0].processing
     assert route is not None and route.phases == ["request_headers"] and route.body_mode == "none"
     assert route.failure == "closed" and route.timeout == 0.2
@@ -183,3 +193,64 @@ def test_json_schema_rejects_bad_request_bodies_with_400_and_the_message() -> No
     assert p(Message("request_body", body=b"{", request=Headers({":method": "GET"}))) == Continue()
     with pytest.raises(ValueError, match="required"):
         JsonSchema({})
+
+
+def test_json_schema_patterns_match_in_linear_time_with_ecma_escapes() -> None:
+    """``^([a-z]+)+$`` backtracks exponentially in Python's re (seconds for 30 characters, holding
+    the GIL); RE2 answers at once. ``\\u`` escapes (ECMA-262) still work."""
+    p = JsonSchema({"schema": {"type": "object", "properties": {
+        "name": {"type": "string", "pattern": "^([a-z]+)+$"}, "e": {"pattern": "^\\u00e9$"}},
+        "patternProperties": {"^x-([a-z]+)+$": {"type": "integer"}}, "additionalProperties": False}})
+    post = Headers({":method": "POST"})
+    evil = "a" * 40 + "!"
+    bad = p(Message("request_body", body=json.dumps({"name": evil}).encode(), request=post))
+    assert isinstance(bad, Respond) and bad.status == 400 and "does not match" in json.loads(bad.body)["error"]
+    extra = p(Message("request_body", body=json.dumps({evil: 1}).encode(), request=post))
+    assert isinstance(extra, Respond) and extra.status == 400
+    typed = p(Message("request_body", body=json.dumps({"x-" + "a" * 40: "s"}).encode(), request=post))
+    assert isinstance(typed, Respond) and json.loads(typed.body)["path"] == "$['x-" + "a" * 40 + "']"
+    good = json.dumps({"name": "abc", "e": "é", "x-ab": 1}).encode()
+    assert p(Message("request_body", body=good, request=post)) == Continue()
+
+
+def test_json_schema_refuses_patterns_re2_cannot_take() -> None:
+    with pytest.raises(ValueError, match=r"schema: items.pattern: '\(a\)\\\\1' is not supported"):
+        JsonSchema({"schema": {"items": {"pattern": "(a)\\1"}}})
+    with pytest.raises(ValueError, match="unevaluatedProperties together with patternProperties"):
+        JsonSchema({"schema": {"patternProperties": {"^a": {}}, "unevaluatedProperties": False}})
+    JsonSchema({"schema": {"const": {"pattern": "(a)\\1"}}})  # data, not a pattern
+
+
+def test_a_body_nested_too_deeply_is_a_400_not_an_error() -> None:
+    p = JsonSchema({"schema": {"type": "object"}})
+    post = Headers({":method": "POST"})
+    for depth in (100_000, 700):  # past the JSON parser's limit; within it but past the validator's
+        out = p(Message("request_body", body=b"[" * depth + b"]" * depth, request=post))
+        assert isinstance(out, Respond) and out.status == 400, depth
+    deep = JsonSchema({"schema": {"$ref": "#/$defs/n", "$defs": {"n": {"type": "array", "items": {"$ref": "#/$defs/n"}}}}})
+    out = deep(Message("request_body", body=b"[" * 900 + b"]" * 900, request=post))
+    assert isinstance(out, Respond) and out.status == 400
+
+
+def test_json_redact_fails_closed_on_bodies_it_cannot_read() -> None:
+    p = JsonRedact({"drop": ["password_hash"]})
+    import gzip
+
+    secret = json.dumps({"user": "a", "password_hash": "x"}).encode()
+    gzipped = p(Message("response_body", body=gzip.compress(secret),
+                        headers=Headers({"content-type": "application/json", "content-encoding": "gzip"})))
+    assert isinstance(gzipped, Respond) and gzipped.status == 502
+    untyped = p(Message("response_body", body=gzip.compress(secret), headers=Headers({"content-encoding": "br"})))
+    assert isinstance(untyped, Respond) and untyped.status == 502
+    broken = p(Message("response_body", body=secret[:-1], headers=Headers({"content-type": "application/json"})))
+    assert isinstance(broken, Respond) and broken.status == 502
+    deep = p(Message("response_body", body=b"[" * 100_000 + b"]" * 100_000))
+    assert isinstance(deep, Respond) and deep.status == 502
+    request = p(Message("request_body", body=b"{", headers=Headers({"content-type": "application/json"})))
+    assert isinstance(request, Respond) and request.status == 400
+    identity = p(Message("response_body", body=secret,
+                         headers=Headers({"content-type": "application/json", "content-encoding": "identity"})))
+    assert isinstance(identity, ReplaceBody) and json.loads(identity.body) == {"user": "a"}
+    html = p(Message("response_body", body=b"\x1f\x8b", headers=Headers({"content-type": "text/html",
+                                                                          "content-encoding": "gzip"})))
+    assert html == Continue()  # not JSON by its content type: nothing to redact

@@ -41,7 +41,7 @@ WARM_UP_SECONDS = 30.0
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    kind: Literal["ok", "error", "timeout"]
+    kind: Literal["ok", "error", "timeout", "overloaded"]  # overloaded: refused by the admission, not run
     value: Any  # ok: (ProcessingResponse, StreamState); error: the exception
     seconds: float
 
@@ -54,9 +54,18 @@ class RemoteError(Exception):
         self.details = details
 
 
+# Called once the pool is done with a call (the admission's ``leave``).
+Free = Callable[[], None]
+
+
 class Runner(Protocol):
+    workers: int
+
     async def phase(self, run: Callable[[Message], Any], spec: StepSpec, stream: StreamState, phase: Phase,
-                    request: ep.ProcessingRequest, timeout: float) -> Outcome: ...
+                    request: ep.ProcessingRequest, timeout: float, free: Free | None = None) -> Outcome:
+        """One phase, answered within ``timeout``; ``free()`` is called once, on the loop, when the
+        pool is done with the call (which may be after the answer: a timed-out call still running)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -67,16 +76,23 @@ class ThreadRunner:
         self._pool: ThreadPoolExecutor | None = None  # started on first use
 
     async def phase(self, run: Callable[[Message], Any], spec: StepSpec, stream: StreamState, phase: Phase,
-                    request: ep.ProcessingRequest, timeout: float) -> Outcome:
-        return await self.run(lambda: (process(run, spec, stream, phase, request), stream), timeout)
+                    request: ep.ProcessingRequest, timeout: float, free: Free | None = None) -> Outcome:
+        return await self.run(lambda: (process(run, spec, stream, phase, request), stream), timeout, free)
 
-    async def run(self, work: Callable[[], Any], timeout: float) -> Outcome:
+    async def run(self, work: Callable[[], Any], timeout: float, free: Free | None = None) -> Outcome:
         """``work()`` in a worker thread, at most ``timeout`` seconds from now (queueing included)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="xdsd-processor")
         start = time.perf_counter()
         call = _Call(work)
-        submitted = self._pool.submit(call)
+        try:
+            submitted = self._pool.submit(call)
+        except BaseException:
+            if free is not None:
+                free()
+            raise
+        if free is not None:
+            _when_done(submitted, free)
         future = asyncio.wrap_future(submitted)
         try:
             value = await asyncio.wait_for(asyncio.shield(future), timeout)
@@ -124,16 +140,25 @@ class ProcessRunner:
             await asyncio.wait(pending, timeout=WARM_UP_SECONDS)
 
     async def phase(self, run: Callable[[Message], Any], spec: StepSpec, stream: StreamState, phase: Phase,
-                    request: ep.ProcessingRequest, timeout: float) -> Outcome:
-        if self._warming:
-            await self.ready()
+                    request: ep.ProcessingRequest, timeout: float, free: Free | None = None) -> Outcome:
         start = time.perf_counter()
         try:
-            submitted = self._executor().submit(remote_phase, spec, stream, phase, request.SerializeToString(),
-                                                time.time() + timeout)
+            if self._warming:
+                await self.ready()
+            pool = self._executor()
+            submitted = pool.submit(remote_phase, spec, stream, phase, request.SerializeToString(),
+                                    time.time() + timeout)
         except BrokenProcessPool as exc:
-            self._replace()
+            if free is not None:
+                free()
+            self._replace(pool)
             return Outcome("error", exc, time.perf_counter() - start)
+        except BaseException:
+            if free is not None:
+                free()
+            raise
+        if free is not None:
+            _when_done(submitted, free)
         future = asyncio.wrap_future(submitted)
         try:
             kind, a, b = await asyncio.wait_for(asyncio.shield(future), timeout + BACKSTOP_SECONDS)
@@ -142,8 +167,15 @@ class ProcessRunner:
             submitted.cancel()
             return Outcome("timeout", None, time.perf_counter() - start)
         except BrokenProcessPool as exc:  # a worker died (os._exit, a crash in C): start new ones
-            self._replace()
+            self._replace(pool)
             return Outcome("error", exc, time.perf_counter() - start)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not submitted.cancelled() or (task is not None and task.cancelling()):
+                raise  # this call itself was cancelled (its stream ended)
+            # the pool was shut down (replaced after a breakage, or closed) before running it
+            return Outcome("error", BrokenProcessPool("the worker pool was replaced before this call ran"),
+                           time.perf_counter() - start)
         except Exception as exc:
             return Outcome("error", exc, time.perf_counter() - start)
         seconds = time.perf_counter() - start
@@ -153,11 +185,14 @@ class ProcessRunner:
             return Outcome("timeout", None, seconds)
         return Outcome("error", RemoteError(a, b), seconds)
 
-    def _replace(self) -> None:
-        old, self._pool = self._pool, None
-        if old is not None:
-            old.shutdown(wait=False, cancel_futures=True)
-            self.start()
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """New workers for ``broken``, once: every call that was in flight on a broken pool sees
+        BrokenProcessPool; only the first replaces it (the others find it replaced already)."""
+        if self._pool is not broken:
+            return
+        self._pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
+        self.start()
 
     def close(self) -> None:
         old, self._pool = self._pool, None
@@ -200,6 +235,19 @@ class _Call:
             if self.thread is not None and not self.done:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread),
                                                            ctypes.py_object(ProcessorTimeout))
+
+
+def _when_done(submitted: Future[Any], free: Free) -> None:
+    """``free()`` on this loop once the pool is done with ``submitted`` (ran, failed or cancelled)."""
+    loop = asyncio.get_running_loop()
+
+    def done(_: Future[Any]) -> None:  # in the worker pool's thread, or here when already done
+        try:
+            loop.call_soon_threadsafe(free)
+        except RuntimeError:  # the loop is closed: nothing left to free
+            pass
+
+    submitted.add_done_callback(done)
 
 
 def _consume(future: asyncio.Future[Any]) -> None:

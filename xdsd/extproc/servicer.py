@@ -6,10 +6,12 @@ one answer for that phase. Which processing step a stream is for comes in its in
 (``x-xdsd-processing``, written by the generators); only nodes of the step's gateway or service may
 run it (their node token, like ext_authz).
 
-The processor runs in a worker thread or a worker process (``runner``), with the step's timeout. A processor that raises
-or times out gets the step's failure mode: ``closed`` answers the client 500 (raised) or 504 (timed
-out); ``open`` lets the phase pass untouched. Either way it is logged and counted; the stream is
-never ended with a gRPC error for it (Envoy would apply its own failure mode without a reason).
+The processor runs in a worker thread or a worker process (``runner``), with the step's timeout,
+when the ``admission`` lets it in (each owner has a bounded share of the pool and a bounded line).
+A processor that raises or times out, or a phase refused by the admission, gets the step's failure
+mode: ``closed`` answers the client 500 (raised), 504 (timed out) or 503 (overloaded); ``open`` lets
+the phase pass untouched. Either way it is logged and counted; the stream is never ended with a
+gRPC error for it (Envoy would apply its own failure mode without a reason).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
 from xdsd.auth.access import Access, Denied, token_from_metadata
+from xdsd.auth.tokens import NODE
+from xdsd.extproc.admission import Admission
 from xdsd.extproc.phase import StepSpec, StreamState, continue_, immediate
 from xdsd.extproc.runner import Outcome, ProcessRunner, Runner, ThreadRunner
 from xdsd.model import Mesh
@@ -41,6 +45,8 @@ SpanFactory = Callable[[Any], Any]
 
 # A processor's failure is logged at most this often (per step); every one is counted.
 LOG_INTERVAL = 5.0
+# failure: closed — the client's answer per outcome.
+_FAILED = {"error": (500, "failed"), "timeout": (504, "timed out"), "overloaded": (503, "overloaded")}
 
 
 @dataclass(slots=True)
@@ -55,8 +61,10 @@ class Step:
 
 class ProcessingServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
     def __init__(self, runner: Runner | None = None, observer: ProcessingObserver | None = None,
-                 span: SpanFactory | None = None, access: Access | None = None) -> None:
+                 span: SpanFactory | None = None, access: Access | None = None,
+                 admission: Admission | None = None) -> None:
         self.runner: Runner = runner or ThreadRunner()
+        self.admission = admission or Admission(self.runner.workers)
         self.access = access
         self._observer = observer
         self._span = span
@@ -103,16 +111,25 @@ class ProcessingServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         metadata = context.invocation_metadata() or ()
         key = next((str(v) for k, v in metadata if k == PROCESSING_METADATA), "")
         step = self._steps.get(key) or self._previous.get(key)
-        if step is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"xdsd: no processing step {key[:200]!r} in the mesh")
-            return
         if self.access is not None and self.access.required:
+            # Who calls is checked before whether the step exists: another owner's step key and an
+            # unknown one get the same answer (no oracle for which steps, or owners, there are).
             try:
-                self.access.service(token_from_metadata(metadata), step.owner)
+                caller = self.access.caller(token_from_metadata(metadata))
+                if caller.kind != NODE:
+                    raise Denied("not-a-node", "this needs a node token, not an operator token",
+                                 unauthenticated=False)
             except Denied as exc:
                 code = grpc.StatusCode.UNAUTHENTICATED if exc.unauthenticated else grpc.StatusCode.PERMISSION_DENIED
                 await context.abort(code, f"xdsd: {exc}")
                 return
+            if step is None or step.owner != caller.cluster:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"xdsd: {caller.cluster!r} has no processing step {key[:200]!r}")
+                return
+        if step is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"xdsd: no processing step {key[:200]!r} in the mesh")
+            return
         stream = StreamState()
         async for request in request_iterator:
             yield await self._phase(step, stream, request, metadata)
@@ -123,7 +140,16 @@ class ProcessingServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
         if which not in step.spec.phases:  # trailers, or a phase this step does not process
             return continue_(which or "request_headers")
         phase: Phase = which  # type: ignore[assignment]
-        outcome = await self.runner.phase(step.run, step.worker, stream, phase, request, step.spec.timeout)
+        start = time.perf_counter()
+        admitted = await self.admission.enter(step.owner, step.spec.timeout)
+        if admitted != "ok":  # the owner's share of the pool and its line are full, or its turn came too late
+            outcome = Outcome(admitted, None, time.perf_counter() - start)
+        else:
+            owner = step.owner
+            outcome = await self.runner.phase(step.run, step.worker, stream, phase, request,
+                                              max(step.spec.timeout - (time.perf_counter() - start), 0.001),
+                                              lambda: self.admission.leave(owner))
+            outcome = Outcome(outcome.kind, outcome.value, time.perf_counter() - start)
         if outcome.kind == "ok":
             response: ep.ProcessingResponse = outcome.value[0]
             new_state: StreamState = outcome.value[1]
@@ -142,14 +168,17 @@ class ProcessingServicer(external_processor_pb2_grpc.ExternalProcessorServicer):
             if outcome.kind == "timeout":
                 log.warning("%s: processor %r timed out after %.3fs (%s, failure %s)", step.path,
                             step.spec.processor, step.spec.timeout, phase, step.spec.failure)
+            elif outcome.kind == "overloaded":
+                log.warning("%s: processor %r not run: %r has %d phases in the worker pool and its line is full "
+                            "(%s, failure %s)", step.path, step.spec.processor, step.owner,
+                            self.admission.in_pool(step.owner), phase, step.spec.failure)
             else:
                 exc = outcome.value
                 log.warning("%s: processor %r raised in %s (failure %s): %s: %s", step.path, step.spec.processor,
                             phase, step.spec.failure, type(exc).__name__, exc, exc_info=exc)
         if step.spec.failure == "open":
             return continue_(phase)
-        status = 504 if outcome.kind == "timeout" else 500
-        what = "timed out" if outcome.kind == "timeout" else "failed"
+        status, what = _FAILED[outcome.kind]
         return immediate(Respond(status, f"xdsd: processor {step.spec.processor} {what}\n",
                                   {"content-type": "text/plain", PROCESSING_METADATA: outcome.kind}))
 

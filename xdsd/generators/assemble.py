@@ -148,7 +148,7 @@ def _sidecar_own(name: str, service: Service, group: NodeGroup, own_id: str, td:
     inbound_address = group.inbound_address or sidecar.inbound.address
     own_listeners = (
         listeners.inbound_listener(name, inbound_address, sidecar.inbound.port,
-                                   routes.inbound_routes(name, app_cluster), group, own_id, td, authz_headers,
+                                   routes.inbound_routes(name, app_cluster, service.processing), group, own_id, td, authz_headers,
                                    authn_filters, request_auth, processing=service.processing),  # type: ignore[arg-type]
         *(
             listeners.outbound_listener(u, sidecar.upstreams[u], routes.outbound_route_name(u), group)

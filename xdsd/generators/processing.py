@@ -69,8 +69,19 @@ def gateway_filters(name: str, gateway: Gateway, group: NodeGroup) -> list[hcm_p
             for i, route in enumerate(gateway.routes) if route.processing is not None]
 
 
-def enable(route: _rc.Route, index: int) -> None:
+# Processors that must read response bodies as the app wrote them: their routes drop the client's
+# accept-encoding, so that the app does not compress (json-redact refuses a compressed body, 502).
+IDENTITY_RESPONSES = frozenset({"json-redact"})
+
+
+def wants_identity_responses(step: Processing | None) -> bool:
+    return step is not None and step.processor in IDENTITY_RESPONSES and "response_body" in step.phases
+
+
+def enable(route: _rc.Route, index: int, step: Processing | None = None) -> None:
     """Turn on the gateway route's own filter (disabled in the listener for every other route)."""
+    if wants_identity_responses(step):
+        route.request_headers_to_remove.append("accept-encoding")
     per_route = ext_proc_pb2.ExtProcPerRoute()
     per_route.overrides.SetInParent()
     config = _rc.FilterConfig(disabled=False)

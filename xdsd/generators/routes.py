@@ -14,6 +14,7 @@ from xdsd.authz.contract import SERVICE_KEY
 from xdsd.generators import processing as ext_proc
 from xdsd.generators.endpoints import cluster_name
 from xdsd.model import Gateway, Mesh
+from xdsd.model.processing import Processing
 from xdsd.model.traffic import Fault, Retries, Route
 
 FAULT_FILTER = "envoy.filters.http.fault"
@@ -128,7 +129,7 @@ def gateway_routes(name: str, gateway: Gateway, mesh: Mesh) -> route_pb2.RouteCo
     for i, route in enumerate(gateway.routes):
         _route(r := vhost.routes.add(), route, mesh)
         if route.processing is not None:
-            ext_proc.enable(r, i)  # the route's own ext_proc filter (disabled for the others)
+            ext_proc.enable(r, i, route.processing)  # the route's own ext_proc filter (disabled for the others)
     return rc
 
 
@@ -149,11 +150,13 @@ def outbound_routes(upstream: str, mesh: Mesh) -> route_pb2.RouteConfiguration:
     return rc
 
 
-def inbound_routes(service: str, app_cluster: str) -> route_pb2.RouteConfiguration:
+def inbound_routes(service: str, app_cluster: str, processing: Processing | None = None) -> route_pb2.RouteConfiguration:
     """Mesh traffic that passed mTLS goes to the local app."""
     rc = route_pb2.RouteConfiguration(name=f"inbound|{service}")
     vhost = rc.virtual_hosts.add(name=f"inbound|{service}", domains=["*"])
     r = vhost.routes.add()
+    if ext_proc.wants_identity_responses(processing):
+        r.request_headers_to_remove.append("accept-encoding")
     r.match.prefix = "/"
     r.route.cluster = app_cluster
     # Tell the authorization service which service this is (the destination of the request).

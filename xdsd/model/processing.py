@@ -102,4 +102,10 @@ def check_processing(mesh: Mesh) -> list[FieldError]:
         if getattr(built, "needs_buffered_body", False) and step.body_mode != "buffered":
             errors.append(FieldError(f"{path}.body", f"processor {step.processor!r} reads whole bodies: "
                                                      "use body: buffered"))
+        if getattr(built, "needs_body_headers", False):
+            for body in body_phases:
+                headers = body.replace("_body", "_headers")
+                if headers not in step.phases:
+                    errors.append(FieldError(f"{path}.phases", f"processor {step.processor!r} reads the headers of "
+                                                               f"the bodies it is given: list {headers} with {body}"))
     return errors

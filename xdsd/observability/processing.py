@@ -17,6 +17,9 @@ class ProcessingMetrics:
         self.timeouts = Counter("xdsd_processor_timeouts",
                                 "Processor calls that exceeded their timeout (answered by the failure mode)",
                                 ["processor"], registry=r)
+        self.overloaded = Counter("xdsd_processor_overloaded",
+                                  "Processor calls not run: the owner's share of the worker pool and its line were "
+                                  "full (answered by the failure mode)", ["processor"], registry=r)
         self.latency = Histogram("xdsd_processor_seconds",
                                  "Time from a phase reaching xdsd to its answer (queueing in the worker pool included)",
                                  ["processor"], buckets=_BUCKETS, registry=r)
@@ -28,4 +31,6 @@ class ProcessingMetrics:
             self.errors.labels(processor).inc()
         elif outcome == "timeout":
             self.timeouts.labels(processor).inc()
+        elif outcome == "overloaded":
+            self.overloaded.labels(processor).inc()
         self.latency.labels(processor).observe(seconds)

@@ -150,9 +150,12 @@ Result = Continue | Mutate | ReplaceBody | Respond
 
 class Processor:
     """Base class of processors that take arguments: built once per mesh revision with them.
-    ``needs_buffered_body``: the processor reads whole bodies (the mesh must say ``body: buffered``)."""
+    ``needs_buffered_body``: the processor reads whole bodies (the mesh must say ``body: buffered``).
+    ``needs_body_headers``: the processor reads a body's headers (its content type and encoding):
+    the mesh must list the headers phase of each body phase it lists."""
 
     needs_buffered_body: ClassVar[bool] = False
+    needs_body_headers: ClassVar[bool] = False
 
     def __init__(self, args: Mapping[str, Any]) -> None:
         self.args = args

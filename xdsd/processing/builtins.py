@@ -177,9 +177,16 @@ class JsonRedact(Processor):
     """``json-redact``: in JSON bodies (by ``content-type`` ``application/json`` or ``+json``, or
     any body that parses when the content type is missing), ``drop`` removes the fields at the
     given paths and ``mask`` replaces their values with ``mask_with`` (default ``"***"``). Other
-    bodies pass unchanged. Needs ``body: buffered``."""
+    bodies pass unchanged. Needs ``body: buffered``.
+
+    It fails closed: a body that may be JSON but cannot be read (a ``content-encoding`` other than
+    ``identity``, such as gzip; JSON by its content type that does not parse, or nests too deeply)
+    is never passed on unredacted: the client is answered 502 (a response) or 400 (a request).
+    So it needs the headers phase of each body phase it is given (``response_headers`` with
+    ``response_body``): without them a compressed body would look like a body that is not JSON."""
 
     needs_buffered_body: ClassVar[bool] = True
+    needs_body_headers: ClassVar[bool] = True
 
     def __init__(self, args: Mapping[str, Any]) -> None:
         super().__init__(args)
@@ -204,30 +211,154 @@ class JsonRedact(Processor):
     def __call__(self, message: Message) -> Result | None:
         if message.body is None or not _is_json(message.headers):
             return Continue()
+        encoding = _content_encoding(message.headers)
+        if encoding:
+            return _unreadable(message, f"a body with content-encoding {encoding[:100]!r} cannot be redacted")
         try:
             document = json.loads(message.body)
+            changed = sum(redact(document, p, None) for p in self.drop)
+            changed += sum(redact(document, p, self.mask_with) for p in self.mask)  # type: ignore[arg-type]
+            if not changed:
+                return Continue()
+            return ReplaceBody(json.dumps(document, separators=(",", ":")).encode())
+        except RecursionError:
+            return _unreadable(message, "the JSON body nests too deeply to be redacted")
         except ValueError:
-            return Continue()
-        changed = sum(redact(document, p, None) for p in self.drop)
-        changed += sum(redact(document, p, self.mask_with) for p in self.mask)  # type: ignore[arg-type]
-        if not changed:
-            return Continue()
-        return ReplaceBody(json.dumps(document, separators=(",", ":")).encode())
+            if not _declared_json(message.headers):
+                return Continue()  # no content type, and not JSON: nothing to redact
+            return _unreadable(message, "the body is not valid JSON and cannot be redacted")
+
+
+def _declared_json(headers: Mapping[str, str]) -> bool:
+    kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
 
 
 def _is_json(headers: Mapping[str, str]) -> bool:
-    kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return not kind or kind == "application/json" or kind.endswith("+json")
+    return "content-type" not in headers or not headers["content-type"].strip() or _declared_json(headers)
+
+
+def _content_encoding(headers: Mapping[str, str]) -> str:
+    """The body's content codings other than ``identity`` ("" when it is as sent)."""
+    codings = [c.strip().lower() for c in headers.get("content-encoding", "").split(",")]
+    return ", ".join(c for c in codings if c and c != "identity")
+
+
+def _unreadable(message: Message, why: str) -> Respond:
+    """A body json-redact cannot read is refused, never passed on unredacted."""
+    status = 502 if message.phase.startswith("response") else 400
+    return Respond(status, f"xdsd: json-redact: {why}\n", {"content-type": "text/plain"})
 
 
 # -- json-schema ------------------------------------------------------------------------------
+
+# Schema keywords whose values are data, not schemas (a "pattern" key in them is not a pattern).
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+# ECMA-262's \uXXXX escape, which RE2 writes \x{XXXX} (after an even number of backslashes).
+_U_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u([0-9A-Fa-f]{4})")
+
+
+class Patterns:
+    """The schema's regular expressions, compiled with RE2 (linear time, whatever the pattern and
+    the text; Python's ``re`` backtracks, and holds the GIL while it does: one request body could
+    stall xdsd's event loop for minutes). A pattern RE2 cannot take (backreferences, lookaround)
+    is refused when the mesh is validated."""
+
+    def __init__(self) -> None:
+        self._compiled: dict[str, Any] = {}
+
+    def compile(self, pattern: str) -> Any:
+        compiled = self._compiled.get(pattern)
+        if compiled is None:
+            import re2  # google-re2; only meshes that use json-schema import it
+
+            options = re2.Options()
+            options.log_errors = False
+            options.never_capture = True
+            try:
+                compiled = re2.compile(_U_ESCAPE.sub(r"\1\\x{\2}", pattern), options)
+            except re2.error as exc:
+                reason = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+                raise ValueError(f"not supported by xdsd's linear-time regex engine (RE2): {reason}") from None
+            if len(self._compiled) < 4096:  # the schema's own are compiled up front; this bounds the others
+                self._compiled[pattern] = compiled
+        return compiled
+
+    def search(self, pattern: str, text: str) -> bool:
+        return self.compile(pattern).search(text) is not None
+
+
+def _schema_patterns(node: object, where: str) -> list[tuple[str, str]]:
+    """Every ``pattern`` and ``patternProperties`` regex of a schema, with where it is."""
+    found: list[tuple[str, str]] = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key in _DATA_KEYWORDS:
+                continue
+            at = f"{where}.{key}" if where else str(key)
+            if key == "pattern" and isinstance(value, str):
+                found.append((value, at))
+            elif key == "patternProperties" and isinstance(value, Mapping):
+                found += [(str(k), f"{at}[{k!r}]") for k in value]
+            found += _schema_patterns(value, at)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += _schema_patterns(item, f"{where}[{i}]")
+    return found
+
+
+def _has_key(node: object, name: str) -> bool:
+    if isinstance(node, Mapping):
+        return any(k == name or (k not in _DATA_KEYWORDS and _has_key(v, name)) for k, v in node.items())
+    return isinstance(node, list) and any(_has_key(item, name) for item in node)
+
+
+def _re2_validator(cls: Any, patterns: Patterns) -> Any:
+    """``cls`` with every keyword that matches a regular expression doing it with RE2."""
+    import jsonschema
+    from jsonschema.exceptions import ValidationError
+
+    def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "string") and not patterns.search(patrn, instance):
+            yield ValidationError(f"{instance[:200]!r} does not match {patrn!r}")
+
+    def pattern_properties(validator: Any, pattern_properties: Any, instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        for patrn, subschema in pattern_properties.items():
+            for k, v in instance.items():
+                if patterns.search(patrn, k):
+                    yield from validator.descend(v, subschema, path=k, schema_path=patrn)
+
+    def additional_properties(validator: Any, ap: Any, instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        properties = schema.get("properties", {})
+        regexes = list(schema.get("patternProperties", {}))
+        extras = [k for k in instance if k not in properties and not any(patterns.search(r, k) for r in regexes)]
+        if validator.is_type(ap, "object"):
+            for extra in extras:
+                yield from validator.descend(instance[extra], ap, path=extra)
+        elif not ap and extras:
+            shown = ", ".join(repr(e) for e in sorted(extras)[:20])
+            if regexes:
+                yield ValidationError(f"{shown} do(es) not match any of the regexes: "
+                                      f"{', '.join(repr(r) for r in sorted(regexes))}")
+            else:
+                yield ValidationError(f"Additional properties are not allowed ({shown} unexpected)")
+
+    return jsonschema.validators.extend(cls, {"pattern": pattern, "patternProperties": pattern_properties,
+                                              "additionalProperties": additional_properties})
 
 
 class JsonSchema(Processor):
     """``json-schema``: a request body that is not JSON, or does not validate against ``schema``
     (JSON Schema, draft 2020-12 unless the schema says ``$schema``), is answered 400 with the
     validation message as JSON ``{"error": ..., "path": ...}``. ``methods`` (default POST, PUT,
-    PATCH) are checked; other requests pass. Needs ``body: buffered`` on ``request_body``."""
+    PATCH) are checked; other requests pass. Needs ``body: buffered`` on ``request_body``.
+
+    ``pattern`` and ``patternProperties`` are matched with RE2 (linear time): a pattern it cannot
+    take is refused with the schema; a body that nests too deeply to validate is answered 400."""
 
     needs_buffered_body: ClassVar[bool] = True
 
@@ -246,7 +377,17 @@ class JsonSchema(Processor):
             cls.check_schema(schema)
         except jsonschema.SchemaError as exc:
             raise ValueError(f"schema: not a valid JSON Schema: {exc.message}") from None
-        self.validator = cls(schema)
+        self.patterns = Patterns()
+        for regex, where in _schema_patterns(schema, ""):
+            try:
+                self.patterns.compile(regex)
+            except ValueError as exc:
+                raise ValueError(f"schema: {where}: {regex!r} is {exc}") from None
+        if _has_key(schema, "unevaluatedProperties") and _has_key(schema, "patternProperties"):
+            # jsonschema matches patternProperties with Python's re when it evaluates unevaluatedProperties
+            raise ValueError("schema: unevaluatedProperties together with patternProperties is not supported "
+                             "(use additionalProperties)")
+        self.validator = _re2_validator(cls, self.patterns)(schema)
         methods = args.get("methods", ["POST", "PUT", "PATCH"])
         if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
             raise ValueError("methods: must be a list of HTTP methods")
@@ -257,11 +398,16 @@ class JsonSchema(Processor):
             return Continue()
         try:
             document = json.loads(message.body or b"")
+        except RecursionError:
+            return _bad_request("request body nests too deeply", "")
         except ValueError as exc:
             return _bad_request(f"request body is not JSON: {exc}", "")
         import jsonschema
 
-        error = jsonschema.exceptions.best_match(self.validator.iter_errors(document))
+        try:
+            error = jsonschema.exceptions.best_match(self.validator.iter_errors(document))
+        except RecursionError:
+            return _bad_request("request body nests too deeply to be validated", "")
         if error is None:
             return Continue()
         return _bad_request(error.message, error.json_path)
