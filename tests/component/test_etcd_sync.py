@@ -14,6 +14,7 @@ from aetcd import rpc
 
 from tests.support.etcd import EtcdCluster, etcd_single  # noqa: F401 - fixture
 from xdsd.errors import StoreUnavailable
+from xdsd.registry.instance import Instance, RegistrationError
 from xdsd.registry.registry import Registry
 from xdsd.registry.store import MemoryStore
 from xdsd.store.etcd import EtcdClient
@@ -125,3 +126,54 @@ async def test_write_without_etcd_fails_naming_it_and_changes_nothing(etcd_singl
         assert a.ids() == {"i1"}
     finally:
         await a.close()
+
+
+def other(instance_id: str, port: int, address: str = "127.0.0.2", ttl: float = 10) -> dict[str, object]:
+    return {"service": "reviews", "instance_id": instance_id, "address": address, "port": port, "ttl": ttl}
+
+
+async def test_an_address_is_one_instances_across_replicas(etcd_single: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
+    a, b = await View(etcd_single, tmp_path / "a").start(), await View(etcd_single, tmp_path / "b").start()
+    try:
+        # Two registrations of one address through two views at once: exactly one is taken.
+        for n in range(5):
+            port = 9000 + n
+            results = await asyncio.gather(a.ops.register(reg(f"a{n}", port)), b.ops.register(reg(f"b{n}", port)),
+                                           return_exceptions=True)
+            taken = [r for r in results if isinstance(r, Instance)]
+            refused = [r for r in results if isinstance(r, RegistrationError)]
+            assert len(taken) == 1 and len(refused) == 1, results
+            assert refused[0].errors[0].path == "address" and "already registered as reviews/" in str(refused[0])
+            await until(lambda: a.ids() == b.ids(), "the views to agree")
+        assert len(a.ids()) == 5
+        # A view that has not seen a registration (its watch stopped) is refused by etcd all the same,
+        # with the error a single replica gives; another spelling of the address is the same address.
+        await b.pause()
+        await a.ops.register(other("v6", 8100, address="::1"))
+        with pytest.raises(RegistrationError, match=r"address: ::1:8100 is already registered as reviews/v6"):
+            await b.ops.register(other("x", 8100, address="0:0::0001"))
+        # The instance itself re-registers through either view (same id, same address).
+        again = await b.ops.register(other("v6", 8100, address="::1", ttl=20))
+        assert again.ttl == 20
+        await a.ops.register(other("v6", 8100, address="::1", ttl=30))
+        b.task = asyncio.ensure_future(b.sync.follow(b.stop))
+        # Moving to another address releases the old one at once (its lease is revoked).
+        await b.ops.register(other("v6", 8101, address="::1"))
+        await until(lambda: a.registry.get("reviews", "v6").port == 8101, "a to see v6 move")
+        for _ in range(100):  # the old lease is revoked in the background
+            with contextlib.suppress(RegistrationError):
+                await a.ops.register(other("y", 8100, address="::1"))
+                break
+            await asyncio.sleep(0.1)
+        assert "y" in a.ids()
+        # Deregistering holds the address while draining (2 s), then frees it; so does expiry.
+        await a.ops.deregister("reviews", "y")
+        with pytest.raises(RegistrationError, match="address"):
+            await b.ops.register(other("z", 8100, address="::1"))
+        await until(lambda: "y" not in a.ids() and "y" not in b.ids(), "y drained", 20)
+        await b.ops.register(other("z", 8100, address="::1", ttl=2))
+        await until(lambda: "z" not in a.ids() and "z" not in b.ids(), "z expired", 20)
+        await a.ops.register(other("w", 8100, address="::1"))
+    finally:
+        await a.close()
+        await b.close()

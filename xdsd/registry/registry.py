@@ -106,8 +106,7 @@ class Registry:
         old = self._instances.get(inst.key)
         holder = self._by_address.get(inst.address_key)
         if holder is not None and holder != inst.key:
-            errors.append(FieldError("address", f"{reg.address}:{reg.port} is already registered as "
-                                                f"{holder[0]}/{holder[1]} (an address:port is one instance of a service)"))
+            errors.append(address_taken(inst, holder[1]))
         if errors:
             raise RegistrationError(errors)
         self._check_quotas(inst, old)
@@ -320,6 +319,12 @@ class Registry:
             return
         self._dirty = self._unsaved_change = False
         self._saved_at = self.clock()
+
+
+def address_taken(inst: Instance, holder_id: str) -> FieldError:
+    """The refusal of ``inst``: its address:port is instance ``holder_id``'s (of the same service)."""
+    return FieldError("address", f"{inst.address}:{inst.port} is already registered as {inst.service}/{holder_id} "
+                                 f"(an address:port is one instance of a service)")
 
 
 def _serving_fields(i: Instance) -> tuple[object, ...]:

@@ -178,6 +178,35 @@ class EtcdClient:
         kvs = resp.responses[0].response_range.kvs  # type: ignore[attr-defined]
         return False, int(kvs[0].mod_revision) if kvs else 0
 
+    async def put_claiming(self, claim: bytes, owner: bytes, puts: tuple[tuple[bytes, bytes], ...],
+                           lease: int, release: bytes | None = None) -> tuple[bool, int, bytes | None]:
+        """In one transaction, if the key ``claim`` is absent or holds ``owner``: put ``claim`` =
+        ``owner`` and the ``puts``, all on ``lease``, and delete the key ``release`` if it holds
+        ``owner`` (a claim given up). Returns (done, revision, holder): the new revision, or
+        (False, 0, the value ``claim`` holds: another owner's)."""
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v, lease=lease)) for k, v in ((claim, owner), *puts)]
+        if release is not None and release != claim:
+            ops.append(rpc.RequestOp(request_txn=rpc.TxnRequest(
+                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=release, value=owner)],
+                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=release))])))
+        absent = rpc.TxnRequest(
+            compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=claim, create_revision=0)],
+            success=ops,
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=claim))])
+        req = rpc.TxnRequest(
+            compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=claim, value=owner)],
+            success=ops,
+            failure=[rpc.RequestOp(request_txn=absent)])
+        resp = await self._call(rpc.KVStub, "Txn", req)
+        revision = int(resp.header.revision)  # type: ignore[attr-defined]
+        if resp.succeeded:  # type: ignore[attr-defined]
+            return True, revision, None
+        inner = resp.responses[0].response_txn  # type: ignore[attr-defined]
+        if inner.succeeded:
+            return True, revision, None
+        kvs = inner.responses[0].response_range.kvs
+        return False, 0, kvs[0].value if kvs else None
+
     async def create(self, key: bytes, value: bytes) -> bytes:
         """Put ``value`` unless the key exists; returns the value the key holds afterwards (the
         first writer's)."""

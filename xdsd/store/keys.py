@@ -31,6 +31,13 @@ class Keys:
     def registration(self, service: str, instance_id: str) -> bytes:
         return self._k(f"registrations/{service}/{instance_id}")  # on the instance's lease
 
+    def address(self, service: str, address: str, port: int) -> bytes:
+        """The claim of an address:port within a service (``address`` in its ``address_key`` form):
+        holds the instance id, on that instance's lease, written in one transaction with its
+        registration (an address:port is one instance's on every replica)."""
+        host = f"[{address}]" if ":" in address else address
+        return self._k(f"addresses/{service}/{host}:{port}")
+
     @property
     def replicas(self) -> bytes:
         return self._k("replicas/")

@@ -2,7 +2,12 @@
 calls): each registration is a key on an etcd lease whose TTL is the instance's; a heartbeat through any
 replica keeps that lease alive (no write to the keyspace); deregistering puts the instance in
 DRAINING on a lease of ``--drain-time``. A write is answered only once etcd took it: without
-quorum the API answers 503 / UNAVAILABLE naming etcd, and the registry is unchanged."""
+quorum the API answers 503 / UNAVAILABLE naming etcd, and the registry is unchanged.
+
+An address:port is one instance's on every replica: the registration's transaction also claims
+``addresses/<service>/<address>:<port>`` (holding the instance id, on the same lease) if no other
+instance holds it, so of two registrations of one address through two replicas exactly one is taken;
+the lease ending (expiry, or the end of draining) releases it."""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from xdsd.registry.instance import Instance, RegistrationInput
-from xdsd.registry.registry import NotRegistered, Registry
+from xdsd.registry.instance import Instance, RegistrationError, RegistrationInput
+from xdsd.registry.registry import NotRegistered, Registry, address_taken
 from xdsd.store.etcd import EtcdClient, StoreUnavailable
 from xdsd.store.keys import Keys
 from xdsd.store.sync import EtcdSync
@@ -37,17 +42,38 @@ class EtcdRegistrations:
         self.sync = sync
         self._revoking: set[asyncio.Task[None]] = set()  # replaced leases being revoked (kept referenced)
 
-    async def _store(self, inst: Instance, ttl: float) -> None:
+    async def _store(self, inst: Instance, ttl: float, *, claim: bool) -> None:
+        """Write ``inst`` on a new lease of ``ttl``, with its address claim: RegistrationError if
+        another instance holds the address and ``claim`` (a registration); without ``claim`` (a
+        deregistration) the instance is written all the same. What etcd holds of the instance
+        (read first: this replica's watch may not have seen its last write) gives the lease to
+        revoke and the address to release; a concurrent write of the same instance through another
+        replica can leave its old claim until that lease ends (the instance's TTL at most)."""
+        key = self.keys.registration(inst.service, inst.instance_id)
+        current = await self.client.get(key)
+        stored = self.sync.instance(current) if current is not None else None
         lease = await self.client.grant(lease_ttl(ttl))
         value = json.dumps(inst.as_json(), separators=(",", ":")).encode()
-        revision = await self.client.put(self.keys.registration(inst.service, inst.instance_id), value, lease)
+        release = self.keys.address(*stored.address_key) if stored is not None else None
+        # Without an answer the lease is left to end by itself: the write may have been taken.
+        done, revision, holder = await self.client.put_claiming(
+            self.keys.address(*inst.address_key), inst.instance_id.encode(), ((key, value),), lease, release)
+        if not done and not claim:
+            revision = await self.client.put(key, value, lease)
+            done = True
+        if not done:
+            self._retire(lease)
+            raise RegistrationError([address_taken(inst, (holder or b"?").decode(errors="replace"))])
         old = self.sync.leases.get(inst.key)
         self.sync.leases[inst.key] = lease
         self.sync.written[inst.key] = revision
-        if old and old != lease:
-            task = asyncio.ensure_future(self._revoke(old))  # the key is on the new lease already
-            self._revoking.add(task)
-            task.add_done_callback(self._revoking.discard)
+        for replaced in {old, current.lease if current is not None else 0} - {0, None, lease}:
+            self._retire(replaced)  # nothing is on it any more
+
+    def _retire(self, lease: int) -> None:
+        task = asyncio.ensure_future(self._revoke(lease))
+        self._revoking.add(task)
+        task.add_done_callback(self._revoking.discard)
 
     async def _revoke(self, lease: int) -> None:
         try:
@@ -57,7 +83,7 @@ class EtcdRegistrations:
 
     async def register(self, reg: Mapping[str, Any] | RegistrationInput, token_id: str = "") -> Instance:
         inst, _ = self.registry.prepare(reg, token_id)
-        await self._store(inst, inst.ttl)
+        await self._store(inst, inst.ttl, claim=True)
         return self.registry.admit(inst)
 
     async def heartbeat(self, service: str, instance_id: str) -> Instance:
@@ -77,5 +103,5 @@ class EtcdRegistrations:
         if inst.state == "DRAINING":
             return inst
         draining = self.registry.draining(inst)
-        await self._store(draining, self.registry.drain_seconds)
+        await self._store(draining, self.registry.drain_seconds, claim=False)
         return self.registry.admit(draining)

@@ -59,7 +59,7 @@ class EtcdSync:
             if kv.key == self.keys.mesh:
                 mesh = kv
             elif kv.key.startswith(self.keys.registrations):
-                inst = self._instance(kv)
+                inst = self.instance(kv)
                 if inst is not None:
                     instances.append(inst)
                     leases[inst.key] = kv.lease
@@ -137,7 +137,7 @@ class EtcdSync:
                 self.leases.pop(ids, None)
                 self.registry.forget(*ids)
                 return
-            inst = self._instance(e.kv)
+            inst = self.instance(e.kv)
             if inst is not None:
                 self.leases[inst.key] = e.kv.lease
                 try:
@@ -165,7 +165,7 @@ class EtcdSync:
         service, _, instance_id = key[len(self.keys.registrations):].decode(errors="replace").partition("/")
         return (service, instance_id) if service and instance_id else None
 
-    def _instance(self, kv: KeyValue) -> Instance | None:
+    def instance(self, kv: KeyValue) -> Instance | None:
         try:
             inst = Instance.load(json.loads(kv.value))
         except (ValueError, RegistrationError) as exc:  # written by hand, or by a newer version
