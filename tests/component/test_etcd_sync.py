@@ -177,3 +177,22 @@ async def test_an_address_is_one_instances_across_replicas(etcd_single: EtcdClus
     finally:
         await a.close()
         await b.close()
+
+
+async def test_listing_shows_the_expiry_heartbeats_gave_through_another_view(etcd_single: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
+    a, b = await View(etcd_single, tmp_path / "a").start(), await View(etcd_single, tmp_path / "b").start()
+    try:
+        first = await a.ops.register(reg("i1", 8001, ttl=3))
+        await until(lambda: b.ids() == {"i1"}, "b to see i1")
+        for _ in range(6):  # 3 s of heartbeats through a: no write, so b's copy keeps the first expiry
+            await a.ops.heartbeat("reviews", "i1")
+            await asyncio.sleep(0.5)
+        await a.ops.heartbeat("reviews", "i1")
+        assert b.registry.get("reviews", "i1").expires_at == first.expires_at
+        [seen] = await b.ops.listed("reviews")
+        # The lease was refreshed just now: its expiry is at least ~2 s (whole seconds) past the first.
+        assert seen.expires_at >= first.expires_at + 2, (seen.expires_at, first.expires_at)
+        assert seen.instance_id == "i1" and seen.state == "ACTIVE"
+    finally:
+        await a.close()
+        await b.close()

@@ -237,6 +237,11 @@ class EtcdClient:
             raise self._error(exc) from None
         raise StoreUnavailable(f"{self.where}: lease keep-alive got no answer")
 
+    async def time_to_live(self, lease: int) -> int:
+        """The seconds ``lease`` has left (-1: it is gone). A read: no raft write."""
+        resp = await self._call(rpc.LeaseStub, "LeaseTimeToLive", rpc.LeaseTimeToLiveRequest(ID=lease))
+        return int(resp.TTL)  # type: ignore[attr-defined]
+
     async def revoke(self, lease: int) -> None:
         try:
             await self._call(rpc.LeaseStub, "LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease))

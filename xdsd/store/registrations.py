@@ -7,11 +7,14 @@ quorum the API answers 503 / UNAVAILABLE naming etcd, and the registry is unchan
 An address:port is one instance's on every replica: the registration's transaction also claims
 ``addresses/<service>/<address>:<port>`` (holding the instance id, on the same lease) if no other
 instance holds it, so of two registrations of one address through two replicas exactly one is taken;
-the lease ending (expiry, or the end of draining) releases it."""
+the lease ending (expiry, or the end of draining) releases it. The stored ``expires_at`` is the
+registration's; a listing computes each ACTIVE instance's from its lease's remaining TTL (a read),
+since heartbeats write nothing."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -28,6 +31,10 @@ log = logging.getLogger(__name__)
 
 # etcd grants no lease shorter than its minimum TTL (about 2 s with the default election timeout).
 MIN_LEASE_TTL = 2
+# Lease lookups a listing makes at once (each a small read from etcd), and how long one answer is
+# reused (listings in a burst, by any caller with a token, make at most one lookup per lease).
+LIST_CONCURRENCY = 32
+LEASE_LOOKUP_REUSE = 1.0
 
 
 def lease_ttl(seconds: float) -> int:
@@ -41,6 +48,7 @@ class EtcdRegistrations:
         self.keys = keys
         self.sync = sync
         self._revoking: set[asyncio.Task[None]] = set()  # replaced leases being revoked (kept referenced)
+        self._expiries: dict[int, tuple[float, float]] = {}  # lease -> (looked up at, expires at)
 
     async def _store(self, inst: Instance, ttl: float, *, claim: bool) -> None:
         """Write ``inst`` on a new lease of ``ttl``, with its address claim: RegistrationError if
@@ -105,3 +113,33 @@ class EtcdRegistrations:
         draining = self.registry.draining(inst)
         await self._store(draining, self.registry.drain_seconds, claim=False)
         return self.registry.admit(draining)
+
+    async def listed(self, service: str | None = None) -> list[Instance]:
+        """The instances, each ACTIVE one expiring when its lease does (heartbeats through any
+        replica refresh the lease, not the stored ``expires_at``). To the second (etcd counts a
+        lease's TTL in whole seconds); while etcd is unreachable, the stored expiries."""
+        instances = self.registry.list(service)
+        if not self.sync.connected:
+            return instances  # etcd unreachable: no lookup waits for its timeout
+        gate = asyncio.Semaphore(LIST_CONCURRENCY)
+        now = self.registry.clock()
+        self._expiries = {k: v for k, v in self._expiries.items() if now - v[0] < LEASE_LOOKUP_REUSE}
+
+        async def current(inst: Instance) -> Instance:
+            lease = self.sync.leases.get(inst.key)
+            if inst.state != "ACTIVE" or not lease:
+                return inst
+            known = self._expiries.get(lease)
+            if known is None:
+                async with gate:
+                    left = await self.client.time_to_live(lease)
+                if left < 0:
+                    return inst  # gone: the watch is about to drop it
+                known = self._expiries[lease] = (now, self.registry.clock() + left)
+            return dataclasses.replace(inst, expires_at=max(inst.expires_at, known[1]))
+
+        try:
+            return list(await asyncio.gather(*map(current, instances)))
+        except StoreUnavailable as exc:
+            log.debug("listing with the stored expiries: %s", exc)
+            return instances
