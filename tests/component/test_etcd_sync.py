@@ -15,7 +15,7 @@ from aetcd import rpc
 from tests.support.etcd import EtcdCluster, etcd_single  # noqa: F401 - fixture
 from xdsd.errors import StoreUnavailable
 from xdsd.registry.instance import Instance, RegistrationError
-from xdsd.registry.registry import Registry
+from xdsd.registry.registry import QuotaExceeded, Registry
 from xdsd.registry.store import MemoryStore
 from xdsd.store.etcd import EtcdClient
 from xdsd.store.keys import Keys
@@ -25,10 +25,10 @@ from xdsd.store.sync import EtcdSync
 
 
 class View:
-    def __init__(self, cluster: EtcdCluster, state: Path, timeout: float = 3.0) -> None:
+    def __init__(self, cluster: EtcdCluster, state: Path, timeout: float = 3.0, **limits: int) -> None:
         self.client = EtcdClient(StoreSpec("etcd", parse_endpoints(cluster.store_url), "/m"), timeout=timeout)
         self.keys = Keys("/m")
-        self.registry = Registry(MemoryStore(), drain_seconds=2, expire_locally=False)
+        self.registry = Registry(MemoryStore(), drain_seconds=2, expire_locally=False, **limits)
         self.meshes: list[tuple[bytes, int]] = []
         state.mkdir(parents=True, exist_ok=True)
         self.sync = EtcdSync(self.client, self.keys, self.registry, state, lambda c, r: self.meshes.append((c, r)))
@@ -193,6 +193,41 @@ async def test_listing_shows_the_expiry_heartbeats_gave_through_another_view(etc
         # The lease was refreshed just now: its expiry is at least ~2 s (whole seconds) past the first.
         assert seen.expires_at >= first.expires_at + 2, (seen.expires_at, first.expires_at)
         assert seen.instance_id == "i1" and seen.state == "ACTIVE"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_quotas_hold_across_replicas(etcd_single: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
+    limits = {"max_per_service": 3, "max_per_token": 2}
+    a = await View(etcd_single, tmp_path / "a", **limits).start()
+    b = await View(etcd_single, tmp_path / "b", **limits).start()
+    try:
+        await b.pause()  # b does not see what a takes: only etcd can refuse
+        await a.ops.register(reg("i1", 8001))
+        await a.ops.register(reg("i2", 8002))
+        await b.ops.register(reg("j1", 8003))  # the third
+        with pytest.raises(QuotaExceeded, match="service: reviews has 3 registered instances"):
+            await b.ops.register(reg("j2", 8004))
+        assert await b.client.count(b.keys.service("reviews")) == 3  # j2 was undone
+        await b.ops.register(reg("j1", 8003, ttl=20))  # re-registering is not a new instance
+        # Two new instances at once through two views, one place left: exactly one stays.
+        await a.ops.deregister("reviews", "i2")
+        await until(lambda: "i2" not in a.ids(), "i2 drained", 20)
+        b.task = asyncio.ensure_future(b.sync.follow(b.stop))
+        await until(lambda: b.ids() == a.ids() == {"i1", "j1"}, "the views to agree")
+        results = await asyncio.gather(a.ops.register(reg("k1", 8005)), b.ops.register(reg("k2", 8006)),
+                                       return_exceptions=True)
+        assert sorted(type(r).__name__ for r in results) == ["Instance", "QuotaExceeded"], results
+        await until(lambda: len(a.ids()) == len(b.ids()) == 3 and a.ids() == b.ids(), "three instances everywhere")
+        # Per token, across services and views.
+        await b.pause()
+        other = {"service": "ratings", "address": "127.0.0.3", "ttl": 10}
+        await a.ops.register({**other, "instance_id": "t1", "port": 9001}, "tok")
+        await b.ops.register({**other, "instance_id": "t2", "port": 9002}, "tok")
+        with pytest.raises(QuotaExceeded, match="token: this token \\(id tok\\) has registered 2 instances"):
+            await b.ops.register({**other, "instance_id": "t3", "port": 9003}, "tok")
+        await b.ops.register({**other, "instance_id": "t3", "port": 9003}, "another")
     finally:
         await a.close()
         await b.close()

@@ -7,7 +7,8 @@ quorum the API answers 503 / UNAVAILABLE naming etcd, and the registry is unchan
 An address:port is one instance's on every replica: the registration's transaction also claims
 ``addresses/<service>/<address>:<port>`` (holding the instance id, on the same lease) if no other
 instance holds it, so of two registrations of one address through two replicas exactly one is taken;
-the lease ending (expiry, or the end of draining) releases it. The stored ``expires_at`` is the
+the lease ending (expiry, or the end of draining) releases it. A new instance also stays only within
+the quotas as counted in etcd (``_within_quotas``). The stored ``expires_at`` is the
 registration's; a listing computes each ACTIVE instance's from its lease's remaining TTL (a read),
 since heartbeats write nothing."""
 
@@ -63,9 +64,14 @@ class EtcdRegistrations:
         lease = await self.client.grant(lease_ttl(ttl))
         value = json.dumps(inst.as_json(), separators=(",", ":")).encode()
         release = self.keys.address(*stored.address_key) if stored is not None else None
+        puts = [(key, value)]
+        if inst.token_id:
+            puts.append((self.keys.owned(inst.token_id, *inst.key), b""))
+        previous = stored.token_id if stored is not None else ""
+        deletes = (self.keys.owned(previous, *inst.key),) if previous and previous != inst.token_id else ()
         # Without an answer the lease is left to end by itself: the write may have been taken.
         done, revision, holder = await self.client.put_claiming(
-            self.keys.address(*inst.address_key), inst.instance_id.encode(), ((key, value),), lease, release)
+            self.keys.address(*inst.address_key), inst.instance_id.encode(), tuple(puts), lease, release, deletes)
         if not done and not claim:
             revision = await self.client.put(key, value, lease)
             done = True
@@ -75,8 +81,29 @@ class EtcdRegistrations:
         old = self.sync.leases.get(inst.key)
         self.sync.leases[inst.key] = lease
         self.sync.written[inst.key] = revision
+        if claim and current is None:
+            await self._within_quotas(inst, lease)
         for replaced in {old, current.lease if current is not None else 0} - {0, None, lease}:
             self._retire(replaced)  # nothing is on it any more
+
+    async def _within_quotas(self, inst: Instance, lease: int) -> None:
+        """A new instance (just stored) stays only if it is among the first created up to each limit
+        (per service; per token): of the instances over a limit, the last created go, whichever
+        replica took them, so the bound holds across replicas. What is over a limit is undone (its
+        lease revoked) and QuotaExceeded raised; it may have been served for that moment. Below a
+        limit this is one count per limit (a read)."""
+        checks = [(self.keys.service(inst.service), self.keys.registration(*inst.key), self.registry.max_per_service,
+                   self.registry.over_service_quota)]
+        if inst.token_id:
+            checks.append((self.keys.owner(inst.token_id), self.keys.owned(inst.token_id, *inst.key),
+                           self.registry.max_per_token, self.registry.over_token_quota))
+        try:
+            for prefix, mine, limit, error in checks:
+                if await self.client.count(prefix) > limit and mine not in await self.client.first_created(prefix, limit):
+                    await self._revoke(lease)
+                    raise error(inst)
+        except StoreUnavailable as exc:  # it is stored: kept, as checked against this replica's view
+            log.warning("%s/%s: quotas not checked in etcd: %s", inst.service, inst.instance_id, exc)
 
     def _retire(self, lease: int) -> None:
         task = asyncio.ensure_future(self._revoke(lease))
