@@ -4,7 +4,7 @@ replica moves its Envoys to another with no failed request and no new versions; 
 down changes nothing, quorum lost freezes writes (503 naming etcd) but never serving, and everything
 resumes when quorum returns; a replica cut off while etcd compacts lists again and converges; a
 replica started while etcd is unreachable serves nothing; applies through two replicas conflict
-instead of undoing each other; history, rollback and revocations are shared."""
+instead of undoing each other; history, rollback, revocations and token key rotation are shared."""
 
 from __future__ import annotations
 
@@ -324,6 +324,49 @@ def test_a_revocation_through_etcd_ends_the_streams_on_every_replica(
              "b to refuse edge-1's revoked token", 30)
     assert not on(b, "edge-1")
     assert "edge-1" in a.state_dir.joinpath("tokens", "revoked.json").read_text()  # every replica has the list
+
+
+def listing_status(proc: XdsdProcess, token: str) -> int:
+    """GET /v1/instances with ``token``: 200, or 401 for a token this replica does not accept."""
+    req = urllib.request.Request(proc.admin_url + "/v1/instances", headers={"x-xdsd-token": token})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_token_key_rotation_and_retirement_through_etcd_reach_every_replica(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], etcd_cluster: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
+    from xdsd.auth.commands import mint
+
+    scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    old = a.token("test", "reviews")  # the shared key's (a's copy of it)
+    envoy_factory(b, "edge-1", "edge")  # its bootstrap token too
+    wait_for(lambda: on(b, "edge-1"), "edge-1 on b", 30)
+    operator = tmp_path / "operator"
+
+    def token(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "xdsd", "token", *args, "--store", etcd_cluster.store_url,
+                               "--state-dir", str(operator)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    done = token("rotate-key")
+    assert done.returncode == 0 and "new signing key" in done.stdout, done.stderr
+    new = mint(operator, "test", "reviews", ttl=600)[0]  # with the new key (the command copied it)
+    wait_for(lambda: listing_status(a, new) == listing_status(b, new) == 200, "every replica to accept the new key", 30)
+    assert listing_status(a, old) == listing_status(b, old) == 200  # the old key still verifies
+    assert on(b, "edge-1")
+    assert a.state_dir.joinpath("token.key").read_bytes() == operator.joinpath("token.key").read_bytes()
+    done = token("retire-key")
+    assert done.returncode == 0 and "retired key(s)" in done.stdout, done.stderr
+    wait_for(lambda: listing_status(a, old) == listing_status(b, old) == 401, "every replica to refuse the old key", 30)
+    wait_for(lambda: any(r.get("node_id") == "edge-1" for r in b.admin_get_json("/debug/refused")),
+             "b to end edge-1's stream (its token's key is retired)", 30)
+    assert listing_status(a, new) == listing_status(b, new) == 200
+    done = token("retire-key")  # the current key is never retired
+    assert done.returncode == 1 and "no previous key" in done.stderr
 
 
 async def _compact(cluster: EtcdCluster) -> int:

@@ -59,7 +59,14 @@ class Keys:
 
     @property
     def token_key(self) -> bytes:
-        return self._k("secrets/token-key")  # created once, never overwritten
+        return self._k("secrets/token-key")  # the signing key: created once, replaced by rotate-key (CAS)
+
+    @property
+    def previous_token_keys(self) -> bytes:
+        return self._k("secrets/token-keys/")  # <kid>: keys rotated out, still verifying until retired
+
+    def previous_token_key(self, kid: str) -> bytes:
+        return self.previous_token_keys + kid.encode()
 
     @property
     def ca(self) -> bytes:
