@@ -4,7 +4,9 @@ replica moves its Envoys to another with no failed request and no new versions; 
 down changes nothing, quorum lost freezes writes (503 naming etcd) but never serving, and everything
 resumes when quorum returns; a replica cut off while etcd compacts lists again and converges; a
 replica started while etcd is unreachable serves nothing; applies through two replicas conflict
-instead of undoing each other; history, rollback, revocations and token key rotation are shared."""
+instead of undoing each other; one address through two replicas at once is taken once, and a
+listing shows the expiry heartbeats through another replica gave; history, rollback, revocations and
+token key rotation are shared."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from aetcd import rpc
+from google.protobuf import timestamp_pb2
 
 from tests.support.envoy import EnvoyFactory, EnvoyProcess
 from tests.support.etcd import EtcdCluster, etcd_cluster  # noqa: F401 - fixture
@@ -324,6 +327,44 @@ def test_a_revocation_through_etcd_ends_the_streams_on_every_replica(
              "b to refuse edge-1's revoked token", 30)
     assert not on(b, "edge-1")
     assert "edge-1" in a.state_dir.joinpath("tokens", "revoked.json").read_text()  # every replica has the list
+
+
+def test_registration_rules_that_compare_instances_hold_across_replicas(
+        replicas: Callable[..., XdsdProcess], mesh_file: MeshFile, upstreams: Callable[..., Upstreams]) -> None:
+    scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    # One address through two replicas at once, a few times: exactly one taken each time, the other
+    # refused with the 400 naming the address a single replica gives.
+    for n in range(3):
+        answers: list[tuple[int, Any]] = []
+        bodies = [{"service": "reviews", "instance_id": f"{who}{n}", "address": "127.0.0.9", "port": 7000 + n,
+                   "ttl": "10s"} for who in ("a", "b")]
+        threads = [threading.Thread(target=lambda p=p, body=body, out=answers: out.append(api(p, "/v1/register", body)))
+                   for p, body in zip((a, b), bodies, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(code for code, _ in answers) == [200, 400], answers
+        refused = next(body for code, body in answers if code == 400)
+        assert refused["errors"][0].startswith(f"address: 127.0.0.9:{7000 + n} is already registered as reviews/")
+    # Heartbeats through a refresh the lease only; b's listing answers the lease's expiry.
+    code, first = api(a, "/v1/register", {"service": "reviews", "instance_id": "hb", "address": "127.0.0.10",
+                                          "port": 7100, "ttl": "3s"})
+    assert code == 200
+    for _ in range(6):
+        assert api(a, "/v1/heartbeat", {"service": "reviews", "instance_id": "hb"})[0] == 200
+        time.sleep(0.5)
+    assert api(a, "/v1/heartbeat", {"service": "reviews", "instance_id": "hb"})[0] == 200
+
+    def seconds(text: str) -> float:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromJsonString(text)
+        return float(stamp.ToNanoseconds()) / 1e9
+
+    listed = api(b, "/v1/instances?service=reviews")[1]["instances"]
+    seen = seconds(next(i["expires_at"] for i in listed if i["instance_id"] == "hb"))
+    assert seen >= seconds(first["expires_at"]) + 2, (seen, first["expires_at"])
 
 
 def listing_status(proc: XdsdProcess, token: str) -> int:
