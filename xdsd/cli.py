@@ -390,7 +390,7 @@ STORE_COMMANDS = ("serve", "bootstrap", "status", "config-dump", "diff", "apply"
 def _from_store(args: argparse.Namespace) -> int | None:
     """A command other than serve with ``--store etcd://``: the mesh's CA and token key come from
     etcd into the state directory first (so tokens are minted with the shared key), and ``token
-    revoke`` writes to etcd. Returns an exit code when the command is done or cannot run."""
+    revoke``, ``rotate-key`` and ``retire-key`` write to etcd. Returns an exit code when the command is done or cannot run."""
     from xdsd.store.spec import StoreSpecError, store_from_args
 
     try:
@@ -405,7 +405,7 @@ def _from_store(args: argparse.Namespace) -> int | None:
     from xdsd.errors import StoreUnavailable
     from xdsd.store.etcd import EtcdClient
     from xdsd.store.keys import Keys
-    from xdsd.store.secrets import NotInitialized, revoke, sync_secrets
+    from xdsd.store.secrets import NotInitialized, retire_token_keys, revoke, rotate_token_key, sync_secrets
 
     async def run() -> int | None:
         client, keys = EtcdClient(spec), Keys(spec.prefix)
@@ -418,10 +418,21 @@ def _from_store(args: argparse.Namespace) -> int | None:
                 print(f"revoked {' and '.join(what)} in {client.where} (every replica ends their streams "
                       f"within a second)")
                 return 0
-            if args.command == "token" and args.action in ("rotate-key", "retire-key"):
-                print(f"xdsd token {args.action}: not with --store etcd yet (the key in etcd is never overwritten)",
-                      file=sys.stderr)
-                return 2
+            if args.command == "token" and args.action == "rotate-key":
+                old, new = await rotate_token_key(client, keys)
+                await sync_secrets(client, keys, args.state_dir, create=False)
+                print(f"new signing key {new} in {client.where}; tokens of key {old} stay valid until "
+                      f"`xdsd token retire-key` (every replica accepts it within a second)")
+                return 0
+            if args.command == "token" and args.action == "retire-key":
+                retired = await retire_token_keys(client, keys, args.kid)
+                await sync_secrets(client, keys, args.state_dir, create=False)
+                if not retired:
+                    print("xdsd token retire-key: no previous key to retire", file=sys.stderr)
+                    return 1
+                print(f"retired key(s) {', '.join(retired)} in {client.where}: their tokens are refused from now on "
+                      f"(every replica ends their streams within a second)")
+                return 0
             return None
         except (StoreUnavailable, NotInitialized) as exc:
             print(f"xdsd: {exc}", file=sys.stderr)

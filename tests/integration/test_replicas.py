@@ -4,7 +4,9 @@ replica moves its Envoys to another with no failed request and no new versions; 
 down changes nothing, quorum lost freezes writes (503 naming etcd) but never serving, and everything
 resumes when quorum returns; a replica cut off while etcd compacts lists again and converges; a
 replica started while etcd is unreachable serves nothing; applies through two replicas conflict
-instead of undoing each other; history, rollback and revocations are shared."""
+instead of undoing each other; one address through two replicas at once is taken once, and a
+listing shows the expiry heartbeats through another replica gave; history, rollback, revocations and
+token key rotation are shared."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from aetcd import rpc
+from google.protobuf import timestamp_pb2
 
 from tests.support.envoy import EnvoyFactory, EnvoyProcess
 from tests.support.etcd import EtcdCluster, etcd_cluster  # noqa: F401 - fixture
@@ -324,6 +327,87 @@ def test_a_revocation_through_etcd_ends_the_streams_on_every_replica(
              "b to refuse edge-1's revoked token", 30)
     assert not on(b, "edge-1")
     assert "edge-1" in a.state_dir.joinpath("tokens", "revoked.json").read_text()  # every replica has the list
+
+
+def test_registration_rules_that_compare_instances_hold_across_replicas(
+        replicas: Callable[..., XdsdProcess], mesh_file: MeshFile, upstreams: Callable[..., Upstreams]) -> None:
+    scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    # One address through two replicas at once, a few times: exactly one taken each time, the other
+    # refused with the 400 naming the address a single replica gives.
+    for n in range(3):
+        answers: list[tuple[int, Any]] = []
+        bodies = [{"service": "reviews", "instance_id": f"{who}{n}", "address": "127.0.0.9", "port": 7000 + n,
+                   "ttl": "10s"} for who in ("a", "b")]
+        threads = [threading.Thread(target=lambda p=p, body=body, out=answers: out.append(api(p, "/v1/register", body)))
+                   for p, body in zip((a, b), bodies, strict=True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sorted(code for code, _ in answers) == [200, 400], answers
+        refused = next(body for code, body in answers if code == 400)
+        assert refused["errors"][0].startswith(f"address: 127.0.0.9:{7000 + n} is already registered as reviews/")
+    # Heartbeats through a refresh the lease only; b's listing answers the lease's expiry.
+    code, first = api(a, "/v1/register", {"service": "reviews", "instance_id": "hb", "address": "127.0.0.10",
+                                          "port": 7100, "ttl": "3s"})
+    assert code == 200
+    for _ in range(6):
+        assert api(a, "/v1/heartbeat", {"service": "reviews", "instance_id": "hb"})[0] == 200
+        time.sleep(0.5)
+    assert api(a, "/v1/heartbeat", {"service": "reviews", "instance_id": "hb"})[0] == 200
+
+    def seconds(text: str) -> float:
+        stamp = timestamp_pb2.Timestamp()
+        stamp.FromJsonString(text)
+        return float(stamp.ToNanoseconds()) / 1e9
+
+    listed = api(b, "/v1/instances?service=reviews")[1]["instances"]
+    seen = seconds(next(i["expires_at"] for i in listed if i["instance_id"] == "hb"))
+    assert seen >= seconds(first["expires_at"]) + 2, (seen, first["expires_at"])
+
+
+def listing_status(proc: XdsdProcess, token: str) -> int:
+    """GET /v1/instances with ``token``: 200, or 401 for a token this replica does not accept."""
+    req = urllib.request.Request(proc.admin_url + "/v1/instances", headers={"x-xdsd-token": token})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_token_key_rotation_and_retirement_through_etcd_reach_every_replica(
+        replicas: Callable[..., XdsdProcess], envoy_factory: EnvoyFactory, mesh_file: MeshFile,
+        upstreams: Callable[..., Upstreams], etcd_cluster: EtcdCluster, tmp_path: Path) -> None:  # noqa: F811
+    from xdsd.auth.commands import mint
+
+    scene(mesh_file, upstreams)
+    a, b = replicas("a"), replicas("b")
+    old = a.token("test", "reviews")  # the shared key's (a's copy of it)
+    envoy_factory(b, "edge-1", "edge")  # its bootstrap token too
+    wait_for(lambda: on(b, "edge-1"), "edge-1 on b", 30)
+    operator = tmp_path / "operator"
+
+    def token(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "xdsd", "token", *args, "--store", etcd_cluster.store_url,
+                               "--state-dir", str(operator)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    done = token("rotate-key")
+    assert done.returncode == 0 and "new signing key" in done.stdout, done.stderr
+    new = mint(operator, "test", "reviews", ttl=600)[0]  # with the new key (the command copied it)
+    wait_for(lambda: listing_status(a, new) == listing_status(b, new) == 200, "every replica to accept the new key", 30)
+    assert listing_status(a, old) == listing_status(b, old) == 200  # the old key still verifies
+    assert on(b, "edge-1")
+    assert a.state_dir.joinpath("token.key").read_bytes() == operator.joinpath("token.key").read_bytes()
+    done = token("retire-key")
+    assert done.returncode == 0 and "retired key(s)" in done.stdout, done.stderr
+    wait_for(lambda: listing_status(a, old) == listing_status(b, old) == 401, "every replica to refuse the old key", 30)
+    wait_for(lambda: any(r.get("node_id") == "edge-1" for r in b.admin_get_json("/debug/refused")),
+             "b to end edge-1's stream (its token's key is retired)", 30)
+    assert listing_status(a, new) == listing_status(b, new) == 200
+    done = token("retire-key")  # the current key is never retired
+    assert done.returncode == 1 and "no previous key" in done.stderr
 
 
 async def _compact(cluster: EtcdCluster) -> int:

@@ -140,7 +140,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServicer):
         async def op(token: str | None) -> registration_pb2.ListResponse:
             self.access.caller(token)
             service = check_service_filter(request.service)
-            return registration_pb2.ListResponse(instances=[instance_pb(i) for i in self.registry.list(service)])
+            return registration_pb2.ListResponse(instances=[instance_pb(i) for i in await self.ops.listed(service)])
 
         return await self._answer(context, op)  # type: ignore[no-any-return]
 
@@ -253,7 +253,7 @@ def http_routes(registry: Registry, access: Access, ops: Registrations | None = 
     async def instances(request: web.Request) -> web.Response:
         access.caller(_token(request))
         service = check_service_filter(request.query.get("service"))
-        return web.json_response({"instances": [instance_json(i) for i in registry.list(service)]})
+        return web.json_response({"instances": [instance_json(i) for i in await store.listed(service)]})
 
     return [
         web.post("/v1/register", _guarded(register)),

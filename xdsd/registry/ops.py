@@ -17,6 +17,7 @@ class Registrations(Protocol):
     async def register(self, reg: Mapping[str, Any] | RegistrationInput, token_id: str = "") -> Instance: ...
     async def heartbeat(self, service: str, instance_id: str) -> Instance: ...
     async def deregister(self, service: str, instance_id: str) -> Instance: ...
+    async def listed(self, service: str | None = None) -> list[Instance]: ...
 
 
 class LocalRegistrations:
@@ -31,5 +32,8 @@ class LocalRegistrations:
 
     async def deregister(self, service: str, instance_id: str) -> Instance:
         return self.registry.deregister(service, instance_id)
+
+    async def listed(self, service: str | None = None) -> list[Instance]:
+        return self.registry.list(service)
 
 

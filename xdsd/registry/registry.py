@@ -106,8 +106,7 @@ class Registry:
         old = self._instances.get(inst.key)
         holder = self._by_address.get(inst.address_key)
         if holder is not None and holder != inst.key:
-            errors.append(FieldError("address", f"{reg.address}:{reg.port} is already registered as "
-                                                f"{holder[0]}/{holder[1]} (an address:port is one instance of a service)"))
+            errors.append(address_taken(inst, holder[1]))
         if errors:
             raise RegistrationError(errors)
         self._check_quotas(inst, old)
@@ -253,12 +252,18 @@ class Registry:
 
     def _check_quotas(self, inst: Instance, old: Instance | None) -> None:
         if old is None and len(self._by_service.get(inst.service, {})) >= self.max_per_service:
-            raise QuotaExceeded(FieldError("service", f"{inst.service} has {self.max_per_service} registered "
-                                                      f"instances, the limit per service (xdsd serve --max-instances-per-service)"))
+            raise self.over_service_quota(inst)
         owner = old.token_id if old is not None else None
         if inst.token_id and owner != inst.token_id and self._per_token[inst.token_id] >= self.max_per_token:
-            raise QuotaExceeded(FieldError("token", f"this token (id {inst.token_id}) has registered "
-                                                    f"{self.max_per_token} instances, the limit per token"))
+            raise self.over_token_quota(inst)
+
+    def over_service_quota(self, inst: Instance) -> QuotaExceeded:
+        return QuotaExceeded(FieldError("service", f"{inst.service} has {self.max_per_service} registered "
+                                                   f"instances, the limit per service (xdsd serve --max-instances-per-service)"))
+
+    def over_token_quota(self, inst: Instance) -> QuotaExceeded:
+        return QuotaExceeded(FieldError("token", f"this token (id {inst.token_id}) has registered "
+                                                 f"{self.max_per_token} instances, the limit per token"))
 
     def _put(self, inst: Instance) -> None:
         """Adds ``inst`` in place of the instance of its key, if any (whose address may differ)."""
@@ -320,6 +325,12 @@ class Registry:
             return
         self._dirty = self._unsaved_change = False
         self._saved_at = self.clock()
+
+
+def address_taken(inst: Instance, holder_id: str) -> FieldError:
+    """The refusal of ``inst``: its address:port is instance ``holder_id``'s (of the same service)."""
+    return FieldError("address", f"{inst.address}:{inst.port} is already registered as {inst.service}/{holder_id} "
+                                 f"(an address:port is one instance of a service)")
 
 
 def _serving_fields(i: Instance) -> tuple[object, ...]:

@@ -153,6 +153,19 @@ class EtcdClient:
                                                                       keys_only=True))
         return [kv.key for kv in resp.kvs]  # type: ignore[attr-defined]
 
+    async def count(self, prefix: bytes) -> int:
+        """How many keys are under ``prefix``."""
+        resp = await self._call(rpc.KVStub, "Range", rpc.RangeRequest(key=prefix, range_end=prefix_end(prefix),
+                                                                      count_only=True))
+        return int(resp.count)  # type: ignore[attr-defined]
+
+    async def first_created(self, prefix: bytes, limit: int) -> list[bytes]:
+        """The ``limit`` keys under ``prefix`` created first (no values)."""
+        resp = await self._call(rpc.KVStub, "Range", rpc.RangeRequest(
+            key=prefix, range_end=prefix_end(prefix), keys_only=True, limit=max(1, limit),
+            sort_target=rpc.RangeRequest.CREATE, sort_order=rpc.RangeRequest.ASCEND))
+        return [kv.key for kv in resp.kvs]  # type: ignore[attr-defined]
+
     async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
         resp = await self._call(rpc.KVStub, "Put", rpc.PutRequest(key=key, value=value, lease=lease))
         return int(resp.header.revision)  # type: ignore[attr-defined]
@@ -177,6 +190,37 @@ class EtcdClient:
             return True, int(resp.header.revision)  # type: ignore[attr-defined]
         kvs = resp.responses[0].response_range.kvs  # type: ignore[attr-defined]
         return False, int(kvs[0].mod_revision) if kvs else 0
+
+    async def put_claiming(self, claim: bytes, owner: bytes, puts: tuple[tuple[bytes, bytes], ...],
+                           lease: int, release: bytes | None = None,
+                           deletes: tuple[bytes, ...] = ()) -> tuple[bool, int, bytes | None]:
+        """In one transaction, if the key ``claim`` is absent or holds ``owner``: put ``claim`` =
+        ``owner`` and the ``puts``, all on ``lease``, delete the ``deletes``, and delete the key
+        ``release`` if it holds ``owner`` (a claim given up). Returns (done, revision, holder): the
+        new revision, or (False, 0, the value ``claim`` holds: another owner's)."""
+        ops = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v, lease=lease)) for k, v in ((claim, owner), *puts)]
+        ops += [rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=k)) for k in deletes]
+        if release is not None and release != claim:
+            ops.append(rpc.RequestOp(request_txn=rpc.TxnRequest(
+                compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=release, value=owner)],
+                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=release))])))
+        absent = rpc.TxnRequest(
+            compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, key=claim, create_revision=0)],
+            success=ops,
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=claim))])
+        req = rpc.TxnRequest(
+            compare=[rpc.Compare(result=rpc.Compare.EQUAL, target=rpc.Compare.VALUE, key=claim, value=owner)],
+            success=ops,
+            failure=[rpc.RequestOp(request_txn=absent)])
+        resp = await self._call(rpc.KVStub, "Txn", req)
+        revision = int(resp.header.revision)  # type: ignore[attr-defined]
+        if resp.succeeded:  # type: ignore[attr-defined]
+            return True, revision, None
+        inner = resp.responses[0].response_txn  # type: ignore[attr-defined]
+        if inner.succeeded:
+            return True, revision, None
+        kvs = inner.responses[0].response_range.kvs
+        return False, 0, kvs[0].value if kvs else None
 
     async def create(self, key: bytes, value: bytes) -> bytes:
         """Put ``value`` unless the key exists; returns the value the key holds afterwards (the
@@ -207,6 +251,11 @@ class EtcdClient:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None
         raise StoreUnavailable(f"{self.where}: lease keep-alive got no answer")
+
+    async def time_to_live(self, lease: int) -> int:
+        """The seconds ``lease`` has left (-1: it is gone). A read: no raft write."""
+        resp = await self._call(rpc.LeaseStub, "LeaseTimeToLive", rpc.LeaseTimeToLiveRequest(ID=lease))
+        return int(resp.TTL)  # type: ignore[attr-defined]
 
     async def revoke(self, lease: int) -> None:
         try:

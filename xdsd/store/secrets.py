@@ -1,8 +1,15 @@
 """The CA root and the token signing key in etcd: created once by the first replica (a
-compare-and-swap on "the key does not exist"), never overwritten, and copied into each replica's
+compare-and-swap on "the key does not exist"; the CA never overwritten, the token key only by a
+rotation, below), and copied into each replica's
 state directory (and into the state directory of a command run with ``--store etcd://``), where
 the CA, the token signer and ``xdsd token`` read them as before. A state directory that already
 holds a key or a CA (a single xdsd moving to etcd) offers its own; the first offer wins.
+
+The token key rotates as with the state directory (``xdsd token rotate-key --store etcd://...``): one
+transaction, a compare-and-swap on the current key, keeps it under ``secrets/token-keys/<kid>`` and
+puts a new one in its place; ``retire-key`` deletes keys from ``secrets/token-keys/`` (never the
+current one). Every replica mirrors both into its state directory (``token.key``, ``token-keys/``)
+when its watch sees them, where ``Access.refresh`` picks them up: streams of a retired key end.
 
 Revocations live in etcd too: ``xdsd token revoke`` swaps the new list in; every replica copies it
 into its state directory when its watch sees it (``Access.refresh`` picks it up)."""
@@ -12,13 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from xdsd.auth import ledger
-from xdsd.auth.tokens import KEY_FILE
+from xdsd.auth.tokens import KEY_FILE, PREVIOUS_KEYS_DIR, key_id
 from xdsd.store.etcd import EtcdClient
 from xdsd.store.keys import Keys
 
@@ -68,8 +77,6 @@ def _new_ca() -> bytes:
 
 
 def _new_token_key() -> bytes:
-    import secrets
-
     return secrets.token_bytes(32)
 
 
@@ -80,6 +87,9 @@ async def sync_secrets(client: EtcdClient, keys: Keys, state_dir: Path, *, creat
     ca = await _shared(client, keys.ca, lambda: _local_ca(state_dir) or _new_ca(), create)
     pems = json.loads(ca)
     await asyncio.to_thread(_write_private, state_dir / KEY_FILE, token)
+    _, previous = await client.list(keys.previous_token_keys)
+    await asyncio.to_thread(mirror_previous_keys, state_dir, {kv.key[len(keys.previous_token_keys):]: kv.value
+                                                              for kv in previous})
     await asyncio.to_thread(_write_private, state_dir / "ca" / "root.key", pems["key"].encode())
     await asyncio.to_thread(_write_private, state_dir / "ca" / "root.pem", pems["cert"].encode())
     kv = await client.get(keys.revocations)
@@ -127,3 +137,72 @@ async def revoke(client: EtcdClient, keys: Keys, *, token_id: str | None, node_i
         done, _ = await client.swap(keys.revocations, value, kv.mod_revision if kv is not None else 0)
         if done:
             return rev
+
+
+# -- the token key: rotation, retirement, and their copies in a state directory ----------------
+
+_KID_RE = re.compile(r"[0-9a-f]{12}")
+
+
+def previous_key_kid(kid: bytes, value: bytes) -> str | None:
+    """The key id of a previous key read from etcd, if it is one (a key of its id; else ignored)."""
+    text = kid.decode(errors="replace")
+    return text if _KID_RE.fullmatch(text) and len(value) >= 32 and key_id(value) == text else None
+
+
+def write_token_key(state_dir: Path, value: bytes) -> None:
+    if len(value) >= 32:
+        _write_private(state_dir / KEY_FILE, value)
+
+
+def write_previous_key(state_dir: Path, kid: bytes, value: bytes) -> None:
+    name = previous_key_kid(kid, value)
+    if name is not None:
+        _write_private(state_dir / PREVIOUS_KEYS_DIR / f"{name}.key", value)
+
+
+def remove_previous_key(state_dir: Path, kid: bytes) -> None:
+    text = kid.decode(errors="replace")
+    if _KID_RE.fullmatch(text):
+        (state_dir / PREVIOUS_KEYS_DIR / f"{text}.key").unlink(missing_ok=True)
+
+
+def mirror_previous_keys(state_dir: Path, previous: dict[bytes, bytes]) -> None:
+    """Make ``token-keys/`` hold exactly etcd's previous keys (what another replica retired goes)."""
+    keep = set()
+    for kid, value in previous.items():
+        write_previous_key(state_dir, kid, value)
+        keep.add(kid.decode(errors="replace"))
+    folder = state_dir / PREVIOUS_KEYS_DIR
+    for path in folder.glob("*.key") if folder.is_dir() else ():
+        if path.stem not in keep:
+            path.unlink(missing_ok=True)
+
+
+async def rotate_token_key(client: EtcdClient, keys: Keys) -> tuple[str, str]:
+    """A new signing key in etcd; the current one kept as a previous key (its tokens still verify).
+    A compare-and-swap on the current key (retried if another rotation came first). Returns (old key
+    id, new key id)."""
+    while True:
+        kv = await client.get(keys.token_key)
+        if kv is None:
+            raise NotInitialized(f"{client.where} holds no {keys.token_key.decode()}: start an xdsd replica with "
+                                 f"this --store and --etcd-prefix first")
+        old, new = key_id(kv.value), _new_token_key()
+        done, _ = await client.swap(keys.token_key, new, kv.mod_revision,
+                                    also=((keys.previous_token_key(old), kv.value),))
+        if done:
+            return old, key_id(new)
+
+
+async def retire_token_keys(client: EtcdClient, keys: Keys, kid: str | None = None) -> list[str]:
+    """Delete previous keys from etcd (all, or the one with id ``kid``): their tokens are refused by
+    every replica from then on. The current key is never retired. Returns the retired key ids."""
+    _, previous = await client.list(keys.previous_token_keys)
+    retired = []
+    for kv in previous:
+        name = kv.key[len(keys.previous_token_keys):].decode(errors="replace")
+        if kid is None or name == kid:
+            await client.delete(kv.key)
+            retired.append(name)
+    return sorted(retired)

@@ -1,6 +1,6 @@
 """A replica's view of etcd: one full list, then a watch of the whole prefix from the listed
-revision. Registrations go into the registry, the mesh to the controller, revocations into the
-state directory, other replicas into ``replicas``. When the watch breaks the replica lists again
+revision. Registrations go into the registry, the mesh to the controller, revocations and the token
+keys into the state directory, other replicas into ``replicas``. When the watch breaks the replica lists again
 (after a compaction past its revision, or etcd coming back); until the first list succeeded it is
 not ready. Every replica builds its snapshots from the same keys, so they agree on versions."""
 
@@ -18,7 +18,13 @@ from xdsd.registry.instance import Instance, RegistrationError
 from xdsd.registry.registry import Registry
 from xdsd.store.etcd import Compacted, EtcdClient, Event, KeyValue, StoreUnavailable
 from xdsd.store.keys import Keys
-from xdsd.store.secrets import write_revocations
+from xdsd.store.secrets import (
+    mirror_previous_keys,
+    remove_previous_key,
+    write_previous_key,
+    write_revocations,
+    write_token_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +61,12 @@ class EtcdSync:
         leases: dict[tuple[str, str], int] = {}
         replicas: dict[str, dict[str, object]] = {}
         mesh = None
+        previous: dict[bytes, bytes] = {}  # the token keys rotated out
         for kv in kvs:
             if kv.key == self.keys.mesh:
                 mesh = kv
             elif kv.key.startswith(self.keys.registrations):
-                inst = self._instance(kv)
+                inst = self.instance(kv)
                 if inst is not None:
                     instances.append(inst)
                     leases[inst.key] = kv.lease
@@ -67,6 +74,11 @@ class EtcdSync:
                 self._replica(kv, replicas)
             elif kv.key == self.keys.revocations:
                 await asyncio.to_thread(write_revocations, self.state_dir, kv.value)
+            elif kv.key == self.keys.token_key:
+                await asyncio.to_thread(write_token_key, self.state_dir, kv.value)
+            elif kv.key.startswith(self.keys.previous_token_keys):
+                previous[kv.key[len(self.keys.previous_token_keys):]] = kv.value
+        await asyncio.to_thread(mirror_previous_keys, self.state_dir, previous)
         self.revision = revision
         self.leases = leases
         self.written.clear()
@@ -137,7 +149,7 @@ class EtcdSync:
                 self.leases.pop(ids, None)
                 self.registry.forget(*ids)
                 return
-            inst = self._instance(e.kv)
+            inst = self.instance(e.kv)
             if inst is not None:
                 self.leases[inst.key] = e.kv.lease
                 try:
@@ -151,6 +163,14 @@ class EtcdSync:
                 self._replica(e.kv, self.replicas)
         elif key == self.keys.revocations and not e.deleted:
             write_revocations(self.state_dir, e.kv.value)  # a small file, rarely
+        elif key == self.keys.token_key and not e.deleted:
+            write_token_key(self.state_dir, e.kv.value)  # rotated (Access.refresh reads it)
+        elif key.startswith(self.keys.previous_token_keys):
+            kid = key[len(self.keys.previous_token_keys):]
+            if e.deleted:
+                remove_previous_key(self.state_dir, kid)  # retired: its tokens and streams end
+            else:
+                write_previous_key(self.state_dir, kid, e.kv.value)
 
     # -- values ----------------------------------------------------------------------------------
 
@@ -165,7 +185,7 @@ class EtcdSync:
         service, _, instance_id = key[len(self.keys.registrations):].decode(errors="replace").partition("/")
         return (service, instance_id) if service and instance_id else None
 
-    def _instance(self, kv: KeyValue) -> Instance | None:
+    def instance(self, kv: KeyValue) -> Instance | None:
         try:
             inst = Instance.load(json.loads(kv.value))
         except (ValueError, RegistrationError) as exc:  # written by hand, or by a newer version
