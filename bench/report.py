@@ -50,7 +50,7 @@ def _us(v: float) -> str:
 AUTHZ_VARIANTS = (("none", "no authorization"), ("ext_authz", "xdsd ext_authz, gRPC (Envoy's client, token by upstream filters)"),
                   ("ext_authz_metadata", "xdsd ext_authz, gRPC (Envoy's client, token as initial metadata)"),
                   ("ext_authz_google", "xdsd ext_authz, gRPC (google_grpc: grpc-core in Envoy)"),
-                  ("ext_authz_http", "xdsd ext_authz, HTTP (`--authz-http-port`)"), ("rbac", "Envoy RBAC (in-process)"))
+                  ("ext_authz_http", "xdsd ext_authz, HTTP (the `xdsd bootstrap` default)"), ("rbac", "Envoy RBAC (in-process)"))
 
 
 def _spread(s: dict[str, list[float]], key: str) -> str:
@@ -91,7 +91,7 @@ def authz_section(r: dict[str, Any]) -> str:
         "",
         f"Command: `.venv/bin/python -m bench.authz --seconds {r.get('seconds', 10)}` (Envoy `--concurrency 1`, `wrk -t1`, closed loop:",
         "with one connection each request waits for the previous one, so requests/s = 1 / latency; xdsd serves",
-        "both transports from one process). The HTTP transport is what `xdsd bootstrap --authz-http-port` sets up.",
+        "both transports from one process). The HTTP transport is what `xdsd bootstrap` sets up by default (gRPC with `--authz-grpc`): it costs xdsd a fifth of the CPU per check.",
         f"One-connection rows are the median of {runs} runs by p99; the spread table shows all of them. CPU",
         "columns: xdsd's and Envoy's CPU per request over the run (from /proc).",
         "",
