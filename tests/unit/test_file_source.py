@@ -180,3 +180,70 @@ async def _until(check, timeout: float = 5.0) -> None:  # type: ignore[no-untype
     while not check():
         assert loop.time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from xdsd.sources import file as file_module
+
+    parsed: list[str] = []
+    real = file_module.parse_bytes
+
+    def counting(data: bytes, origin: str):  # type: ignore[no-untyped-def]
+        parsed.append(data.decode())
+        return real(data, origin)
+
+    monkeypatch.setattr(file_module, "parse_bytes", counting)
+    return parsed
+
+
+def test_load_takes_what_prepare_parsed_only_while_the_file_still_holds_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = _count_parses(monkeypatch)
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH)
+    source = FileSource(path)
+    source.prepare()
+    mesh = source.load()
+    assert mesh is not None and sorted(mesh.services) == ["a", "b", "c"]
+    assert parsed == [MESH]  # load did not parse again
+    # Prepared, then the file changed: load parses what is there now, never the prepared content.
+    path.write_text(SMALLER)
+    source.prepare()
+    path.write_text(MESH.replace("10.0.2.1", "10.0.2.2"))
+    mesh = source.load()
+    assert mesh is not None and mesh.services["c"].endpoints[0].address == "10.0.2.2"
+    assert len(parsed) == 3
+    # An invalid content is refused with the same field errors whether prepared or not.
+    path.write_text("services: {a: {endpoints: [{address: 10.0.0.1, port: 0}]}}\n")
+    with pytest.raises(MeshError) as cold:
+        FileSource(path).load()
+    source.prepare()
+    with pytest.raises(MeshError) as warm:
+        source.load()
+    assert [str(e) for e in warm.value.errors] == [str(e) for e in cold.value.errors]
+    assert "port" in str(warm.value)
+
+
+async def test_a_finished_write_is_parsed_while_the_debounce_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = _count_parses(monkeypatch)
+    path = tmp_path / "mesh.yaml"
+    path.write_text("services: {}\n")
+    source = FileSource(path, debounce=0.5)
+    source.load()
+    stop = asyncio.Event()
+    seen: list[tuple[Outcome, bytes]] = []
+    task = asyncio.create_task(_outcomes(source, stop, seen))
+    await asyncio.sleep(0.2)
+    tmp = tmp_path / ".mesh.yaml.tmp"
+    tmp.write_text(MESH)
+    os.replace(tmp, path)
+    await _until(lambda: MESH in parsed)  # parsed within the window ...
+    assert seen == []  # ... but not yet taken
+    await _until(lambda: len(seen) == 1)
+    assert seen[0] == (Outcome.LOAD, MESH.encode())
+    count = len(parsed)
+    assert source.load() is not None
+    assert len(parsed) == count  # the window's end only checked the bytes
+    stop.set()
+    await asyncio.wait_for(task, 5)

@@ -1911,10 +1911,10 @@ async def test_pings_and_window_updates_are_handled_by_the_connection_itself() -
             applied: list[int] = []
             control = conn._control
 
-            def counting(data: bytes, at: list[int]) -> tuple[bytes, bool]:
-                rest, windows = control(data, at)
+            def counting(data: bytes, at: list[int], fed: dict[Any, None]) -> tuple[bytes, bool, int]:
+                rest, windows, held = control(data, at, fed)
                 applied.append(len(data) - len(rest))
-                return rest, windows
+                return rest, windows, held
 
             conn._control = counting  # type: ignore[method-assign]
             for payload in (b"abcdefgh", b"12345678"):
@@ -2113,3 +2113,134 @@ async def test_connections_have_tcp_keepalive() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 60
+
+
+def _counting_control(conn: Any) -> list[int]:
+    """Bytes of each slice the connection handled without h2 (see Connection._control)."""
+    applied: list[int] = []
+    control = conn._control
+
+    def counting(data: bytes, at: list[int], fed: dict[Any, None]) -> tuple[bytes, bool, int]:
+        rest, windows, held = control(data, at, fed)
+        applied.append(len(data) - len(rest))
+        return rest, windows, held
+
+    conn._control = counting
+    return applied
+
+
+async def _echoes(client: RawH2, sid: int, count: int) -> bytes:
+    async def wait() -> bytes:
+        while len(client.responses[sid].data) < count:
+            await client.pump()
+        return client.responses[sid].data
+    return await bounded(wait())
+
+
+async def test_request_data_of_open_streams_skips_h2_and_keeps_its_order() -> None:
+    """DATA frames of an open stream are fed to the call by the connection itself (an xDS ACK is
+    one such frame): messages split over frames, padded frames (left to h2) and plain ones in one
+    read arrive whole and in order; after a RST_STREAM in the same read nothing reaches the call."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("EchoStream"), body=frame(b"first"), end=False)
+            assert await _echoes(client, sid, len(frame(b"first"))) == frame(b"first")
+            (conn,) = running.server.connections
+            applied = _counting_control(conn)
+            expected = frame(b"first")
+            for i in range(5):  # one message per read, as ACKs come
+                message = frame(b"ack-%d" % i)
+                client.h2.send_data(sid, message)
+                client.flush()
+                expected += message
+                assert await _echoes(client, sid, len(expected)) == expected
+            assert sum(applied) == sum(9 + len(frame(b"ack-%d" % i)) for i in range(5))
+            # One message over three frames in one read: padded (h2's), plain, plain. The plain ones
+            # may not overtake the padded one.
+            message = frame(b"abcdefghijklmnopqrstuvwxyz" * 10)
+            client.h2.send_data(sid, message[:7], pad_length=3)
+            client.h2.send_data(sid, message[7:100])
+            client.h2.send_data(sid, message[100:])
+            client.flush()
+            expected += message
+            assert await _echoes(client, sid, len(expected)) == expected
+            # A message across two reads, the second also holding the next message whole.
+            split = frame(b"x" * 300)
+            following = frame(b"y" * 10)
+            client.h2.send_data(sid, split)
+            client.h2.send_data(sid, following)
+            wire = client.h2.data_to_send()
+            client.writer.write(wire[:150])
+            await bounded(client.writer.drain())
+            await asyncio.sleep(0.05)
+            client.writer.write(wire[150:])
+            expected += split + following
+            assert await _echoes(client, sid, len(expected)) == expected
+            # The request ends (END_STREAM, left to h2) and the call ends as usual.
+            client.h2.send_data(sid, frame(b"last"), end_stream=True)
+            client.flush()
+            response = await client.response(sid)
+            assert response.status == 0 and response.data == expected + frame(b"last")
+        finally:
+            client.close()
+
+
+async def test_data_after_a_reset_in_the_same_read_never_reaches_the_call() -> None:
+    seen: list[bytes] = []
+    started = asyncio.Event()
+
+    async def record(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        started.set()
+        async for request in requests:
+            seen.append(request)
+            yield request
+
+    async with serving({"Record": _stream(record), **ECHO}) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("Record"), body=frame(b"one"), end=False)
+            assert await _echoes(client, sid, len(frame(b"one"))) == frame(b"one")
+            client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            wire = client.h2.data_to_send()
+            # DATA on the reset stream, as a client's stale buffer might hold (h2 would refuse to build it).
+            data = frame(b"two")
+            wire += len(data).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + data
+            client.writer.write(wire)
+            other = client.request(path("Echo"), body=frame(b"ping"))
+            assert (await client.response(other)).data == frame(b"ping")  # the connection lives on
+            assert seen == [b"one"]
+        finally:
+            client.close()
+
+
+async def test_data_past_the_window_is_a_flow_control_error() -> None:
+    """A DATA frame larger than the stream's window is h2's to judge (RFC 9113 §6.9.1)."""
+    async with serving(ECHO) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("EchoStream"), body=frame(b"first"), end=False)
+            assert await _echoes(client, sid, len(frame(b"first"))) == frame(b"first")
+            (conn,) = running.server.connections
+            window = conn.h2._get_stream_by_id(sid).inbound_flow_control_window
+            size = min(window + 1, 16_384)
+            chunks = []
+            while window >= 0:  # past the window, in frames of at most the default 16 KiB
+                chunks.append(size)
+                window -= size
+            wire = b"".join(n.to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + b"z" * n for n in chunks)
+            client.writer.write(wire)
+            events: list[Any] = []
+            with contextlib.suppress(EOFError, ConnectionError):
+                while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+                    data = await bounded(client.reader.read(1 << 16))
+                    if not data:
+                        break
+                    with contextlib.suppress(h2.exceptions.ProtocolError):
+                        events += client.h2.receive_data(data)
+            ended = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            resets = [e for e in events if isinstance(e, h2.events.StreamReset)]
+            assert (ended and ended[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR) or \
+                (resets and resets[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR), events
+        finally:
+            client.close()

@@ -437,3 +437,135 @@ def test_window_updates_applied_directly_match_h2s_own() -> None:
     pair.to_server()  # stream 1 closed
     assert not compat.window_update(pair.server, 1, 10)
     assert (pair.server.outbound_flow_control_window, 65_535) == (before[0], 65_535)
+
+
+def _open_call() -> Pair:
+    pair = Pair()
+    pair.handshake()
+    pair.client.send_headers(1, REQUEST)
+    pair.to_server()
+    pair.server.send_headers(1, RESPONSE)
+    pair.to_client()
+    assert compat.control_ready(pair.server)
+    return pair
+
+
+def _windows(conn: h2.connection.H2Connection, sid: int) -> tuple[int, int]:
+    return conn.inbound_flow_control_window, conn._get_stream_by_id(sid).inbound_flow_control_window
+
+
+@hook("data-in")
+def test_data_received_directly_shrinks_the_windows_h2_would() -> None:
+    """``compat.receive_data`` leaves h2 in the state h2's own handling of the frame leaves it:
+    the same receive windows, the stream still open (h2 takes the END_STREAM that follows), and
+    it leaves to h2 what h2 must judge."""
+    direct, stock = _open_call(), _open_call()
+    for size in (5, 1000, 16_384):
+        assert compat.receive_data(direct.server, 1, size)
+        stock.client.send_data(1, b"x" * size)
+        (event,) = stock.to_server()
+        assert isinstance(event, h2.events.DataReceived)
+        assert _windows(direct.server, 1) == _windows(stock.server, 1)
+    direct.server.increment_flow_control_window(500)
+    direct.server.increment_flow_control_window(700, stream_id=1)
+    assert _windows(direct.server, 1) == (_windows(stock.server, 1)[0] + 500, _windows(stock.server, 1)[1] + 700)
+    # h2 goes on from that state: the request ends, the response ends, the stream closes.
+    direct.client.send_data(1, b"x" * 10)  # keep the client's view of the windows in step
+    direct.client.end_stream(1)
+    kinds = [type(e) for e in direct.to_server()]
+    assert h2.events.StreamEnded in kinds
+    direct.server.send_data(1, b"reply", end_stream=True)
+    direct.to_client()
+    assert 1 not in direct.server.streams or direct.server.streams[1].closed
+
+    pair = _open_call()
+    before = _windows(pair.server, 1)
+    window = before[1]
+    assert not compat.receive_data(pair.server, 1, window + 1)  # past the window: FLOW_CONTROL_ERROR by h2
+    assert not compat.receive_data(pair.server, 3, 10)  # no such stream
+    assert _windows(pair.server, 1) == before
+    pair.client.end_stream(1)
+    pair.to_server()  # half closed (remote): h2 answers STREAM_CLOSED
+    assert not compat.receive_data(pair.server, 1, 10)
+    withlength = Pair()
+    withlength.handshake()
+    withlength.client.send_headers(1, [*REQUEST, (b"content-length", b"10")])
+    withlength.to_server()
+    assert not compat.receive_data(withlength.server, 1, 5), "content-length is h2's to check"
+
+
+@hook("data-out")
+def test_data_sent_directly_is_the_frame_h2_would_send() -> None:
+    """``compat.send_data`` gives the bytes of h2's own DATA frame and charges the send windows as
+    ``send_data`` does; the client reads them, and h2 sends what follows (trailers) in order."""
+    direct, stock = _open_call(), _open_call()
+    for payload in (b"a", b"b" * 1000, memoryview(b"c" * 5000)[1000:]):
+        out = compat.send_data(direct.server, 1, payload)
+        stock.server.send_data(1, payload)
+        assert out == stock.server.data_to_send()
+        assert direct.server.local_flow_control_window(1) == stock.server.local_flow_control_window(1)
+        assert direct.server.outbound_flow_control_window == stock.server.outbound_flow_control_window
+        (event,) = direct.client.receive_data(out)
+        assert isinstance(event, h2.events.DataReceived) and event.data == bytes(payload)
+    direct.server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    assert isinstance(direct.to_client()[0], h2.events.TrailersReceived)
+
+    pair = _open_call()
+    window = pair.server.local_flow_control_window(1)
+    assert compat.send_data(pair.server, 1, b"x" * (pair.server.max_outbound_frame_size + 1)) is None
+    assert compat.send_data(pair.server, 3, b"x") is None  # no such stream
+    while window:
+        size = min(window, pair.server.max_outbound_frame_size)
+        assert compat.send_data(pair.server, 1, b"x" * size) is not None
+        window -= size
+    assert compat.send_data(pair.server, 1, b"x") is None  # the window is spent
+    pair.server.end_stream(1)
+    assert compat.send_data(pair.server, 1, b"x") is None  # half closed (local)
+
+
+@hook("huffman")
+def test_huffman_decoding_is_hpacks_and_installs_into_hpacks_decoder() -> None:
+    """``huffman.decode`` gives what hpack's decoder gives for every input, errors included, and
+    once installed hpack's ``Decoder`` uses it."""
+    import random
+
+    import hpack.hpack
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+    from hpack.huffman_table import decode_huffman
+
+    from xdsd.transport import huffman
+
+    def either(fn: Callable[[bytes], bytes], data: bytes) -> bytes | None:
+        try:
+            return fn(data)
+        except hpack.HPACKDecodingError:
+            return None
+
+    rnd = random.Random(7)
+    encoder = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+    for _ in range(3000):
+        text = bytes(rnd.randrange(256) for _ in range(rnd.randrange(0, 40)))
+        coded = encoder.encode(text)
+        assert huffman.decode(coded) == text
+        for damaged in (coded[:-1], coded + b"\xff", coded + b"\x00", bytes(rnd.randrange(256) for _ in range(8))):
+            assert either(huffman.decode, damaged) == either(decode_huffman, damaged), damaged
+    assert either(huffman.decode, b"\xff\xff\xff\xff") is None  # EOS inside a string (§5.2)
+    assert either(huffman.decode, b"\x1f\xff") is None  # padding over 7 bits
+
+    original = hpack.hpack.decode_huffman
+    try:
+        compat.install_huffman()
+        assert "decode_huffman" in hpack.hpack.Decoder._decode_literal.__code__.co_names
+        used: list[bytes] = []
+
+        def counting(data: bytes) -> bytes:
+            used.append(bytes(data))
+            return huffman.decode(data)
+
+        hpack.hpack.decode_huffman = counting
+        block = hpack.Encoder().encode([(b"x-xdsd-token", b"v2.abcdefghijklmnop")], huffman=True)
+        assert hpack.Decoder().decode(block, raw=True) == [(b"x-xdsd-token", b"v2.abcdefghijklmnop")]
+        assert used, "hpack's decoder did not call decode_huffman"
+    finally:
+        hpack.hpack.decode_huffman = original

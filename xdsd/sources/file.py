@@ -4,6 +4,10 @@ Every way people rewrite a file works: an atomic rename, an editor's in-place sa
 shell redirect from a slow generator, truncate-then-write in chunks, delete-then-recreate. A torn
 write is never taken as the mesh (``writes.WriteTracker``); an empty file is refused, not served as
 an empty mesh; a deleted file keeps the last good mesh served.
+
+A finished write is parsed at once, in a worker thread, while the debounce window runs
+(``prepare``); the window's end then only checks that the bytes are still the ones parsed. The
+content taken is the same; the parse no longer comes after the window.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class FileSource:
         self.debounce = debounce
         self._digest: str | None = None
         self.content: bytes | None = None  # the bytes of the last load that produced a mesh
+        # (digest, what parsing those bytes gave) from ``prepare``, for ``load`` to take if the file
+        # still holds them. Written by the worker thread, read and cleared on the loop.
+        self._prepared: tuple[str, Mesh | MeshError] | None = None
 
     def read(self) -> bytes:
         try:
@@ -54,12 +61,35 @@ class FileSource:
         Raises MeshError with field paths when the file is invalid, empty or unreadable."""
         data = self.read()
         digest = hashlib.sha256(data).hexdigest()
+        prepared, self._prepared = self._prepared, None
         if digest == self._digest:
             return None
-        mesh = parse_bytes(data, str(self.path))
+        if prepared is not None and prepared[0] == digest:
+            if isinstance(prepared[1], MeshError):
+                raise MeshError(prepared[1].errors)
+            mesh = prepared[1]
+        else:
+            mesh = parse_bytes(data, str(self.path))
         self._digest = digest
         self.content = data
         return mesh
+
+    def prepare(self) -> None:
+        """Parse the file's current bytes for the next ``load`` (thread-safe against nothing else:
+        the caller runs one at a time and waits for it before ``load``). Unreadable or unchanged
+        content is left for ``load`` to report."""
+        try:
+            data = self.read()
+        except MeshError:
+            return
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == self._digest:
+            return
+        try:
+            result: Mesh | MeshError = parse_bytes(data, str(self.path))
+        except MeshError as exc:
+            result = exc
+        self._prepared = (digest, result)
 
     def digest(self) -> str | None:
         """The digest of the content last loaded."""
@@ -81,6 +111,7 @@ class FileSource:
         readable = asyncio.Event()
         loop.add_reader(watcher.fileno(), readable.set)
         tracker = WriteTracker(self.debounce)
+        preparing: asyncio.Future[None] | None = None
         try:
             watcher.add_watch(str(self.path.parent), inotify.DIRECTORY_MASK)
             name = self.path.name
@@ -101,14 +132,21 @@ class FileSource:
                             for mask, kind in _KINDS:
                                 if event.mask & mask:
                                     tracker.event(kind, now)
+                                    if kind is Kind.DONE and (preparing is None or preparing.done()):
+                                        preparing = asyncio.ensure_future(asyncio.to_thread(self.prepare))
                                     break
                         elif event.mask & (inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF):
                             raise OSError(f"the directory of {self.path} was removed or moved")
                 outcome = tracker.due(time.monotonic())
                 if outcome is not None:
+                    if preparing is not None:
+                        await asyncio.wait({preparing})  # load() must not race the worker
+                        preparing = None
                     yield outcome
             stopping.cancel()
         finally:
+            if preparing is not None:
+                preparing.cancel()
             loop.remove_reader(watcher.fileno())
             watcher.close()
 

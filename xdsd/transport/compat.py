@@ -25,7 +25,10 @@ import h2.settings
 import h2.stream
 import h2.windows
 import hpack
+import hpack.hpack
 from hyperframe.frame import GoAwayFrame
+
+from xdsd.transport import huffman
 
 # The versions every hook below was checked with (pyproject.toml pins their minor versions).
 TESTED = {"h2": "4.4.1", "hpack": "4.2.0", "hyperframe": "6.1.0"}
@@ -52,6 +55,14 @@ HOOKS = {
     "control-frames": "h2: H2Connection.state_machine.state, .outbound_flow_control_window and .streams "
                       "(open streams by id); H2Stream.state_machine.state and .outbound_flow_control_window, "
                       "read by local_flow_control_window() and send_data()",
+    "huffman": "hpack: hpack.hpack.decode_huffman, the module global Decoder._decode_literal calls for "
+               "every Huffman-coded name and value; hpack.huffman_constants.REQUEST_CODES(_LENGTH)",
+    "data-in": "h2: H2Connection._inbound_flow_control_window_manager and H2Stream._inbound_window_manager "
+               "(h2.windows.WindowManager: current_window_size, window_consumed()), "
+               "H2Stream._expected_content_length; RECV_DATA changes no state of an open stream",
+    "data-out": "h2: H2Stream.outbound_flow_control_window and H2Connection.outbound_flow_control_window, "
+                "what send_data() decrements; SEND_DATA changes no state of an open stream; "
+                "data_to_send() returns (and empties) everything queued before",
 }
 
 
@@ -210,6 +221,20 @@ def install_decoder(conn: h2.connection.H2Connection, max_header_list_size: int)
     conn.decoder = LimitedDecoder(max_header_list_size)
 
 
+def install_huffman() -> None:
+    """Hook "huffman": every hpack decoder in the process decodes Huffman-coded strings with
+    ``huffman.decode`` (the same function of the bytes: it is checked against hpack's own over
+    random input). Builds its tables first, so that no connection pays for them.
+
+    Relies on: ``Decoder._decode_literal`` calling the module global ``hpack.hpack.decode_huffman``
+    (looked up at each call); the codes in ``hpack.huffman_constants``.
+
+    Why: hpack decodes four bits per table step; a node token is ~240 coded bytes in every new
+    connection's first HEADERS, and took ~50 us of it (~15 us a byte at a time)."""
+    huffman.tables()
+    hpack.hpack.decode_huffman = huffman.decode
+
+
 # -- hyperframe: GOAWAY past h2's state machine -----------------------------------------------------
 
 
@@ -272,3 +297,64 @@ def window_update(conn: h2.connection.H2Connection, stream_id: int, increment: i
         return False
     stream.outbound_flow_control_window = window
     return True
+
+
+# -- DATA frames of open streams -----------------------------------------------------------------
+
+_RECEIVING = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_SENDS_DATA = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+
+
+def receive_data(conn: h2.connection.H2Connection, stream_id: int, length: int) -> bool:
+    """Hook "data-in": a DATA frame of ``length`` bytes, without padding or END_STREAM, received on
+    ``stream_id`` as h2 would receive it: both receive windows shrink by its length (RFC 9113 §6.9).
+    False, changing nothing, when h2 must see the frame itself: the connection not open, a stream h2
+    does not hold open for receiving, a stream with a content-length to check, a frame past either
+    window (h2 then raises the right error).
+
+    Relies on: ``H2Connection._inbound_flow_control_window_manager`` and
+    ``H2Stream._inbound_window_manager`` holding the windows (``current_window_size``;
+    ``window_consumed`` shrinks them, as h2's ``_receive_data_frame`` and ``H2Stream.receive_data``
+    do); ``H2Stream._expected_content_length`` (None: nothing to count); RECV_DATA leaving an OPEN
+    or HALF_CLOSED_LOCAL stream and an open connection in their states, with no frame to send.
+
+    Why: an ACK is one small DATA frame; through h2's frame buffer, frame objects, dispatch and two
+    state machines it cost ~15 us, a tenth of a pushed stream's cost and of a reconnect's."""
+    stream = conn.streams.get(stream_id)
+    if (stream is None or stream.state_machine.state not in _RECEIVING
+            or stream._expected_content_length is not None):
+        return False
+    connection_window = conn._inbound_flow_control_window_manager
+    stream_window = stream._inbound_window_manager
+    if length > connection_window.current_window_size or length > stream_window.current_window_size:
+        return False
+    connection_window.window_consumed(length)
+    stream_window.window_consumed(length)
+    return True
+
+
+def send_data(conn: h2.connection.H2Connection, stream_id: int, data: bytes | memoryview) -> bytes | None:
+    """Hook "data-out": the bytes to write for a DATA frame (no padding, no END_STREAM) carrying
+    ``data`` on ``stream_id``, with both send windows charged as h2's ``send_data`` charges them.
+    None, changing nothing, when h2 must send it: the connection not open, a stream h2 does not hold
+    open for sending, ``data`` past a window or the peer's frame size. The caller writes everything
+    h2 queued before (``data_to_send()``) ahead of these bytes.
+
+    Relies on: ``H2Connection.outbound_flow_control_window`` and ``H2Stream.outbound_flow_control_window``
+    being the windows ``send_data`` reads and decrements; SEND_DATA leaving an OPEN or
+    HALF_CLOSED_REMOTE stream and an open connection in their states.
+
+    Why: through h2 a response's DATA frame is a frame object, two state machines and a copy into
+    h2's buffer; a fan-out sends one per stream."""
+    if not control_ready(conn):
+        return None
+    stream = conn.streams.get(stream_id)
+    if stream is None or stream.state_machine.state not in _SENDS_DATA:
+        return None
+    size = len(data)
+    if (size > conn.outbound_flow_control_window or size > stream.outbound_flow_control_window
+            or size > conn.max_outbound_frame_size):
+        return None
+    conn.outbound_flow_control_window -= size
+    stream.outbound_flow_control_window -= size
+    return b"".join((size.to_bytes(3, "big"), b"\x00\x00", stream_id.to_bytes(4, "big"), data))

@@ -93,15 +93,18 @@ class FrameWalk:
     only once the whole frame is buffered (a header claiming 16 MiB made it buffer 16 MiB), and
     takes up to 64 CONTINUATION frames (1 MiB) for one header block, decoded in one go. Here a
     frame over ``max_frame`` bytes or a header block over ``max_block`` fails as soon as its frame
-    header arrives; ``cut`` also says where a slice of a read ends."""
+    header arrives; ``cut`` also says where a slice of a read ends, and which of its frames the
+    connection may handle without h2 (``control``)."""
 
     __slots__ = ("max_frame", "max_block", "control", "_skip", "_head", "_block")
 
     def __init__(self, max_frame: int, max_block: int) -> None:
         self.max_frame = max_frame
         self.max_block = max_block
-        # Where WINDOW_UPDATE and PING frames (outside a header block) that ``cut`` walked begin,
-        # when the whole frame is in ``data``: the connection handles those itself.
+        # Where the frames of a slice that the connection may handle itself begin, in order, when
+        # the whole frame is in ``data``: WINDOW_UPDATE and PING outside a header block, and DATA
+        # without padding or END_STREAM that no frame left to h2 precedes in the slice (handled
+        # first, they would otherwise overtake it: a RST_STREAM, the rest of a frame h2 holds).
         self.control: list[int] = []
         self._skip = 24  # the client's connection preface (RFC 9113 §3.4); h2 checks its bytes
         self._head = b""  # a frame header split across reads
@@ -112,6 +115,8 @@ class FrameWalk:
         begin in it). Raises FrameError for a frame past the limits."""
         end = len(data)
         pos = start
+        # h2 holds the beginning of a frame (or the preface): DATA may not overtake it.
+        ordered = bool(self._skip or self._head)
         while True:
             if self._skip:
                 step = min(self._skip, end - pos)
@@ -138,8 +143,15 @@ class FrameWalk:
                 if block > self.max_block:
                     raise FrameError(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, f"a header block of {block}+ bytes")
                 self._block = 0 if header[4] & 0x4 else block  # END_HEADERS
-            elif (kind == 0x8 or kind == 0x6) and not split and not self._block and pos + length <= end:
-                self.control.append(pos - 9)  # WINDOW_UPDATE, PING
+                ordered = True
+            elif split or self._block or pos + length > end:
+                ordered = ordered or kind != 0x4
+            elif kind == 0x8 or kind == 0x6:  # WINDOW_UPDATE, PING
+                self.control.append(pos - 9)
+            elif kind == 0x0 and not ordered and not header[4] & 0x9:  # DATA without END_STREAM, PADDED
+                self.control.append(pos - 9)
+            elif kind != 0x4:  # SETTINGS (stream 0) has nothing to do with DATA
+                ordered = True
             self._skip = length
             frames -= 1
 
@@ -204,6 +216,7 @@ class Connection(asyncio.Protocol):
         self._write_soon = False  # a write of what h2 queued is scheduled for this loop iteration
         self._queued = 0  # message bytes queued with h2 since the last write
         self._acks: list[bytes] = []  # PING ACK frames to send (see _control)
+        self._out: list[bytes] = []  # frames to send ahead of what h2 queued since (see flush)
         self._closing = False
         self._started = False  # HTTP/2 set up (on the first bytes)
         self._backlog: list[bytes] | None = None  # bytes kept while over the read budget
@@ -334,22 +347,34 @@ class Connection(asyncio.Protocol):
         else:
             transport.resume_reading()
 
-    def _control(self, data: bytes, at: list[int]) -> tuple[bytes, bool]:
-        """Apply the WINDOW_UPDATE and PING frames that begin at offsets ``at`` of ``data`` (RFC 9113
-        §6.9, §6.7) without h2's frame machinery, and return the rest of ``data`` for h2 (and whether
-        the connection's window opened). A frame h2 must judge (a bad length or increment, a stream
-        not open, a PING's ACK, a PING on a stream) is left in the rest."""
+    def _control(self, data: bytes, at: list[int], fed: dict[Call, None]) -> tuple[bytes, bool, int]:
+        """Apply the frames that begin at offsets ``at`` of ``data`` without h2's frame machinery:
+        WINDOW_UPDATE and PING (RFC 9113 §6.9, §6.7) and DATA of open streams (§6.1, feeding their
+        calls, which are added to ``fed``); return the rest of ``data`` for h2, whether the
+        connection's window opened, and the request bytes fed. A frame h2 must judge (a bad length
+        or increment, a stream not open, a PING's ACK, a PING on a stream, DATA past a window) is
+        left in the rest, and so is every DATA frame after a DATA frame left there."""
         h2c = self.h2
         calls = self.calls
         kept: list[bytes] = []
         pos = 0
         windows = False
+        held = 0
+        data_to_h2 = False
         for start in at:
             length = int.from_bytes(data[start:start + 3], "big")
             kind = data[start + 3]
             sid = int.from_bytes(data[start + 5:start + 9], "big") & 0x7FFFFFFF
-            payload = data[start + 9:start + 9 + length]
-            if kind == 0x8:
+            if kind == 0x0:
+                call = calls.get(sid) if not data_to_h2 else None
+                if call is None or not compat.receive_data(h2c, sid, length):
+                    data_to_h2 = True
+                    continue
+                held += length
+                call.feed(data[start + 9:start + 9 + length], length)
+                fed[call] = None
+            elif kind == 0x8:
+                payload = data[start + 9:start + 9 + length]
                 if length != 4 or not compat.window_update(h2c, sid, int.from_bytes(payload, "big") & 0x7FFFFFFF):
                     continue
                 if sid == 0:
@@ -361,15 +386,15 @@ class Connection(asyncio.Protocol):
             else:
                 if length != 8 or sid or data[start + 4] & 0x1:
                     continue
-                self._acks.append(_PING_ACK + payload)
+                self._acks.append(_PING_ACK + data[start + 9:start + 17])
             kept.append(data[pos:start])
             pos = start + 9 + length
         if pos == 0:
-            return data, windows
+            return data, windows, held
         kept.append(data[pos:])
         if self._acks:
             self.write_out()
-        return b"".join(kept), windows
+        return b"".join(kept), windows, held
 
     def _process(self, data: bytes, control: list[int] | None = None) -> None:
         if not self._started:
@@ -377,22 +402,20 @@ class Connection(asyncio.Protocol):
         h2c = self.h2
         window = h2c.inbound_flow_control_window
         windows = False  # the connection's window or every stream's opened: flush every call, once
-        if control and compat.control_ready(h2c):
-            data, windows = self._control(data, control)
-            if not data:
-                if windows:
-                    for call in list(self.calls.values()):
-                        call.window_opened()
-                return
-        try:
-            events = h2c.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self._close()  # it sends the GOAWAY h2 queued (compat: "protocol-error-goaway")
-            return
-        calls = self.calls
         held = 0  # request bytes fed to calls (the rest of what the window took was dropped)
         fed: dict[Call, None] = {}
+        if control and compat.control_ready(h2c):
+            data, windows, held = self._control(data, control, fed)
+        if data:
+            try:
+                events = h2c.receive_data(data)
+            except h2.exceptions.ProtocolError as exc:
+                log.debug("HTTP/2 protocol error from %s: %s", self.peer, exc)
+                self._close()  # it sends the GOAWAY h2 queued (compat: "protocol-error-goaway")
+                return
+        else:
+            events = []
+        calls = self.calls
         for event in events:
             kind = type(event)
             if kind is _Data:
@@ -722,11 +745,13 @@ class Connection(asyncio.Protocol):
         self.write_out()
 
     def flush(self, call: Call) -> None:
-        """Send as much of the call's pending output as the peer's windows allow."""
+        """Send as much of the call's pending output as the peer's windows allow. DATA frames are
+        framed here (compat "data-out"), after whatever h2 queued before them; h2 frames the rest."""
         h2c = self.h2
         sid = call.stream_id
         pending = call.pending
         frame = h2c.max_outbound_frame_size
+        out = self._out
         try:
             while pending:
                 window = h2c.local_flow_control_window(sid)
@@ -734,15 +759,20 @@ class Connection(asyncio.Protocol):
                     break
                 chunk = pending[0]
                 size = min(window, frame)
-                if len(chunk) <= size:
-                    h2c.send_data(sid, chunk)
-                    pending.popleft()
-                    self._queued += len(chunk)
+                piece = chunk if len(chunk) <= size else memoryview(chunk)[:size]
+                framed = compat.send_data(h2c, sid, piece)
+                if framed is None:
+                    h2c.send_data(sid, piece)
                 else:
-                    view = memoryview(chunk)
-                    h2c.send_data(sid, view[:size])
-                    pending[0] = view[size:]
-                    self._queued += size
+                    before = h2c.data_to_send()
+                    if before:
+                        out.append(before)
+                    out.append(framed)
+                if piece is chunk:
+                    pending.popleft()
+                else:
+                    pending[0] = memoryview(chunk)[size:]
+                self._queued += len(piece)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pending.clear()
             call.abandon()
@@ -762,10 +792,15 @@ class Connection(asyncio.Protocol):
             self.loop.call_soon(self.write_now)
 
     def write_now(self) -> None:
-        """Send what h2 has queued at once (before the connection closes or bytes written around h2)."""
+        """Send what is queued at once (before the connection closes or bytes written around h2):
+        the frames framed here, then what h2 queued since, then PING ACKs."""
         self._write_soon = False
         self._queued = 0
         out = self.h2.data_to_send()
+        if self._out:
+            self._out.append(out)
+            out = b"".join(self._out)
+            self._out.clear()
         if self._acks:
             out += b"".join(self._acks)
             self._acks.clear()

@@ -15,6 +15,7 @@ import grpc
 import h2.errors
 
 from xdsd.loopbudget import IterationBudget
+from xdsd.transport import compat
 from xdsd.transport import connection as _connection
 from xdsd.transport.call import INBOX_LIMIT, MESSAGE_OVERHEAD
 from xdsd.transport.connection import Connection
@@ -410,6 +411,7 @@ class GrpcServer:
         return int(server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        compat.install_huffman()
         for server in self._servers:
             await server.start_serving()
 
