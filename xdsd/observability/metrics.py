@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter as _Counter
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from xdsd import typeurls
 
@@ -35,25 +37,12 @@ class Metrics:
             "xdsd_streams_refused", "xDS streams and calls refused (no valid token, revoked, ...)", ["reason"], registry=r)
         self.task_failures = Counter(
             "xdsd_task_failures", "Failures of background work (file watch, rotation, sweep, ...)", ["task"], registry=r)
-        self.pushes = Counter("xdsd_pushes", "xDS responses sent", ["type"], registry=r)
-        self.push_bytes = Counter("xdsd_push_bytes", "Bytes of xDS responses sent", ["type"], registry=r)
-        self.push_resources = Counter("xdsd_push_resources", "Resources carried by xDS responses", ["type"], registry=r)
-        self.acks = Counter("xdsd_acks", "ACKs received", ["type"], registry=r)
         self.nacks = Counter("xdsd_nacks", "NACKs received (requests with error_detail)", ["type"], registry=r)
-        self.push_latency = Histogram(
-            "xdsd_push_latency_seconds",
-            "From a snapshot being built to a response carrying it being sent",
-            ["type"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ack_latency = Histogram(
-            "xdsd_ack_latency_seconds",
-            "From a response being sent to its ACK",
-            ["type"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
+        # Pushes and ACKs (xdsd_pushes, xdsd_push_bytes, xdsd_push_resources, xdsd_acks and the
+        # xdsd_push_latency_seconds / xdsd_ack_latency_seconds histograms, by type) are counted in
+        # plain numbers and turned into metrics when scraped: a fan-out counts six things per stream.
+        self._responses: dict[str, _TypeCounts] = {}
+        r.register(_Responses(self._responses))
         self.config_reloads = Counter(
             "xdsd_config_reloads", "Mesh config loads by result", ["result"], registry=r
         )
@@ -97,7 +86,6 @@ class Metrics:
         self._node_cluster: dict[str, str] = {}
         self.role_of: Callable[[str], str] = role_of or (lambda cluster: "unknown")
         r.register(_ProxiesByRole(self))
-        self._type_children: dict[str, tuple[Any, ...]] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -126,28 +114,24 @@ class Metrics:
     def stream_refused(self, reason: str, peer: str) -> None:
         self.streams_refused.labels(reason.split(":", 1)[0]).inc()
 
-    def _per_type(self, type_url: str) -> tuple[Any, ...]:
-        # Resolved once per type: a fan-out calls these for every stream.
-        children = self._type_children.get(type_url)
-        if children is None:
-            t = typeurls.short(type_url)
-            children = (self.pushes.labels(t), self.push_bytes.labels(t), self.push_resources.labels(t),
-                        self.push_latency.labels(t), self.acks.labels(t), self.ack_latency.labels(t))
-            self._type_children[type_url] = children
-        return children
+    def _per_type(self, type_url: str) -> _TypeCounts:
+        counts = self._responses.get(type_url)
+        if counts is None:
+            counts = self._responses[type_url] = _TypeCounts()
+        return counts
 
     def response_sent(self, stream: Stream, type_url: str, version: str, size: int, count: int, latency: float) -> None:
-        pushes, push_bytes, push_resources, push_latency, _, _ = self._per_type(type_url)
-        pushes.inc()
-        push_bytes.inc(size)
-        push_resources.inc(count)
-        push_latency.observe(latency)
+        counts = self._per_type(type_url)
+        counts.pushes += 1
+        counts.push_bytes += size
+        counts.push_resources += count
+        counts.push_latency.observe(latency)
 
     def ack(self, stream: Stream, type_url: str, version: str, latency: float | None) -> None:
-        _, _, _, _, acks, ack_latency = self._per_type(type_url)
-        acks.inc()
+        counts = self._per_type(type_url)
+        counts.acks += 1
         if latency is not None:
-            ack_latency.observe(latency)
+            counts.ack_latency.observe(latency)
 
     def nack(self, stream: Stream, type_url: str, version: str, error: str) -> None:
         self.nacks.labels(typeurls.short(type_url)).inc()
@@ -171,3 +155,62 @@ class _ProxiesByRole(Collector):
         for role in sorted({*ROLES, *counts}):
             family.add_metric([role], counts.get(role, 0))
         yield family
+
+
+class _Buckets:
+    """A latency histogram's counts (``_LATENCY_BUCKETS``, then +Inf) and sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(_LATENCY_BUCKETS, value)] += 1  # a bucket holds values <= its bound
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out = []
+        running = 0
+        for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((floatToGoString(bound), running))
+        return out
+
+
+class _TypeCounts:
+    __slots__ = ("pushes", "push_bytes", "push_resources", "acks", "push_latency", "ack_latency")
+
+    def __init__(self) -> None:
+        self.pushes = self.push_bytes = self.push_resources = self.acks = 0
+        self.push_latency = _Buckets()
+        self.ack_latency = _Buckets()
+
+
+class _Responses(Collector):
+    """Pushes and ACKs by type, as counters and latency histograms."""
+
+    def __init__(self, counts: dict[str, _TypeCounts]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Any]:
+        pushes = CounterMetricFamily("xdsd_pushes", "xDS responses sent", labels=["type"])
+        push_bytes = CounterMetricFamily("xdsd_push_bytes", "Bytes of xDS responses sent", labels=["type"])
+        push_resources = CounterMetricFamily("xdsd_push_resources", "Resources carried by xDS responses",
+                                             labels=["type"])
+        acks = CounterMetricFamily("xdsd_acks", "ACKs received", labels=["type"])
+        push_latency = HistogramMetricFamily(
+            "xdsd_push_latency_seconds", "From a snapshot being built to a response carrying it being sent",
+            labels=["type"])
+        ack_latency = HistogramMetricFamily("xdsd_ack_latency_seconds", "From a response being sent to its ACK",
+                                            labels=["type"])
+        for type_url, c in sorted(self._counts.items()):
+            label = [typeurls.short(type_url)]
+            pushes.add_metric(label, c.pushes)
+            push_bytes.add_metric(label, c.push_bytes)
+            push_resources.add_metric(label, c.push_resources)
+            acks.add_metric(label, c.acks)
+            push_latency.add_metric(label, c.push_latency.cumulative(), c.push_latency.total)
+            ack_latency.add_metric(label, c.ack_latency.cumulative(), c.ack_latency.total)
+        yield from (pushes, push_bytes, push_resources, acks, push_latency, ack_latency)

@@ -40,13 +40,18 @@ class NullObserver:
 
 
 class FanOut:
-    """Calls several observers in turn."""
+    """Calls several observers in turn (skipping those that leave a hook as NullObserver's)."""
 
     def __init__(self, *observers: StreamObserver) -> None:
         self._observers = observers
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
-        methods = [getattr(o, name) for o in self._observers]
+        null = getattr(NullObserver, name, None)
+        methods = [m for m in (getattr(o, name) for o in self._observers)
+                   if null is None or getattr(m, "__func__", None) is not null]
+        if len(methods) == 1:
+            setattr(self, name, methods[0])
+            return methods[0]
 
         def call(*args: object) -> None:
             for m in methods:

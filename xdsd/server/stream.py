@@ -328,11 +328,18 @@ class Stream:
         if snap is None or self.group is None:
             return []  # not ready: a restarted control plane never serves an empty state
         states = self.states
-        if all(st.settled is snap.get(t) and not st.must_respond for t, st in states.items()) and self._siblings_settled():
-            return []  # every type is up to date with this snapshot: the common case after a fan-out
+        get = snap.get
+        owed = [t for t, st in states.items() if st.must_respond or st.settled is not get(t)]
+        if self._siblings_settled():
+            if not owed:
+                return []  # every type is up to date with this snapshot: the common case after a fan-out
+            candidates: Iterable[str] = owed
+        else:
+            candidates = states
         out: list[Outgoing] = []
-        ordered = [t for t in typeurls.PUSH_ORDER if t in states]
-        ordered += sorted(t for t in states if t not in typeurls.PUSH_ORDER)
+        ordered = [t for t in typeurls.PUSH_ORDER if t in candidates]
+        if len(ordered) < len(candidates):
+            ordered += sorted(t for t in candidates if t not in typeurls.PUSH_ORDER)
         gated: bool | None = None  # decided after CDS/EDS of this pass went out
         for type_url in ordered:
             if type_url in (typeurls.LISTENER, typeurls.ROUTE):
@@ -344,12 +351,14 @@ class Stream:
                 if gated:
                     continue
             self._respond(type_url, snap, out, final=False)
-        if not gated and self._routes_current(snap):
+        if not gated:
             # Make-before-break: clusters (and their endpoints) that the new snapshot drops are
             # removed only once listeners and routes no longer point at them ("Eventual
             # consistency considerations": stale CDS clusters and EDS endpoints go last).
-            for type_url in (typeurls.CLUSTER, typeurls.ENDPOINT):
-                if type_url in self.states:
+            finals = [t for t in (typeurls.CLUSTER, typeurls.ENDPOINT)
+                      if (st := states.get(t)) is not None and (st.must_respond or st.settled is not get(t))]
+            if finals and self._routes_current(snap):
+                for type_url in finals:
                     self._respond(type_url, snap, out, final=True)
         return out
 
@@ -411,16 +420,15 @@ class Stream:
         ts = snap.get(type_url)
         if st.settled is ts and not st.must_respond:
             return  # the client is up to date with ts, and no removal is held back
-        defer_removals = (
-            type_url in (typeurls.CLUSTER, typeurls.ENDPOINT)
-            and not final
-            and self._coordinated()
-            and not self._routes_current(snap)
-        )
+        # Removals of clusters and endpoints wait while listeners or routes still owe the client
+        # something (make-before-break, see ``responses``).
+        may_defer = type_url in (typeurls.CLUSTER, typeurls.ENDPOINT) and not final and self._coordinated()
         if isinstance(st, DeltaState):
             keep: frozenset[str] = frozenset()
-            if defer_removals:
-                keep = frozenset(st.client.keys() - ts.resources.keys())
+            if may_defer:
+                removed = st.client.keys() - ts.resources.keys()
+                if removed and not self._routes_current(snap):
+                    keep = frozenset(removed)
             taken = st.take(ts, keep)
             if taken is None:
                 return
@@ -429,7 +437,7 @@ class Stream:
             self._sent(st, ts.version, payload, len(resources), out)
             return
         full = type_url in typeurls.FULL_STATE_TYPES
-        if defer_removals and type_url == typeurls.CLUSTER:
+        if may_defer and type_url == typeurls.CLUSTER and not self._routes_current(snap):
             # State of the world cannot withhold a removal, so send the new state plus the clusters
             # it drops; the next pass (after routes moved) sends the new state alone.
             retained = retained_clusters(st, ts, self._previous_cluster_snapshot)

@@ -470,10 +470,11 @@ class Connection(asyncio.Protocol):
             self.progress = self.loop.time()
             if not self.authenticated:
                 self._discarded += max(0, consumed - held)
+        queued = bool(data)  # h2 took frames: it may have answers queued (SETTINGS ACK, RST_STREAM, ...)
         for call in fed:
-            call.grant()
-        self.refill()
-        self.write_out()
+            queued = call.grant() or queued
+        if self.refill() or queued:
+            self.write_out()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
