@@ -569,3 +569,37 @@ def test_huffman_decoding_is_hpacks_and_installs_into_hpacks_decoder() -> None:
         assert used, "hpack's decoder did not call decode_huffman"
     finally:
         hpack.hpack.decode_huffman = original
+
+
+@hook("headers-out")
+def test_response_headers_sent_directly_leave_h2_sending_trailers_next() -> None:
+    """``compat.send_response_headers`` gives a HEADERS frame the client decodes to the response
+    headers, leaves both HPACK tables alone, and h2's next ``send_headers`` on the stream sends
+    trailers that end it; it leaves to h2 what it must send itself."""
+    from xdsd.transport.connection import _RESPONSE_BLOCK, _RESPONSE_HEADERS
+
+    decoder = hpack.Decoder()
+    assert decoder.decode(_RESPONSE_BLOCK, raw=True) == list(_RESPONSE_HEADERS)
+    assert len(decoder.header_table.dynamic_entries) == 0
+
+    pair = Pair()
+    pair.handshake()
+    pair.client.send_headers(1, REQUEST)
+    pair.to_server()
+    out = compat.send_response_headers(pair.server, 1, _RESPONSE_BLOCK)
+    assert out is not None
+    (event,) = pair.client.receive_data(out)
+    assert isinstance(event, h2.events.ResponseReceived) and event.headers == list(_RESPONSE_HEADERS)
+    assert compat.send_response_headers(pair.server, 1, _RESPONSE_BLOCK) is None  # sent already
+    pair.server.send_data(1, b"\0\0\0\0\0")
+    pair.server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+    kinds = [type(e) for e in pair.to_client()]
+    assert kinds == [h2.events.DataReceived, h2.events.TrailersReceived, h2.events.StreamEnded]
+
+    pending = Pair()
+    pending.handshake()
+    pending.client.send_headers(1, REQUEST)
+    pending.to_server()
+    pending.server.encoder.header_table_size = 1024  # a size update is owed
+    assert compat.send_response_headers(pending.server, 1, _RESPONSE_BLOCK) is None
+    assert compat.send_response_headers(pending.server, 3, _RESPONSE_BLOCK) is None  # no such stream

@@ -63,6 +63,11 @@ CLOSED_STREAMS = 1024
 _CONFIG = h2.config.H2Configuration(client_side=False, header_encoding=None)
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"),
                      (b"grpc-accept-encoding", b"identity"))
+# The same headers as an HPACK block that leaves every dynamic table alone (RFC 7541 §6.1 indexed
+# field 8 of the static table; §6.2.2 literals without indexing, the first with name 31 of the
+# static table): the same bytes on every connection (compat "headers-out").
+_RESPONSE_BLOCK = (b"\x88" + b"\x0f\x10" + b"\x10application/grpc"
+                   + b"\x00\x14grpc-accept-encoding" + b"\x08identity")
 _Data = h2.events.DataReceived
 _Request = h2.events.RequestReceived
 _Ended = h2.events.StreamEnded
@@ -711,7 +716,15 @@ class Connection(asyncio.Protocol):
                                    (b"grpc-message", grpc_message(details))], end_stream=True)
 
     def send_headers(self, sid: int, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
-        """Queued with h2: they leave with the first message (or ``write_out``)."""
+        """Queued: they leave with the first message (or ``write_out``). Without metadata, framed here."""
+        if not metadata:
+            framed = compat.send_response_headers(self.h2, sid, _RESPONSE_BLOCK)
+            if framed is not None:
+                before = self.h2.data_to_send()
+                if before:
+                    self._out.append(before)
+                self._out.append(framed)
+                return
         try:
             headers = [*_RESPONSE_HEADERS, *_metadata_headers(metadata)]
         except (UnicodeError, AttributeError) as exc:
