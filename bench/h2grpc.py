@@ -306,9 +306,12 @@ class H2Stream(asyncio.Protocol):
         transport.close()
 
 
-async def open_stream(host: str, port: int, path: str, metadata: Iterable[tuple[str, str]] = ()) -> H2Stream:
-    """Connect (one TCP connection) and start the call: request headers go out at once."""
+async def open_stream(host: str, port: int, path: str, metadata: Iterable[tuple[str, str]] = (),
+                      source: str | None = None) -> H2Stream:
+    """Connect (one TCP connection, from ``source`` if given) and start the call: request headers
+    go out at once."""
     loop = asyncio.get_running_loop()
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    _, stream = await loop.create_connection(lambda: H2Stream(authority, path, metadata), host, port)
+    _, stream = await loop.create_connection(lambda: H2Stream(authority, path, metadata), host, port,
+                                             local_addr=(source, 0) if source else None)
     return stream

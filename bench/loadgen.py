@@ -65,6 +65,9 @@ class StreamSpec:
     token: str | None
     delta: bool
     secrets: tuple[str, ...] = ()  # SDS names to subscribe to
+    # A loopback address to connect from (h2 client only): each proxy on its own machine, as in a
+    # mesh of VMs; grpc.aio channels cannot choose theirs.
+    source: str | None = None
 
 
 @dataclass
@@ -251,7 +254,7 @@ class Worker:
 
                 call = await open_grpc_stream(self.host, self.port, kind.method, metadata)
             else:
-                call = await open_stream(self.host, self.port, kind.method, metadata)
+                call = await open_stream(self.host, self.port, kind.method, metadata, source=st.spec.source)
             await kind(st, call).run()
         except H2GrpcError as exc:
             if exc.code != CANCELLED:

@@ -158,7 +158,8 @@ class App:
                 raise SystemExit(f"cannot listen on xDS address {host}:{port}")
             return aio, bound
         h2 = GrpcServer(max_receive_message_length=MAX_RECEIVE_MESSAGE, authorize=self.gate,
-                        max_connections=_connection_limit())
+                        max_connections=_connection_limit(),
+                        max_unauthenticated_per_source=self.settings.max_unauthenticated_per_source)
         self._register(h2)
         try:
             bound = await h2.listen(host, port, self.tls.grpc_context())

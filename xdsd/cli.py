@@ -27,6 +27,12 @@ def _percent(value: str) -> float:
     return number
 
 
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
 def _port(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port 1..65535, got {value!r}")
@@ -232,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve xDS and the authz HTTP port without TLS (private keys then go only to loopback peers)")
     p.add_argument("--max-instances-per-service", type=int, default=1000, metavar="N",
                    help="registered instances per service, and per token (default 1000)")
+    p.add_argument("--max-unauthenticated-per-source", type=_positive_int, default=1024, metavar="N",
+                   help="xDS connections from one address (IPv6: one /64) not yet authenticated by a token; "
+                        "past it the oldest is shed (default 1024; raise it when thousands of proxies "
+                        "share one NAT address)")
     p.add_argument("--xds-transport", choices=["h2", "grpcio"], default="h2",
                    help="what serves the gRPC port: h2 on the event loop (default; half the CPU per message) "
                         "or grpcio's asyncio server")

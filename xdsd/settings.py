@@ -46,6 +46,10 @@ class ServeSettings:
     history: int = 50
     drain_time: float = 5.0
     max_instances_per_service: int = 1000
+    # Connections to the xDS port from one address (an IPv6 /64) that have not yet presented a
+    # token: a flood from one host is shed, oldest first. Raise it for thousands of proxies that
+    # reach xdsd through one NAT address and may all reconnect at once.
+    max_unauthenticated_per_source: int = 1024
     # Who may call: node and operator tokens (``required``), or anyone (``off``, experiments only).
     auth: str = "required"
     # TLS of xdsd's own ports: its own certificate by default; an operator's; or none.

@@ -32,3 +32,16 @@ def test_authz_over_http_is_on_unless_turned_off() -> None:
     assert authz("--xds-address", "127.0.0.1:0") == ("127.0.0.1", 0)  # an ephemeral xDS port: an ephemeral one
     assert authz("--authz-http-address", "10.0.0.1:9") == ("10.0.0.1", 9)
     assert authz("--no-authz-http") is None
+
+
+def test_unauthenticated_connections_per_source_can_be_raised_for_a_nat() -> None:
+    import pytest
+
+    def per_source(*flags: str) -> int:
+        return ServeSettings.from_args(build_parser().parse_args(["serve", "--config", "m.yaml", *flags])).max_unauthenticated_per_source
+
+    assert per_source() == 1024
+    assert per_source("--max-unauthenticated-per-source", "8000") == 8000
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            per_source("--max-unauthenticated-per-source", bad)
