@@ -161,12 +161,10 @@ class FrameWalk:
             frames -= 1
 
 
-def _keepalive(transport: asyncio.Transport | None) -> None:
-    """TCP keepalive: a proxy whose machine died (no FIN, no RST) is noticed after about two
-    minutes of silence instead of holding its connection and streams forever."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return
+def keepalive(sock: socket.socket) -> None:
+    """TCP keepalive on a listening socket, which the connections it accepts inherit: a proxy whose
+    machine died (no FIN, no RST) is noticed after about two minutes of silence instead of holding
+    its connection and streams forever."""
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for name, value in KEEPALIVE_OPTIONS:
@@ -253,7 +251,6 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             self.peer = peer_string(transport.get_extra_info("peername"))
-        _keepalive(transport)
         h2c = self.h2
         compat.install_encoder(h2c, ENCODER_TABLE_SIZE)
         compat.install_decoder(h2c, self.server.max_header_list_size)

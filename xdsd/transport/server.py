@@ -407,6 +407,8 @@ class GrpcServer:
                 lambda: Connection(self), host=host, port=port, ssl=tls, backlog=4096, reuse_address=True,
                 start_serving=False, **handshake,
             )
+        for listening in server.sockets:
+            _connection.keepalive(listening)  # accepted connections inherit it (no system calls each)
         self._servers.append(server)
         return int(server.sockets[0].getsockname()[1])
 
