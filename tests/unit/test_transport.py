@@ -2244,3 +2244,39 @@ async def test_data_past_the_window_is_a_flow_control_error() -> None:
                 (resets and resets[0].error_code == h2.errors.ErrorCodes.FLOW_CONTROL_ERROR), events
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("bad", [
+    b"\x00\x00\x07\x06\x00\x00\x00\x00\x00" + b"1234567",  # PING of 7 bytes: FRAME_SIZE_ERROR
+    b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + (2**31 - 1).to_bytes(4, "big"),  # connection window past 2^31-1
+    b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x04" + (2**31).to_bytes(4, "big"),  # SETTINGS window 2^31
+], ids=["short-ping", "window-overflow", "bad-settings"])
+async def test_data_after_a_frame_that_ends_the_connection_never_reaches_the_call(bad: bytes) -> None:
+    """h2 stops at a connection error (RFC 9113 §5.4.1): a DATA frame behind it in the same read
+    must not be handed to its call first."""
+    seen: list[bytes] = []
+
+    async def record(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for request in requests:
+            seen.append(request)
+            yield request
+
+    async with serving({"Record": _stream(record), **ECHO}) as running:
+        client = await RawH2.open(running.port)
+        try:
+            sid = client.request(path("Record"), body=frame(b"one"), end=False)
+            assert await _echoes(client, sid, len(frame(b"one"))) == frame(b"one")
+            data = frame(b"two")
+            client.writer.write(bad + len(data).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + data)
+            closed = False
+            with contextlib.suppress(EOFError, ConnectionError):
+                while True:
+                    chunk = await bounded(client.reader.read(1 << 16))
+                    if not chunk:
+                        closed = True
+                        break
+            assert closed, "the connection stayed open"
+            await asyncio.sleep(0.05)
+            assert seen == [b"one"]
+        finally:
+            client.close()

@@ -150,12 +150,12 @@ class FrameWalk:
                 self._block = 0 if header[4] & 0x4 else block  # END_HEADERS
                 ordered = True
             elif split or self._block or pos + length > end:
-                ordered = ordered or kind != 0x4
-            elif kind == 0x8 or kind == 0x6:  # WINDOW_UPDATE, PING
+                ordered = True
+            elif kind == 0x8 or kind == 0x6:  # WINDOW_UPDATE, PING (the connection's turn: see _control)
                 self.control.append(pos - 9)
             elif kind == 0x0 and not ordered and not header[4] & 0x9:  # DATA without END_STREAM, PADDED
                 self.control.append(pos - 9)
-            elif kind != 0x4:  # SETTINGS (stream 0) has nothing to do with DATA
+            else:  # anything for h2, SETTINGS included: it may end the connection or change a window
                 ordered = True
             self._skip = length
             frames -= 1
@@ -355,7 +355,8 @@ class Connection(asyncio.Protocol):
         calls, which are added to ``fed``); return the rest of ``data`` for h2, whether the
         connection's window opened, and the request bytes fed. A frame h2 must judge (a bad length
         or increment, a stream not open, a PING's ACK, a PING on a stream, DATA past a window) is
-        left in the rest, and so is every DATA frame after a DATA frame left there."""
+        left in the rest, and so is every DATA frame after any frame left there (h2 may end the
+        connection or the stream at that frame: nothing after it may reach a call first)."""
         h2c = self.h2
         calls = self.calls
         kept: list[bytes] = []
@@ -378,6 +379,7 @@ class Connection(asyncio.Protocol):
             elif kind == 0x8:
                 payload = data[start + 9:start + 9 + length]
                 if length != 4 or not compat.window_update(h2c, sid, int.from_bytes(payload, "big") & 0x7FFFFFFF):
+                    data_to_h2 = True  # h2 judges it (it may end the connection): no DATA after it goes first
                     continue
                 if sid == 0:
                     windows = True
@@ -387,6 +389,7 @@ class Connection(asyncio.Protocol):
                         call.window_opened()
             else:
                 if length != 8 or sid or data[start + 4] & 0x1:
+                    data_to_h2 = True
                     continue
                 self._acks.append(_PING_ACK + data[start + 9:start + 17])
             kept.append(data[pos:start])
