@@ -2186,17 +2186,26 @@ async def test_request_data_of_open_streams_skips_h2_and_keeps_its_order() -> No
             client.close()
 
 
-async def test_data_after_a_reset_in_the_same_read_never_reaches_the_call() -> None:
+def _recorder() -> tuple[list[bytes], grpc.RpcMethodHandler]:
+    """A bidi method that echoes each request and records what reached it."""
     seen: list[bytes] = []
-    started = asyncio.Event()
 
     async def record(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        started.set()
         async for request in requests:
             seen.append(request)
             yield request
 
-    async with serving({"Record": _stream(record), **ECHO}) as running:
+    return seen, _stream(record)
+
+
+def _data_frame(sid: int, payload: bytes) -> bytes:
+    """A DATA frame (no flags) written by hand: h2 would refuse to build some we need."""
+    return len(payload).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + payload
+
+
+async def test_data_after_a_reset_in_the_same_read_never_reaches_the_call() -> None:
+    seen, record = _recorder()
+    async with serving({"Record": record, **ECHO}) as running:
         client = await RawH2.open(running.port)
         try:
             sid = client.request(path("Record"), body=frame(b"one"), end=False)
@@ -2204,8 +2213,7 @@ async def test_data_after_a_reset_in_the_same_read_never_reaches_the_call() -> N
             client.h2.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
             wire = client.h2.data_to_send()
             # DATA on the reset stream, as a client's stale buffer might hold (h2 would refuse to build it).
-            data = frame(b"two")
-            wire += len(data).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + data
+            wire += _data_frame(sid, frame(b"two"))
             client.writer.write(wire)
             other = client.request(path("Echo"), body=frame(b"ping"))
             assert (await client.response(other)).data == frame(b"ping")  # the connection lives on
@@ -2228,7 +2236,7 @@ async def test_data_past_the_window_is_a_flow_control_error() -> None:
             while window >= 0:  # past the window, in frames of at most the default 16 KiB
                 chunks.append(size)
                 window -= size
-            wire = b"".join(n.to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + b"z" * n for n in chunks)
+            wire = b"".join(_data_frame(sid, b"z" * n) for n in chunks)
             client.writer.write(wire)
             events: list[Any] = []
             with contextlib.suppress(EOFError, ConnectionError):
@@ -2254,20 +2262,13 @@ async def test_data_past_the_window_is_a_flow_control_error() -> None:
 async def test_data_after_a_frame_that_ends_the_connection_never_reaches_the_call(bad: bytes) -> None:
     """h2 stops at a connection error (RFC 9113 §5.4.1): a DATA frame behind it in the same read
     must not be handed to its call first."""
-    seen: list[bytes] = []
-
-    async def record(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
-        async for request in requests:
-            seen.append(request)
-            yield request
-
-    async with serving({"Record": _stream(record), **ECHO}) as running:
+    seen, record = _recorder()
+    async with serving({"Record": record, **ECHO}) as running:
         client = await RawH2.open(running.port)
         try:
             sid = client.request(path("Record"), body=frame(b"one"), end=False)
             assert await _echoes(client, sid, len(frame(b"one"))) == frame(b"one")
-            data = frame(b"two")
-            client.writer.write(bad + len(data).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big") + data)
+            client.writer.write(bad + _data_frame(sid, frame(b"two")))
             closed = False
             with contextlib.suppress(EOFError, ConnectionError):
                 while True:

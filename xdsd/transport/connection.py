@@ -720,10 +720,7 @@ class Connection(asyncio.Protocol):
         if not metadata:
             framed = compat.send_response_headers(self.h2, sid, _RESPONSE_BLOCK)
             if framed is not None:
-                before = self.h2.data_to_send()
-                if before:
-                    self._out.append(before)
-                self._out.append(framed)
+                self._queue_framed(framed)
                 return
         try:
             headers = [*_RESPONSE_HEADERS, *_metadata_headers(metadata)]
@@ -765,7 +762,6 @@ class Connection(asyncio.Protocol):
         sid = call.stream_id
         pending = call.pending
         frame = h2c.max_outbound_frame_size
-        out = self._out
         try:
             while pending:
                 window = h2c.local_flow_control_window(sid)
@@ -778,10 +774,7 @@ class Connection(asyncio.Protocol):
                 if framed is None:
                     h2c.send_data(sid, piece)
                 else:
-                    before = h2c.data_to_send()
-                    if before:
-                        out.append(before)
-                    out.append(framed)
+                    self._queue_framed(framed)
                 if piece is chunk:
                     pending.popleft()
                 else:
@@ -793,6 +786,13 @@ class Connection(asyncio.Protocol):
         self.write_out()
         if not pending:
             call.drained()
+
+    def _queue_framed(self, framed: bytes) -> None:
+        """Queue a frame made here, after everything h2 queued before it (write_now keeps the order)."""
+        before = self.h2.data_to_send()
+        if before:
+            self._out.append(before)
+        self._out.append(framed)
 
     def write_out(self) -> None:
         """Send what h2 has queued: once per connection per loop iteration, after everything this
