@@ -188,9 +188,9 @@ def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     parsed: list[str] = []
     real = file_module.parse_bytes
 
-    def counting(data: bytes, origin: str):  # type: ignore[no-untyped-def]
+    def counting(data: bytes, origin: str, reader=None):  # type: ignore[no-untyped-def]
         parsed.append(data.decode())
-        return real(data, origin)
+        return real(data, origin, reader)
 
     monkeypatch.setattr(file_module, "parse_bytes", counting)
     return parsed

@@ -198,6 +198,10 @@ class _Checker:
         self._known[key] = (size, levels + 1)
         return size
 
+    def levels(self, node: yaml.Node) -> int:
+        """How many levels of lists and mappings a checked node nests (a scalar: 0)."""
+        return self._known.get(id(node), (0, 0))[1]
+
     def _tag(self, node: yaml.Node, path: str) -> None:
         self.errors.append(FieldError(
             path, f"unsupported YAML tag {safe_repr(_short_tag(node.tag))}: a mesh config holds only strings, "
@@ -233,22 +237,31 @@ def _load_fast(text: str) -> Any:
     The C composer recurses per level like PyYAML's, but libyaml refuses more than 1,000 levels of
     nesting in its scanner, so it cannot exhaust the stack. Valid documents are read about six
     times faster than by the pure-Python loader."""
+    read = read_fast(text)
+    return _SLOW if read is None else read[0]
+
+
+def read_fast(text: str) -> tuple[Any, int, int] | None:
+    """``_load_fast`` for a document that must be a mapping: (its data, its size in nodes once
+    aliases are expanded, how many levels of lists and mappings it nests), or None on any problem
+    at all (the caller reads it the careful way)."""
     if not _HAVE_LIBYAML or "\ufeff" in text[1:]:  # libyaml and PyYAML read a stray BOM differently
-        return _SLOW
+        return None
     try:
         loader = yaml.CSafeLoader(text)
     except Exception:  # noqa: BLE001 - any doubt: the careful path decides
-        return _SLOW
+        return None
     try:
         node = loader.get_single_node()
         if not isinstance(node, yaml.MappingNode):  # a mesh is a mapping: anything else, the careful path
-            return _SLOW
+            return None
         checker = _Checker(loader)
-        if checker.check(node, "") > MAX_NODES or checker.errors:
-            return _SLOW
-        return loader.construct_document(node)
+        size = checker.check(node, "")
+        if size > MAX_NODES or checker.errors:
+            return None
+        return loader.construct_document(node), size, checker.levels(node)
     except Exception:  # noqa: BLE001
-        return _SLOW
+        return None
     finally:
         loader.dispose()
 

@@ -7,7 +7,8 @@ an empty mesh; a deleted file keeps the last good mesh served.
 
 A finished write is parsed at once, in a worker thread, while the debounce window runs
 (``prepare``); the window's end then only checks that the bytes are still the ones parsed. The
-content taken is the same; the parse no longer comes after the window.
+content taken is the same; the parse no longer comes after the window. And only the services whose
+lines changed are parsed again (``model.incremental``): an edit costs what it changed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from xdsd.errors import FieldError, MeshError
 from xdsd.model import Mesh, load_mesh
+from xdsd.model.incremental import MeshReader
 from xdsd.model.load import MAX_TEXT_BYTES
 from xdsd.sources import inotify
 from xdsd.sources.writes import Kind, Outcome, WriteTracker
@@ -45,6 +47,9 @@ class FileSource:
         # (digest, what parsing those bytes gave) from ``prepare``, for ``load`` to take if the file
         # still holds them. Written by the worker thread, read and cleared on the loop.
         self._prepared: tuple[str, Mesh | MeshError] | None = None
+        # Successive contents are read again only where they changed (used by one read at a time:
+        # ``load`` waits for ``prepare``).
+        self._reader = MeshReader()
 
     def read(self) -> bytes:
         try:
@@ -69,7 +74,7 @@ class FileSource:
                 raise MeshError(prepared[1].errors)
             mesh = prepared[1]
         else:
-            mesh = parse_bytes(data, str(self.path))
+            mesh = parse_bytes(data, str(self.path), self._reader)
         self._digest = digest
         self.content = data
         return mesh
@@ -86,7 +91,7 @@ class FileSource:
         if digest == self._digest:
             return
         try:
-            result: Mesh | MeshError = parse_bytes(data, str(self.path))
+            result: Mesh | MeshError = parse_bytes(data, str(self.path), self._reader)
         except MeshError as exc:
             result = exc
         self._prepared = (digest, result)
@@ -160,12 +165,13 @@ class FileSource:
                 yield Outcome.LOAD if self.path.exists() else Outcome.DELETED
 
 
-def parse_bytes(data: bytes, origin: str) -> Mesh:
-    """A mesh file's bytes -> Mesh, or MeshError (empty, not UTF-8, invalid)."""
+def parse_bytes(data: bytes, origin: str, reader: MeshReader | None = None) -> Mesh:
+    """A mesh file's bytes -> Mesh, or MeshError (empty, not UTF-8, invalid). With ``reader``, only
+    what changed since the reader's last text is parsed again (the result is the same)."""
     if all(not line.strip() or line.lstrip().startswith(b"#") for line in data.splitlines()):
         raise MeshError([FieldError("", EMPTY_FILE)])  # nothing but blanks and comments: a torn write
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MeshError([FieldError("", f"{origin} is not UTF-8: {exc}")]) from None
-    return load_mesh(text)
+    return load_mesh(text) if reader is None else reader.read(text)
