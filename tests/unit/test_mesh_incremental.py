@@ -31,6 +31,11 @@ def agree(reader: MeshReader, text: str) -> tuple[str, Any]:
     return got
 
 
+def entries(data: dict[str, Any]) -> int:
+    """Entries of the sections the reader cuts (services, gateways, authorization)."""
+    return sum(len(data.get(section) or {}) for section in ("services", "gateways", "authorization"))
+
+
 def fleet(services: int) -> dict[str, Any]:
     data = copy.deepcopy(BASE)
     for i in range(services):
@@ -161,13 +166,13 @@ def test_an_edit_reads_again_only_the_service_it_changed() -> None:
     first = agree(reader, yaml.safe_dump(data))[1]
     data["services"]["svc-7"]["endpoints"].append({"address": "10.9.9.9", "port": 8080})
     second = agree(reader, yaml.safe_dump(data))[1]
-    assert reader.reused == len(data["services"]) - 1
+    assert reader.reused == entries(data) - 1
     assert second.services["svc-7"] is not first.services["svc-7"]
     assert all(second.services[n] is first.services[n] for n in data["services"] if n != "svc-7")
     # A comment or a blank line between services changes no service.
     text = yaml.safe_dump(data).replace("  svc-8:", "  # the next one\n\n  svc-8:")
     agree(reader, text)
-    assert reader.reused >= len(data["services"]) - 1
+    assert reader.reused >= entries(data) - 1
 
 
 @pytest.mark.parametrize("change", [
@@ -190,6 +195,50 @@ def test_texts_it_cannot_cut_or_that_are_invalid_read_as_load_mesh_reads_them(ch
     agree(reader, text)
 
 
+_SMALL = ("mesh: {trust_domain: example.org}\nservices:\n  a: {endpoints: [{address: 10.0.0.1, port: 80}]}\n"
+          "  b:\n    endpoints:\n      - address: 10.0.0.2\n        port: 81\n  c: {endpoints: [{address: 10.0.0.3, port: 80}]}\n"
+          "gateways: {}\n")
+
+
+@pytest.mark.parametrize("edited", [
+    # Found by an adversarial review: pieces that read alone as something the whole text is not.
+    pytest.param(_SMALL.replace("  c:", "  {n: {}}\n  c:"), id="a flow mapping as an entry"),
+    pytest.param(_SMALL.replace("  c:", "  &q {n: {}}\n  c:"), id="an anchored flow mapping as an entry"),
+    pytest.param(_SMALL.replace("  c:", "  !!map {n: {}}\n  c:"), id="a tagged flow mapping as an entry"),
+    pytest.param(_SMALL.replace("services:\n", "services:#c\n"), id="a key glued to a hash"),
+    pytest.param(_SMALL.replace("gateways: {}\n", "  d:\n    connect_timeout: |3-\n       2s\n        \n# end\n"),
+                 id="a block scalar ending in a line of spaces"),
+    pytest.param(_SMALL.replace("gateways: {}\n", "  d:\n    connect_timeout: >1-\n      2s\n      # c\n    # c\n"),
+                 id="a folded scalar ending in comment-like content"),
+    pytest.param(_SMALL.replace("gateways: {}\n", "  d:\n    protocol: |+\n      http1\n\n\ngateways: {}\n"),
+                 id="a kept block scalar before the next section"),
+    pytest.param(_SMALL.replace("  c:", "  <<: {x: {endpoints: []}}\n  c:"), id="a merge key among the entries"),
+    pytest.param(_SMALL.replace("  c:", "  ? k\n  : {endpoints: []}\n  c:"), id="an explicit key"),
+    pytest.param(_SMALL.replace("  b:", "  &x b:"), id="an anchored name"),
+    pytest.param("# header\n---\n" + _SMALL + "...\n", id="document markers"),
+    pytest.param(_SMALL.replace("gateways: {}\n", "gateways:\n  edge:\n    listen: {address: 127.0.0.1, port: 10000}\n"
+                                                   "    routes: [{prefix: /, service: a}]\n"), id="a gateway entry"),
+])
+def test_pieces_that_read_differently_alone_are_read_as_load_mesh_reads_them(edited: str) -> None:
+    reader = MeshReader()
+    agree(reader, _SMALL)
+    agree(reader, edited)
+    agree(reader, _SMALL)
+    agree(MeshReader(), edited)
+
+
+def test_gateway_and_policy_edits_reuse_every_other_entry() -> None:
+    data = fleet(10)
+    reader = MeshReader()
+    first = agree(reader, yaml.safe_dump(data))[1]
+    data["gateways"]["edge"]["routes"][0]["timeout"] = "3s"
+    data["authorization"]["reviews"]["default"] = "allow"
+    second = agree(reader, yaml.safe_dump(data))[1]
+    assert reader.reused == entries(data) - 2
+    assert second.gateways["edge"] is not first.gateways["edge"]
+    assert all(second.services[n] is first.services[n] for n in data["services"])
+
+
 def test_the_file_source_reads_an_edit_incrementally(tmp_path: Any) -> None:
     from xdsd.sources.file import FileSource
 
@@ -204,4 +253,4 @@ def test_the_file_source_reads_an_edit_incrementally(tmp_path: Any) -> None:
     assert isinstance(first, Mesh) and isinstance(second, Mesh)
     assert second == load_mesh(path.read_text())
     assert second.services["svc-3"].retries is not None and second.services["svc-3"].retries.attempts == 5
-    assert source._reader.reused == len(data["services"]) - 1
+    assert source._reader.reused == entries(data) - 1

@@ -241,10 +241,12 @@ def _load_fast(text: str) -> Any:
     return _SLOW if read is None else read[0]
 
 
-def read_fast(text: str) -> tuple[Any, int, int] | None:
+def read_fast(text: str, block: bool = False, first_line: bool = False) -> tuple[Any, int, int] | None:
     """``_load_fast`` for a document that must be a mapping: (its data, its size in nodes once
     aliases are expanded, how many levels of lists and mappings it nests), or None on any problem
-    at all (the caller reads it the careful way)."""
+    at all (the caller reads it the careful way). ``block``: the mapping must be in block style,
+    each key a plain or quoted name (no merge key) at the mapping's column; ``first_line``: and
+    begin on the text's first line."""
     if not _HAVE_LIBYAML or "\ufeff" in text[1:]:  # libyaml and PyYAML read a stray BOM differently
         return None
     try:
@@ -255,6 +257,8 @@ def read_fast(text: str) -> tuple[Any, int, int] | None:
         node = loader.get_single_node()
         if not isinstance(node, yaml.MappingNode):  # a mesh is a mapping: anything else, the careful path
             return None
+        if block and not _block_keys(node, first_line):
+            return None
         checker = _Checker(loader)
         size = checker.check(node, "")
         if size > MAX_NODES or checker.errors:
@@ -264,6 +268,18 @@ def read_fast(text: str) -> tuple[Any, int, int] | None:
         return None
     finally:
         loader.dispose()
+
+
+def _block_keys(node: yaml.MappingNode, first_line: bool) -> bool:
+    if node.flow_style or not node.value or (first_line and node.start_mark.line != 0):
+        return False
+    column = node.start_mark.column
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.value == "<<" or key.tag == _MERGE_TAG:
+            return False
+        if key.start_mark.column != column:
+            return False
+    return True
 
 
 def _load_yaml(text: str) -> Any:
