@@ -216,6 +216,11 @@ _SMALL = ("mesh: {trust_domain: example.org}\nservices:\n  a: {endpoints: [{addr
     pytest.param(_SMALL.replace("  c:", "  ? k\n  : {endpoints: []}\n  c:"), id="an explicit key"),
     pytest.param(_SMALL.replace("  b:", "  &x b:"), id="an anchored name"),
     pytest.param("# header\n---\n" + _SMALL + "...\n", id="document markers"),
+    # A `services:` line inside a scalar that spans it, the real key spelled another way below.
+    pytest.param('mesh: {trust_domain: example.org}\ntelemetry:\n  access_log: {path: "/x\nservices:\n'
+                 '  a: {endpoints: [{address: 10.0.0.1, port: 80}]}\n"}\n"services": {}\n', id="a key inside a flow scalar"),
+    pytest.param('mesh: {trust_domain: example.org}\ntelemetry:\n  access_log:\n    path: "/x\nservices:\n'
+                 '  a: {endpoints: [{address: 10.0.0.1, port: 80}]}\n  "\n\'services\': {}\n', id="a key inside a quoted scalar"),
     pytest.param(_SMALL.replace("gateways: {}\n", "gateways:\n  edge:\n    listen: {address: 127.0.0.1, port: 10000}\n"
                                                    "    routes: [{prefix: /, service: a}]\n"), id="a gateway entry"),
 ])

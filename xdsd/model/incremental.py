@@ -70,15 +70,18 @@ class MeshReader:
         pieces = _cut(text)
         if pieces is None:
             return None
-        skeleton, cut = pieces
+        skeleton, cut, lines = pieces
         keyed = [(section, block) for section, blocks in cut.items() for block in blocks]
         if self._alone and not self._alone.isdisjoint(keyed):
             return None
         head = read_fast(skeleton, block=True)
         if head is None or head[2] > MAX_DEPTH - _LEVELS_ROOM:
             return None
-        data, nodes, _ = head
-        if not isinstance(data, dict) or any(data.get(section) != {} for section in cut) or _walk(data):
+        data, nodes, _, keys = head
+        # Each section's `key: {}` must be the skeleton's own key on the line it was put on (not
+        # text inside a scalar that spans it, with the key spelled another way elsewhere).
+        if not isinstance(data, dict) or any(data.get(section) != {} or keys.get(section) != lines[section]
+                                             for section in cut) or _walk(data):
             return None
         known = self._known
         fresh: dict[tuple[str, str], _Read] = {}
@@ -126,7 +129,7 @@ def _read_block(block: str, model: type[BaseModel]) -> _Read | None:
     read = read_fast(block, block=True, first_line=True)
     if read is None:
         return None
-    data, nodes, levels = read
+    data, nodes, levels, _ = read
     # In the whole text the block's mapping is the section's mapping, a level deeper.
     if levels > MAX_DEPTH - _LEVELS_ROOM or not isinstance(data, dict) or len(data) != 1:
         return None
@@ -139,9 +142,9 @@ def _read_block(block: str, model: type[BaseModel]) -> _Read | None:
         return None
 
 
-def _cut(text: str) -> tuple[str, dict[str, list[str]]] | None:
-    """(the text with ``<section>: {}`` for each section it cut, each cut section's entries' lines),
-    or None when the text cannot be cut at all. (Each pattern begins with a newline: Python's re
+def _cut(text: str) -> tuple[str, dict[str, list[str]], dict[str, int]] | None:
+    """(the text with ``<section>: {}`` for each section it cut, each cut section's entries' lines,
+    the line of the skeleton each ``<section>: {}`` is on), or None when the text cannot be cut at all. (Each pattern begins with a newline: Python's re
     finds a literal first character quickly, a line start (``^``) slowly.)"""
     if any(c in text for c in _UNUSUAL):
         return None
@@ -158,12 +161,17 @@ def _cut(text: str) -> tuple[str, dict[str, list[str]]] | None:
     if not cut:
         return None
     parts = []
+    lines: dict[str, int] = {}
     at = 1
+    line = 0
     for start, end, section in sorted(spans):
+        line += text.count("\n", at, start)
+        lines[section] = line
+        line += 1
         parts += [text[at:start], f"{section}: {{}}\n"]
         at = end
     parts.append(text[at:])
-    return "".join(parts), cut
+    return "".join(parts), cut, lines
 
 
 def _section(text: str, section: str) -> tuple[int, int, list[str]] | None:

@@ -241,12 +241,12 @@ def _load_fast(text: str) -> Any:
     return _SLOW if read is None else read[0]
 
 
-def read_fast(text: str, block: bool = False, first_line: bool = False) -> tuple[Any, int, int] | None:
+def read_fast(text: str, block: bool = False, first_line: bool = False) -> tuple[Any, int, int, dict[str, int]] | None:
     """``_load_fast`` for a document that must be a mapping: (its data, its size in nodes once
-    aliases are expanded, how many levels of lists and mappings it nests), or None on any problem
-    at all (the caller reads it the careful way). ``block``: the mapping must be in block style,
-    each key a plain or quoted name (no merge key) at the mapping's column; ``first_line``: and
-    begin on the text's first line."""
+    aliases are expanded, how many levels of lists and mappings it nests, the line of each of its
+    keys), or None on any problem at all (the caller reads it the careful way). ``block``: the
+    mapping must be in block style, each key a plain or quoted name (no merge key) at the mapping's
+    column; ``first_line``: and begin on the text's first line."""
     if not _HAVE_LIBYAML or "\ufeff" in text[1:]:  # libyaml and PyYAML read a stray BOM differently
         return None
     try:
@@ -263,7 +263,8 @@ def read_fast(text: str, block: bool = False, first_line: bool = False) -> tuple
         size = checker.check(node, "")
         if size > MAX_NODES or checker.errors:
             return None
-        return loader.construct_document(node), size, checker.levels(node)
+        lines = {str(key.value): key.start_mark.line for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+        return loader.construct_document(node), size, checker.levels(node), lines
     except Exception:  # noqa: BLE001
         return None
     finally:
