@@ -216,6 +216,15 @@ _SMALL = ("mesh: {trust_domain: example.org}\nservices:\n  a: {endpoints: [{addr
     pytest.param(_SMALL.replace("  c:", "  ? k\n  : {endpoints: []}\n  c:"), id="an explicit key"),
     pytest.param(_SMALL.replace("  b:", "  &x b:"), id="an anchored name"),
     pytest.param("# header\n---\n" + _SMALL + "...\n", id="document markers"),
+    # One anchor name in two pieces (YAML refuses it; pieces read alone would not see it).
+    pytest.param(_SMALL.replace("  a: {", "  a: &x {").replace("  c: {", "  c: &x {"), id="an anchor name twice"),
+    pytest.param(_SMALL.replace("mesh: {", "mesh: &x {").replace("  c: {", "  c: &x {"), id="an anchor name in two sections"),
+    pytest.param(_SMALL.replace("  c: {endpoints:", "  c: {connect_timeout: &t 2s, endpoints:").replace(
+        "  a: {endpoints:", "  a: {timeout: &t 1s, endpoints:"), id="an anchor name twice inside entries"),
+    # A directive changes what the pieces after it mean.
+    pytest.param("%TAG !! tag:x:\n---\n" + _SMALL.replace("  a: {", "  a: !!map {"), id="a TAG directive"),
+    pytest.param("%YAML 1.1\n---\n" + _SMALL, id="a YAML directive"),
+    pytest.param(_SMALL + "#" + "x" * (32 * 1024 * 1024) + "\n", id="over the size limit"),
     # A `services:` line inside a scalar that spans it, the real key spelled another way below.
     pytest.param('mesh: {trust_domain: example.org}\ntelemetry:\n  access_log: {path: "/x\nservices:\n'
                  '  a: {endpoints: [{address: 10.0.0.1, port: 80}]}\n"}\n"services": {}\n', id="a key inside a flow scalar"),
@@ -230,6 +239,19 @@ def test_pieces_that_read_differently_alone_are_read_as_load_mesh_reads_them(edi
     agree(reader, edited)
     agree(reader, _SMALL)
     agree(MeshReader(), edited)
+
+
+@pytest.mark.parametrize("given", [b"services: {}\n", None, 3])
+def test_what_is_not_text_is_refused_as_load_mesh_refuses_it(given: Any) -> None:
+    assert outcome(MeshReader().read, given) == outcome(load_mesh, given)
+
+
+def test_one_anchor_within_an_entry_is_read_incrementally() -> None:
+    text = _SMALL.replace("  b:\n    endpoints:", "  b:\n    timeout: &t 2s\n    connect_timeout: *t\n    endpoints:")
+    reader = MeshReader()
+    agree(reader, text)
+    agree(reader, text.replace("port: 81", "port: 82"))
+    assert reader.reused == 2  # a and c
 
 
 def test_gateway_and_policy_edits_reuse_every_other_entry() -> None:

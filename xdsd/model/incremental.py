@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from xdsd.model.crosscheck import cross_check
-from xdsd.model.load import MAX_DEPTH, MAX_NODES, _walk, load_mesh, read_fast
+from xdsd.model.load import MAX_DEPTH, MAX_NODES, MAX_TEXT_BYTES, _walk, load_mesh, read_fast
 from xdsd.model.mesh import Gateway, Mesh, Policy, Service
 
 # The name-keyed sections of a mesh, cut into entries, and each entry's model.
@@ -34,6 +34,7 @@ SECTIONS: dict[str, type[BaseModel]] = {"services": Service, "gateways": Gateway
 _UNUSUAL = "\r\x85\u2028\u2029\t\ufeff"
 _TOP_LEVEL = re.compile(r"\n[^ #\n]")  # a line that is neither indented, blank nor a comment
 _CONTENT = re.compile(r"\n( *)([^ #\n])")  # a line with content, and its indentation
+_ANCHOR = re.compile(r"&([^\s\[\]{},]+)")  # an anchor's name (YAML 1.1: up to a space or flow indicator)
 # Room left below the limits (nodes, levels of nesting), so that no text near them is decided by
 # the sum of its pieces: load_mesh reads it whole.
 _NODES_ROOM = 64
@@ -67,6 +68,8 @@ class MeshReader:
         return load_mesh(text)
 
     def _incremental(self, text: str) -> Mesh | None:
+        if not isinstance(text, str) or len(text) > MAX_TEXT_BYTES:
+            return None  # load_mesh says what is wrong with it
         pieces = _cut(text)
         if pieces is None:
             return None
@@ -74,6 +77,8 @@ class MeshReader:
         keyed = [(section, block) for section, blocks in cut.items() for block in blocks]
         if self._alone and not self._alone.isdisjoint(keyed):
             return None
+        if "&" in text and _anchors_shared([skeleton, *(block for _, block in keyed)]):
+            return None  # YAML refuses an anchor name used twice; pieces read alone would not see it
         head = read_fast(skeleton, block=True)
         if head is None or head[2] > MAX_DEPTH - _LEVELS_ROOM:
             return None
@@ -142,12 +147,25 @@ def _read_block(block: str, model: type[BaseModel]) -> _Read | None:
         return None
 
 
+def _anchors_shared(pieces: list[str]) -> bool:
+    """Does an anchor name (anything that looks like one, quoted text included) appear in more
+    than one piece?"""
+    seen: set[str] = set()
+    for piece in pieces:
+        names = set(_ANCHOR.findall(piece))
+        if not seen.isdisjoint(names):
+            return True
+        seen |= names
+    return False
+
+
 def _cut(text: str) -> tuple[str, dict[str, list[str]], dict[str, int]] | None:
     """(the text with ``<section>: {}`` for each section it cut, each cut section's entries' lines,
-    the line of the skeleton each ``<section>: {}`` is on), or None when the text cannot be cut at all. (Each pattern begins with a newline: Python's re
-    finds a literal first character quickly, a line start (``^``) slowly.)"""
-    if any(c in text for c in _UNUSUAL):
-        return None
+    the line of the skeleton each ``<section>: {}`` is on), or None when the text cannot be cut at
+    all. (Each pattern begins with a newline: Python's re finds a literal first character quickly,
+    a line start (``^``) slowly.)"""
+    if any(c in text for c in _UNUSUAL) or text.startswith("%") or "\n%" in text:
+        return None  # (a directive such as %TAG changes what the pieces after it mean)
     text = "\n" + text  # every line, the first included, follows a newline
     spans: list[tuple[int, int, str]] = []  # (where the key's line starts, where the section ends, section)
     cut: dict[str, list[str]] = {}
