@@ -116,7 +116,7 @@ class MeshReader:
             return None
         for section, entries in sections.items():
             held = getattr(mesh, section)
-            if any(held[name] is not value for name, value in entries.items()):
+            if any(held.get(name) is not value for name, value in entries.items()):
                 return None  # the model copied what it was given: not the mesh load_mesh would build
         try:
             if cross_check(mesh):
